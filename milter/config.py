@@ -1,0 +1,436 @@
+"""Configuration: YAML in, typed frozen objects out.
+
+`load(path)` returns a `Config` or raises `ConfigError` whose `problems` list holds one
+line per problem, each starting with its YAML path (`accounts.acme.max_parts: ...`).
+Nothing else in the package reads YAML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PATH = "/etc/sms-milter/sms-milter.yaml"
+STYLES = ("aspsms", "telemessage")
+NOTIFY_POLICIES = ("", "ALWAYS", "NONE", "FAILED")
+# Devices of the telemessage style; only those with a delivery channel are accepted.
+DEVICES = ("sms", "business", "mobile", "home", "fax")
+CHANNEL_DEVICES = ("sms",)  # devices this build can deliver to
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class SenderRule:
+    """An authorized SMTP originator: an exact address (lowercased) or a whole domain."""
+
+    address: str | None = None
+    domain: str | None = None
+    originator: str | None = None  # default SMS originator for this sender
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    userkey: str | None = None
+    password: str | None = None
+    password_hash: str | None = None
+    senders: tuple[SenderRule, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+    originator: str = "SMS"
+    template: str = "{subject},{body}"
+    max_parts: int = 6
+    notify: str = ""
+    credits: int | None = None  # remaining allowance (xml@ ShowCredits); None = unlimited
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str  # lowercased
+    style: str  # "aspsms" | "telemessage"
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    socket: str = "inet:127.0.0.1:8894"
+    max_message_bytes: int = 262144
+    # How long a resend of the same message (same Message-ID) is recognised as a duplicate.
+    dedupe_seconds: int = 7 * 24 * 3600
+    # Mail with no Message-ID of its own is recognised by sender, recipients and content
+    # for this much shorter window.
+    dedupe_anonymous_seconds: int = 600
+    spool_timeout: float = 5.0  # seconds to wait for the spool before answering 451
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = "/var/lib/sms-milter/spool.sqlite3"
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class SmppConfig:
+    host: str = "127.0.0.1"
+    port: int = 2775
+    system_id: str = ""
+    password: str = ""
+    system_type: str = ""
+    window: int = 10  # unacknowledged submit_sm at most
+    rate: float = 0.0  # submits per second at most; 0 = no cap
+    enquire_link: float = 30.0  # seconds between keep-alives
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    validity: int = 48 * 3600  # seconds a job may wait before it expires
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    sender: str = "sms-gateway@localhost"
+
+
+@dataclass(frozen=True)
+class XmlConfig:
+    # Hosts (exact, lowercased) that URL delivery notifications may call.
+    allowed_url_hosts: tuple[str, ...] = ()
+    url_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    domains: dict[str, Domain] = field(default_factory=dict)
+    accounts: dict[str, Account] = field(default_factory=dict)
+    smpp: SmppConfig = field(default_factory=SmppConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    xml: XmlConfig = field(default_factory=XmlConfig)
+    source: str = ""
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: OK: {len(self.domains)} domain(s), {len(self.accounts)} account(s), "
+            f"milter on {self.milter.socket}, spool {self.spool.url or self.spool.path}"
+        )
+
+
+class _Reader:
+    """Collects problems instead of stopping at the first one."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def bad(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+
+    def mapping(self, node: Any, path: str, known: tuple[str, ...] | None = None) -> dict[str, Any]:
+        if node is None:
+            return {}
+        if not isinstance(node, dict):
+            self.bad(path, f"must be a mapping, got {type(node).__name__}")
+            return {}
+        for key in node:
+            if not isinstance(key, str):
+                self.bad(path, f"key {key!r} must be a string")
+            elif known is not None and key not in known:
+                self.bad(f"{path}.{key}" if path else key, f"unknown key (known: {', '.join(known)})")
+        return node
+
+    def string(self, d: dict, key: str, path: str, default: str | None = None,
+               required: bool = False) -> str | None:
+        if key not in d or d[key] is None:
+            if required:
+                self.bad(f"{path}.{key}", "is required")
+            return default
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            self.bad(f"{path}.{key}", f"must be a string, got {type(v).__name__}")
+            return default
+        return str(v)
+
+    def number(self, d: dict, key: str, path: str, default: float, lo: float, hi: float,
+               integer: bool = True) -> Any:
+        if key not in d or d[key] is None:
+            return default
+        v = d[key]
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok:
+            self.bad(f"{path}.{key}", f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+            return default
+        if not lo <= v <= hi:
+            self.bad(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got {v!r}")
+            return default
+        return v
+
+
+def _host_port(r: _Reader, value: str, path: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        r.bad(path, f"port in {value!r} must be 1-65535")
+        return host, default_port
+    return host.strip("[]"), int(port)
+
+
+def _socket_spec(r: _Reader, value: str, path: str) -> str:
+    if value.startswith("unix:") and len(value) > 5:
+        return value
+    if value.startswith("inet:"):
+        rest = value[5:]
+        # Both Postfix (inet:host:port) and Sendmail (inet:port@host) spellings.
+        if "@" in rest:
+            port, _, host = rest.partition("@")
+            rest = f"{host}:{port}"
+        host, port = _host_port(r, rest, path, 0)
+        if not host or not port:
+            r.bad(path, f"{value!r} needs a host and a port, e.g. inet:127.0.0.1:8894")
+        return f"inet:{host}:{port}"
+    r.bad(path, f"{value!r} must be inet:HOST:PORT or unix:/PATH")
+    return value
+
+
+def _milter(r: _Reader, node: Any) -> MilterConfig:
+    d = r.mapping(node, "milter", ("socket", "max_message_bytes", "dedupe_seconds",
+                                   "dedupe_anonymous_seconds", "spool_timeout"))
+    base = MilterConfig()
+    sock = r.string(d, "socket", "milter", base.socket) or base.socket
+    return MilterConfig(
+        socket=_socket_spec(r, sock, "milter.socket"),
+        max_message_bytes=r.number(d, "max_message_bytes", "milter", base.max_message_bytes, 1024, 1 << 30),
+        dedupe_seconds=r.number(d, "dedupe_seconds", "milter", base.dedupe_seconds, 0, 366 * 86400),
+        dedupe_anonymous_seconds=r.number(d, "dedupe_anonymous_seconds", "milter",
+                                          base.dedupe_anonymous_seconds, 0, 86400),
+        spool_timeout=r.number(d, "spool_timeout", "milter", base.spool_timeout, 0.1, 120, integer=False),
+    )
+
+
+def _spool(r: _Reader, node: Any) -> SpoolConfig:
+    d = r.mapping(node, "spool", ("path", "url"))
+    url = r.string(d, "url", "spool")
+    if url is not None:
+        r.bad("spool.url", "PostgreSQL spools are not supported by this version; use spool.path")
+    return SpoolConfig(path=r.string(d, "path", "spool", SpoolConfig.path) or SpoolConfig.path, url=None)
+
+
+def _domains(r: _Reader, node: Any) -> dict[str, Domain]:
+    d = r.mapping(node, "domains")
+    out: dict[str, Domain] = {}
+    for name, spec in d.items():
+        if not isinstance(name, str):
+            continue
+        path = f"domains.{name}"
+        if "@" in name or "." not in name or name.strip() != name:
+            r.bad(path, "must be a domain name such as sms.example.com")
+        sd = r.mapping(spec, path, ("style",))
+        style = r.string(sd, "style", path, required=True)
+        if style is not None and style not in STYLES:
+            r.bad(f"{path}.style", f"must be one of {', '.join(STYLES)}, got {style!r}")
+        lname = name.lower().rstrip(".")
+        if lname in out:
+            r.bad(path, "listed twice (domain names are case-insensitive)")
+        out[lname] = Domain(name=lname, style=style or "aspsms")
+    if not out:
+        r.bad("domains", "at least one SMS domain is required")
+    return out
+
+
+def _sender(r: _Reader, node: Any, path: str) -> SenderRule | None:
+    if isinstance(node, str):
+        node = {"address": node}
+    d = r.mapping(node, path, ("address", "domain", "originator"))
+    address = r.string(d, "address", path)
+    domain = r.string(d, "domain", path)
+    if (address is None) == (domain is None):
+        r.bad(path, "needs exactly one of address or domain")
+        return None
+    if address is not None and (address.count("@") != 1 or address.startswith("@") or address.endswith("@")):
+        r.bad(f"{path}.address", f"{address!r} is not an e-mail address")
+    if domain is not None and ("@" in domain or "." not in domain):
+        r.bad(f"{path}.domain", f"{domain!r} is not a domain name")
+    orig = r.string(d, "originator", path)
+    if orig is not None:
+        _check_originator(r, orig, f"{path}.originator")
+    return SenderRule(
+        address=address.lower() if address else None,
+        domain=domain.lower().lstrip("@") if domain else None,
+        originator=orig,
+    )
+
+
+def _check_originator(r: _Reader, value: str, path: str) -> None:
+    from .policy.addresses import originator_problem  # local: policy imports config types
+
+    problem = originator_problem(value)
+    if problem:
+        r.bad(path, problem)
+
+
+def _account(r: _Reader, name: str, node: Any) -> Account:
+    path = f"accounts.{name}"
+    d = r.mapping(node, path, ("userkey", "password", "password_hash", "senders", "networks",
+                               "originator", "template", "max_parts", "notify", "credits"))
+    senders: list[SenderRule] = []
+    raw_senders = d.get("senders") or []
+    if not isinstance(raw_senders, list):
+        r.bad(f"{path}.senders", "must be a list")
+        raw_senders = []
+    for i, s in enumerate(raw_senders):
+        rule = _sender(r, s, f"{path}.senders[{i}]")
+        if rule:
+            senders.append(rule)
+    networks: list[IPNetwork] = []
+    raw_nets = d.get("networks") or []
+    if not isinstance(raw_nets, list):
+        r.bad(f"{path}.networks", "must be a list")
+        raw_nets = []
+    for i, n in enumerate(raw_nets):
+        try:
+            networks.append(ipaddress.ip_network(str(n), strict=False))
+        except ValueError:
+            r.bad(f"{path}.networks[{i}]", f"{n!r} is not an IP network")
+    password = r.string(d, "password", path)
+    password_hash = r.string(d, "password_hash", path)
+    if password is not None and password_hash is not None:
+        r.bad(path, "give password or password_hash, not both")
+    if password_hash is not None:
+        from .policy.auth import hash_problem
+
+        problem = hash_problem(password_hash)
+        if problem:
+            r.bad(f"{path}.password_hash", problem)
+    userkey = r.string(d, "userkey", path)
+    if userkey is not None and password is None and password_hash is None:
+        r.bad(path, "userkey needs a password or password_hash")
+    originator = r.string(d, "originator", path, "SMS") or "SMS"
+    _check_originator(r, originator, f"{path}.originator")
+    template = r.string(d, "template", path, "{subject},{body}") or ""
+    try:
+        template.format(subject="", body="")
+    except (KeyError, IndexError, ValueError) as e:
+        r.bad(f"{path}.template", f"may use only {{subject}} and {{body}} ({e})")
+    notify = (r.string(d, "notify", path, "") or "").upper()
+    if notify not in NOTIFY_POLICIES:
+        r.bad(f"{path}.notify", f"must be one of \"\", ALWAYS, NONE, FAILED, got {notify!r}")
+    credits = d.get("credits")
+    if credits is not None and (isinstance(credits, bool) or not isinstance(credits, int) or credits < 0):
+        r.bad(f"{path}.credits", f"must be a whole number >= 0, got {credits!r}")
+        credits = None
+    return Account(
+        name=name, userkey=userkey, password=password, password_hash=password_hash,
+        senders=tuple(senders), networks=tuple(networks), originator=originator, template=template,
+        max_parts=r.number(d, "max_parts", path, 6, 1, 255), notify=notify, credits=credits,
+    )
+
+
+def _smpp(r: _Reader, node: Any) -> SmppConfig:
+    d = r.mapping(node, "provider", ("smpp",))
+    s = r.mapping(d.get("smpp"), "provider.smpp", (
+        "host", "port", "system_id", "password", "system_type", "window", "rate", "enquire_link",
+        "reconnect_min", "reconnect_max", "validity"))
+    b = SmppConfig()
+    p = "provider.smpp"
+    return SmppConfig(
+        host=r.string(s, "host", p, b.host) or b.host,
+        port=r.number(s, "port", p, b.port, 1, 65535),
+        system_id=r.string(s, "system_id", p, "") or "",
+        password=r.string(s, "password", p, "") or "",
+        system_type=r.string(s, "system_type", p, "") or "",
+        window=r.number(s, "window", p, b.window, 1, 1000),
+        rate=r.number(s, "rate", p, b.rate, 0, 100000, integer=False),
+        enquire_link=r.number(s, "enquire_link", p, b.enquire_link, 1, 3600, integer=False),
+        reconnect_min=r.number(s, "reconnect_min", p, b.reconnect_min, 0.01, 3600, integer=False),
+        reconnect_max=r.number(s, "reconnect_max", p, b.reconnect_max, 0.01, 86400, integer=False),
+        validity=r.number(s, "validity", p, b.validity, 60, 30 * 86400),
+    )
+
+
+def _notify(r: _Reader, node: Any) -> NotifyConfig:
+    d = r.mapping(node, "notify", ("smtp", "from"))
+    host, port = _host_port(r, r.string(d, "smtp", "notify", "127.0.0.1:25") or "127.0.0.1:25",
+                            "notify.smtp", 25)
+    sender = r.string(d, "from", "notify", NotifyConfig.sender) or NotifyConfig.sender
+    if "@" not in sender:
+        r.bad("notify.from", f"{sender!r} is not an e-mail address")
+    return NotifyConfig(smtp_host=host, smtp_port=port, sender=sender)
+
+
+def _xml(r: _Reader, node: Any) -> XmlConfig:
+    d = r.mapping(node, "xml", ("allowed_url_hosts", "url_timeout"))
+    hosts = d.get("allowed_url_hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        r.bad("xml.allowed_url_hosts", "must be a list of host names")
+        hosts = []
+    return XmlConfig(
+        allowed_url_hosts=tuple(h.lower() for h in hosts),
+        url_timeout=r.number(d, "url_timeout", "xml", 5.0, 0.1, 60, integer=False),
+    )
+
+
+def parse(data: Any, source: str = "<config>") -> Config:
+    r = _Reader()
+    top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml"))
+    if data is None:
+        r.bad("(top)", "the file is empty")
+    accounts_node = r.mapping(top.get("accounts"), "accounts")
+    accounts = {str(n): _account(r, str(n), spec) for n, spec in accounts_node.items()}
+    cfg = Config(
+        milter=_milter(r, top.get("milter")),
+        spool=_spool(r, top.get("spool")),
+        domains=_domains(r, top.get("domains")),
+        accounts=accounts,
+        smpp=_smpp(r, top.get("provider")),
+        notify=_notify(r, top.get("notify")),
+        xml=_xml(r, top.get("xml")),
+        source=source,
+    )
+    _cross_checks(r, cfg)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return cfg
+
+
+def _cross_checks(r: _Reader, cfg: Config) -> None:
+    seen_addr: dict[str, str] = {}
+    seen_key: dict[str, str] = {}
+    for acc in cfg.accounts.values():
+        for i, s in enumerate(acc.senders):
+            if s.address:
+                other = seen_addr.setdefault(s.address, acc.name)
+                if other != acc.name:
+                    r.bad(f"accounts.{acc.name}.senders[{i}].address",
+                          f"also authorized for account {other}: a sender address must belong to one account")
+        if acc.userkey:
+            other = seen_key.setdefault(acc.userkey, acc.name)
+            if other != acc.name:
+                r.bad(f"accounts.{acc.name}.userkey", f"same userkey as account {other}")
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file"]) from None
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not UTF-8 text"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    return parse(data, str(p))

@@ -1,0 +1,131 @@
+"""The spool's interface: what the milter, the dispatcher and the CLI may ask of a queue.
+
+SQLite implements it today (`sqlite.SqliteSpool`); a PostgreSQL spool shared by several
+hosts implements the same methods later. Nothing outside `spool/` knows SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+STATES = ("queued", "submitted", "delivered", "buffered", "failed", "expired")
+FINAL_STATES = ("delivered", "failed", "expired")
+
+
+class SpoolError(Exception):
+    """The spool cannot take or give work right now (locked, unwritable, gone)."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One SMS to one recipient, as the milter (or xml@) decided it."""
+
+    recipient: str  # E.164 with '+'
+    originator: str  # E.164 with '+' or an alphanumeric sender id
+    text: str
+    parts: int
+    account: str
+    device: str = "sms"
+    sender: str = ""  # envelope sender: notifications go here ('' = null sender, none)
+    subject: str = ""  # original Subject without credentials
+    message_id: str = ""
+    notify: str = ""  # "", ALWAYS, NONE, FAILED
+    queue_id: str = ""  # the MTA's queue id, for logs
+    not_before: float | None = None  # deferred delivery (epoch seconds)
+    expires_at: float | None = None  # validity end; default now + provider validity
+    trans_ref: str | None = None  # xml@ TransRefNumber
+    flash: bool = False  # class-0 SMS
+    urls: dict[str, str] = field(default_factory=dict)  # xml@: state -> callback URL
+
+
+@dataclass(frozen=True)
+class Job(NewJob):
+    id: int = 0
+    state: str = "queued"
+    created_at: float = 0.0
+    attempts: int = 0
+    last_error: str = ""
+    submitted_at: float | None = None
+    done_at: float | None = None
+    provider_refs: tuple[str, ...] = ()
+
+    def public(self) -> dict:
+        """The fields `queue list --json` promises (and a few more)."""
+        d = asdict(self)
+        d["provider_refs"] = list(self.provider_refs)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.public(), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    job_ids: tuple[int, ...]
+    duplicate: bool  # True: the same message was spooled before; nothing new was added
+
+
+@dataclass(frozen=True)
+class Event:
+    """A status change that owes the outside world a notification (mail or URL call)."""
+
+    id: int
+    job_id: int
+    kind: str  # "mail" | "url"
+    status: str  # the job state that caused it: delivered, buffered, failed, expired
+    at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ReceiptOutcome:
+    job_id: int
+    state: str  # job state after the receipt
+    changed: bool
+
+
+class Spool(Protocol):
+    # -- milter side -------------------------------------------------------------------
+    def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
+                    timeout: float) -> AddResult:
+        """Commit all jobs of one message durably in one transaction, or raise SpoolError.
+
+        `key` identifies the message: a second call with the same key within `key_ttl`
+        seconds adds nothing and returns the first call's job ids with duplicate=True.
+        """
+
+    def wake(self) -> None:
+        """Tell any waiting dispatcher that new work is there (best effort)."""
+
+    # -- dispatcher side ---------------------------------------------------------------
+    def wait_for_work(self, timeout: float) -> None: ...
+
+    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
+
+    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> None: ...
+
+    def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
+                count_attempt: bool = False) -> None: ...
+
+    def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
+
+    def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None: ...
+
+    def expire_due(self) -> list[int]: ...
+
+    def due_events(self, limit: int) -> list[Event]: ...
+
+    def event_done(self, event_id: int) -> None: ...
+
+    def event_retry(self, event_id: int, error: str, delay: float) -> None: ...
+
+    # -- everyone ----------------------------------------------------------------------
+    def get(self, job_id: int) -> Job | None: ...
+
+    def list_jobs(self, state: str | None = None, limit: int | None = None) -> list[Job]: ...
+
+    def find_by_trans_ref(self, account: str, refs: list[str]) -> dict[str, list[Job]]: ...
+
+    def close(self) -> None: ...

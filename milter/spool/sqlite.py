@@ -1,0 +1,572 @@
+"""The SQLite spool: one file, WAL, synchronous=FULL.
+
+Writers from the milter go through one writer thread that groups the commits of
+concurrent SMTP sessions into one transaction (one fsync for many messages); each
+caller still returns only after its own jobs are durable. The dispatcher's calls are
+short transactions on their own connection. Open a spool after fork, never before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..config import Config
+from .base import (
+    FINAL_STATES,
+    AddResult,
+    Event,
+    Job,
+    NewJob,
+    ReceiptOutcome,
+    SpoolError,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'queued',
+    recipient TEXT NOT NULL,
+    originator TEXT NOT NULL,
+    text TEXT NOT NULL,
+    parts INTEGER NOT NULL,
+    account TEXT NOT NULL,
+    device TEXT NOT NULL DEFAULT 'sms',
+    sender TEXT NOT NULL DEFAULT '',
+    subject TEXT NOT NULL DEFAULT '',
+    message_id TEXT NOT NULL DEFAULT '',
+    notify TEXT NOT NULL DEFAULT '',
+    queue_id TEXT NOT NULL DEFAULT '',
+    trans_ref TEXT,
+    flash INTEGER NOT NULL DEFAULT 0,
+    urls TEXT NOT NULL DEFAULT '{}',
+    deferred INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    not_before REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    lease_owner TEXT,
+    lease_until REAL,
+    submitted_at REAL,
+    done_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(not_before) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_recipient ON jobs(recipient, id) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(expires_at) WHERE state IN ('submitted', 'buffered');
+CREATE INDEX IF NOT EXISTS jobs_trans_ref ON jobs(account, trans_ref) WHERE trans_ref IS NOT NULL;
+CREATE TABLE IF NOT EXISTS parts (
+    job_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ref TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'submitted',
+    PRIMARY KEY (job_id, seq)
+);
+CREATE INDEX IF NOT EXISTS parts_ref ON parts(ref);
+CREATE TABLE IF NOT EXISTS messages (
+    key TEXT PRIMARY KEY,
+    job_ids TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_due ON events(next_at);
+"""
+
+JOB_COLUMNS = (
+    "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
+    "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
+    "last_error, submitted_at, done_at"
+)
+WAKE_SLOTS = 8  # dispatchers on one spool that can be woken directly (more still poll)
+DEFAULT_VALIDITY = 48 * 3600.0
+# Which job states owe a notification mail under each Notify policy.
+NOTIFY_STATES = {
+    "ALWAYS": ("delivered", "buffered", "failed", "expired"),
+    "": ("delivered", "failed", "expired"),
+    "FAILED": ("failed", "expired"),
+    "NONE": (),
+}
+
+
+def normalize_ref(ref: str) -> str:
+    """A provider message id as stored: lowercased, leading zeros dropped."""
+    return ref.strip().lower().lstrip("0") or "0"
+
+
+def refs_for_lookup(ref: str) -> list[str]:
+    """Every stored form a receipt's id may match: SMSCs give the id in hex in one PDU and
+    in decimal in another (either way round), so try the id as it is, its hex reading
+    written in decimal, and its decimal reading written in hex."""
+    r = normalize_ref(ref)
+    forms = [r]
+    try:
+        forms.append(str(int(r, 16)))
+    except ValueError:
+        pass
+    if r.isdigit():
+        forms.append(format(int(r), "x"))
+    return list(dict.fromkeys(forms))
+
+
+def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
+    return Job(
+        id=row["id"], state=row["state"], recipient=row["recipient"], originator=row["originator"],
+        text=row["text"], parts=row["parts"], account=row["account"], device=row["device"],
+        sender=row["sender"], subject=row["subject"], message_id=row["message_id"],
+        notify=row["notify"], queue_id=row["queue_id"], trans_ref=row["trans_ref"],
+        flash=bool(row["flash"]), urls=json.loads(row["urls"] or "{}"), created_at=row["created_at"],
+        not_before=row["not_before"], expires_at=row["expires_at"], attempts=row["attempts"],
+        last_error=row["last_error"], submitted_at=row["submitted_at"], done_at=row["done_at"],
+        provider_refs=tuple(refs),
+    )
+
+
+class _AddRequest:
+    __slots__ = ("key", "jobs", "key_ttl", "done", "result", "error", "taken", "abandoned")
+
+    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float):
+        self.key = key
+        self.jobs = jobs
+        self.key_ttl = key_ttl
+        self.done = threading.Event()
+        self.result: AddResult | None = None
+        self.error: Exception | None = None
+        self.taken = False
+        self.abandoned = False
+
+
+class SqliteSpool:
+    def __init__(self, path: str | Path, busy_timeout: float = 5.0, validity: float = DEFAULT_VALIDITY):
+        self.path = str(Path(path).resolve())
+        self.busy_timeout = busy_timeout
+        self.validity = validity
+        self._lock = threading.Lock()  # guards self._db (dispatcher/CLI calls)
+        self._db = self._connect()
+        self._init_schema()
+        self._queue: queue.Queue[_AddRequest | None] = queue.Queue()
+        self._state_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._wake_tx: socket.socket | None = None
+        self._wake_rx: socket.socket | None = None
+        digest = hashlib.sha256(self.path.encode()).hexdigest()[:24]
+        self._wake_names = [f"\0sms-milter-{digest}-{i}".encode() for i in range(WAKE_SLOTS)]
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        except (sqlite3.Error, OSError) as e:
+            raise SpoolError(f"cannot open spool {self.path}: {e}") from None
+        return db
+
+    def _init_schema(self) -> None:
+        try:
+            with self._lock:
+                self._db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise SpoolError(f"cannot initialise spool {self.path}: {e}") from None
+
+    def _tx(self, db: sqlite3.Connection, fn, *args):
+        """Run fn(db, *args) in one BEGIN IMMEDIATE transaction; SpoolError on any failure."""
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise SpoolError(f"spool busy or unwritable: {e}") from None
+        try:
+            out = fn(db, *args)
+            db.execute("COMMIT")
+            return out
+        except BaseException as e:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(e, sqlite3.Error):
+                raise SpoolError(f"spool write failed: {e}") from None
+            raise
+
+    def _run(self, fn, *args):
+        with self._lock:
+            return self._tx(self._db, fn, *args)
+
+    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise SpoolError(f"spool read failed: {e}") from None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=10)
+            self._writer = None
+        for s in (self._wake_tx, self._wake_rx):
+            if s is not None:
+                s.close()
+        with self._lock:
+            self._db.close()
+
+    # -- milter side: grouped commits --------------------------------------------------
+    def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
+                    timeout: float = 5.0) -> AddResult:
+        if self._writer is None:
+            with self._state_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._writer_loop, name="spool-writer",
+                                                    daemon=True)
+                    self._writer.start()
+        req = _AddRequest(key, jobs, key_ttl)
+        self._queue.put(req)
+        if not req.done.wait(timeout):
+            with self._state_lock:
+                if not req.taken:
+                    req.abandoned = True  # the writer will skip it: nothing was written
+                    raise SpoolError(f"spool did not answer within {timeout:g}s")
+            # The writer is inside the transaction holding it; its outcome is what counts.
+            req.done.wait()
+        if req.error is not None:
+            raise req.error
+        assert req.result is not None
+        return req.result
+
+    def _writer_loop(self) -> None:
+        db = self._connect()  # the writer's own connection
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < 256:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._queue.put(None)
+                        break
+                    batch.append(nxt)
+                with self._state_lock:
+                    batch = [r for r in batch if not r.abandoned]
+                    for r in batch:
+                        r.taken = True
+                if batch:
+                    self._commit_batch(db, batch)
+        finally:
+            db.close()
+
+    def _commit_batch(self, db: sqlite3.Connection, batch: list[_AddRequest]) -> None:
+        try:
+            results = self._tx(db, self._insert_batch, batch)
+        except Exception as e:  # the whole group failed: every caller gets the error
+            err = e if isinstance(e, SpoolError) else SpoolError(str(e))
+            for r in batch:
+                r.error = err
+                r.done.set()
+            return
+        for r, res in zip(batch, results, strict=True):
+            r.result = res
+            r.done.set()
+        self.wake()
+
+    def _insert_batch(self, db: sqlite3.Connection, batch: list[_AddRequest]) -> list[AddResult]:
+        now = time.time()
+        out: list[AddResult] = []
+        seen: dict[str, AddResult] = {}
+        for r in batch:
+            if r.key is not None:
+                if r.key in seen:
+                    out.append(AddResult(seen[r.key].job_ids, True))
+                    continue
+                row = db.execute("SELECT job_ids FROM messages WHERE key=? AND expires_at>?",
+                                 (r.key, now)).fetchone()
+                if row is not None:
+                    out.append(AddResult(tuple(json.loads(row["job_ids"])), True))
+                    continue
+            ids = tuple(self._insert_job(db, j, now) for j in r.jobs)
+            if r.key is not None:
+                db.execute("INSERT OR REPLACE INTO messages(key, job_ids, expires_at) VALUES (?,?,?)",
+                           (r.key, json.dumps(ids), now + r.key_ttl))
+            res = AddResult(ids, False)
+            if r.key is not None:
+                seen[r.key] = res
+            out.append(res)
+        if int(now) % 64 == 0:  # now and then: forget expired message keys
+            db.execute("DELETE FROM messages WHERE expires_at<=?", (now,))
+        return out
+
+    def _insert_job(self, db: sqlite3.Connection, j: NewJob, now: float) -> int:
+        not_before = j.not_before if j.not_before is not None else now
+        expires = j.expires_at if j.expires_at is not None else max(now, not_before) + self.validity
+        cur = db.execute(
+            "INSERT INTO jobs(recipient, originator, text, parts, account, device, sender, subject, "
+            "message_id, notify, queue_id, trans_ref, flash, urls, deferred, created_at, not_before, "
+            "expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (j.recipient, j.originator, j.text, j.parts, j.account, j.device, j.sender, j.subject,
+             j.message_id, j.notify, j.queue_id, j.trans_ref, int(j.flash), json.dumps(j.urls),
+             int(j.not_before is not None and j.not_before > now), now, not_before, expires),
+        )
+        return int(cur.lastrowid or 0)
+
+    def add_jobs(self, jobs: list[NewJob]) -> list[int]:
+        """Direct insert without grouping (tests, benchmarks, tools)."""
+        now = time.time()
+        ids = self._run(lambda db: [self._insert_job(db, j, now) for j in jobs])
+        self.wake()
+        return ids
+
+    # -- wake-ups ------------------------------------------------------------------------
+    def wake(self) -> None:
+        if self._wake_tx is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            self._wake_tx = s
+        for name in self._wake_names:
+            try:
+                self._wake_tx.sendto(b"!", name)
+            except OSError:
+                pass  # nobody bound there, or its buffer is full: it is awake anyway
+
+    def wait_for_work(self, timeout: float) -> None:
+        if self._wake_rx is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            for name in self._wake_names:
+                try:
+                    s.bind(name)
+                    break
+                except OSError:
+                    continue
+            else:
+                s.close()
+                time.sleep(min(timeout, 0.2))  # every slot taken: fall back to a short poll
+                return
+            s.setblocking(False)
+            self._wake_rx = s
+        import select
+
+        ready, _, _ = select.select([self._wake_rx], [], [], timeout)
+        if ready:
+            try:
+                while self._wake_rx.recv(64):
+                    pass
+            except BlockingIOError:
+                pass
+
+    # -- dispatcher side -----------------------------------------------------------------
+    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient
+        and never one whose recipient has an older job still waiting (order per recipient)."""
+
+        def fn(db: sqlite3.Connection) -> list[Job]:
+            now = time.time()
+            rows = db.execute(
+                f"UPDATE jobs SET lease_owner=?, lease_until=?, attempts=attempts+1 WHERE id IN ("
+                " SELECT j.id FROM jobs j WHERE j.state='queued' AND j.not_before<=?"
+                "  AND (j.lease_until IS NULL OR j.lease_until<?)"
+                "  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.id<j.id"
+                "   AND o.state='queued' AND o.deferred=0)"
+                "  ORDER BY j.id LIMIT ?)"
+                f" RETURNING {JOB_COLUMNS}",
+                (owner, now + lease_seconds, now, now, limit),
+            ).fetchall()
+            return sorted((_job(r) for r in rows), key=lambda j: j.id)
+
+        return self._run(fn)
+
+    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
+                " last_error='' WHERE id=? AND state='queued'", (now, job_id))
+            db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
+                           [(job_id, i, normalize_ref(r)) for i, r in enumerate(refs)])
+
+        self._run(fn)
+
+    def mark_submitted_many(self, items: list[tuple[int, list[str]]]) -> None:
+        """mark_submitted for many jobs in one transaction (the dispatcher's hot path)."""
+
+        def fn(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.executemany(
+                "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
+                " last_error='' WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
+            db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
+                           [(jid, i, normalize_ref(r)) for jid, refs in items for i, r in enumerate(refs)])
+
+        self._run(fn)
+
+    def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
+                count_attempt: bool = False) -> None:
+        """Give leased jobs back to the queue, due after `delay` seconds."""
+
+        def fn(db: sqlite3.Connection) -> None:
+            due = time.time() + delay
+            db.executemany(
+                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL, not_before=?,"
+                " last_error=CASE WHEN ?='' THEN last_error ELSE ? END,"
+                " attempts=attempts-? WHERE id=? AND state='queued'",
+                [(due, error, error, 0 if count_attempt else 1, jid) for jid in job_ids])
+
+        self._run(fn)
+
+    def fail(self, job_id: int, error: str, state: str = "failed") -> None:
+        def fn(db: sqlite3.Connection) -> None:
+            self._set_final(db, job_id, state, error, time.time())
+
+        self._run(fn)
+
+    def _set_final(self, db: sqlite3.Connection, job_id: int, state: str, error: str, now: float) -> bool:
+        row = db.execute("SELECT state, notify, sender, urls FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["state"] == state or row["state"] in FINAL_STATES:
+            return False
+        db.execute(
+            "UPDATE jobs SET state=?, last_error=CASE WHEN ?='' THEN last_error ELSE ? END,"
+            " done_at=CASE WHEN ? IN ('delivered','failed','expired') THEN ? ELSE done_at END,"
+            " lease_owner=NULL, lease_until=NULL WHERE id=?",
+            (state, error, error, state, now, job_id))
+        self._add_events(db, job_id, state, row["notify"], row["sender"], row["urls"], now)
+        return True
+
+    def _add_events(self, db: sqlite3.Connection, job_id: int, state: str, notify: str, sender: str,
+                    urls: str, now: float) -> None:
+        if sender and state in NOTIFY_STATES.get(notify, NOTIFY_STATES[""]):
+            db.execute("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)",
+                       (job_id, "mail", state, now, now))
+        url_key = "failed" if state == "expired" else state
+        if url_key in json.loads(urls or "{}"):
+            db.execute("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)",
+                       (job_id, "url", state, now, now))
+
+    def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
+        """Apply a delivery receipt for one part; returns None if no part has that id."""
+
+        def fn(db: sqlite3.Connection) -> ReceiptOutcome | None:
+            part = None
+            for form in refs_for_lookup(ref):  # the id as given first, then its other readings
+                part = db.execute("SELECT job_id, seq FROM parts WHERE ref=? LIMIT 1", (form,)).fetchone()
+                if part is not None:
+                    break
+            if part is None:
+                return None
+            job_id = part["job_id"]
+            db.execute("UPDATE parts SET state=? WHERE job_id=? AND seq=?", (part_state, job_id, part["seq"]))
+            states = [r["state"] for r in db.execute("SELECT state FROM parts WHERE job_id=?", (job_id,))]
+            job = db.execute("SELECT state, parts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if "failed" in states:
+                new = "failed"
+            elif "expired" in states:
+                new = "expired"
+            elif len(states) >= job["parts"] and all(s == "delivered" for s in states):
+                new = "delivered"
+            elif "buffered" in states:
+                new = "buffered"
+            else:
+                new = job["state"]
+            changed = False
+            if new != job["state"] and job["state"] not in FINAL_STATES:
+                changed = self._set_final(db, job_id, new, error, time.time())
+            return ReceiptOutcome(job_id, new if changed else job["state"], changed)
+
+        return self._run(fn)
+
+    def expire_due(self) -> list[int]:
+        """Jobs past their validity: queued ones (not in flight) and ones whose receipt never came."""
+
+        def fn(db: sqlite3.Connection) -> list[int]:
+            now = time.time()
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE (state='queued' AND expires_at<? AND (lease_until IS NULL"
+                " OR lease_until<?)) OR (state IN ('submitted','buffered') AND expires_at<?) LIMIT 500",
+                (now, now, now)).fetchall()
+            ids = [r["id"] for r in rows]
+            for jid in ids:
+                self._set_final(db, jid, "expired", "validity period ended", now)
+            return ids
+
+        return self._run(fn)
+
+    def due_events(self, limit: int) -> list[Event]:
+        rows = self._read("SELECT id, job_id, kind, status, at, attempts FROM events WHERE next_at<=?"
+                          " ORDER BY id LIMIT ?", (time.time(), limit))
+        return [Event(r["id"], r["job_id"], r["kind"], r["status"], r["at"], r["attempts"]) for r in rows]
+
+    def event_done(self, event_id: int) -> None:
+        self._run(lambda db: db.execute("DELETE FROM events WHERE id=?", (event_id,)))
+
+    def event_retry(self, event_id: int, error: str, delay: float) -> None:
+        self._run(lambda db: db.execute(
+            "UPDATE events SET attempts=attempts+1, last_error=?, next_at=? WHERE id=?",
+            (error, time.time() + delay, event_id)))
+
+    # -- everyone --------------------------------------------------------------------------
+    def _refs(self, ids: list[int]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            rows = self._read(f"SELECT job_id, ref FROM parts WHERE job_id IN ({','.join('?' * len(part))})"
+                              " ORDER BY job_id, seq", tuple(part))
+            for r in rows:
+                out.setdefault(r["job_id"], []).append(r["ref"])
+        return out
+
+    def get(self, job_id: int) -> Job | None:
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,))
+        if not rows:
+            return None
+        return _job(rows[0], self._refs([job_id]).get(job_id, []))
+
+    def list_jobs(self, state: str | None = None, limit: int | None = None) -> list[Job]:
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs"
+        params: tuple = ()
+        if state:
+            sql += " WHERE state=?"
+            params = (state,)
+        sql += " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        rows = self._read(sql, params)
+        refs = self._refs([r["id"] for r in rows])
+        return [_job(r, refs.get(r["id"], [])) for r in rows]
+
+    def find_by_trans_ref(self, account: str, refs: list[str]) -> dict[str, list[Job]]:
+        out: dict[str, list[Job]] = {r: [] for r in refs}
+        for ref in refs:
+            rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE account=? AND trans_ref=? ORDER BY id",
+                              (account, ref))
+            out[ref] = [_job(r) for r in rows]
+        return out
+
+    def counts(self) -> dict[str, int]:
+        rows = self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+
+def open_spool(cfg: Config, busy_timeout: float | None = None) -> SqliteSpool:
+    """The one way to open the configured spool (a PostgreSQL spool is chosen here later)."""
+    timeout = cfg.milter.spool_timeout if busy_timeout is None else busy_timeout
+    return SqliteSpool(cfg.spool.path, busy_timeout=timeout, validity=cfg.smpp.validity)
