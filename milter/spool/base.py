@@ -62,6 +62,14 @@ class Job(NewJob):
 
 
 @dataclass(frozen=True)
+class OutMail:
+    """A ready-made mail (an xml@ reply) committed with the jobs and handed over later."""
+
+    rcpt: str
+    content: bytes  # the whole RFC 5322 message
+
+
+@dataclass(frozen=True)
 class AddResult:
     job_ids: tuple[int, ...]
     duplicate: bool  # True: the same message was spooled before; nothing new was added
@@ -89,8 +97,8 @@ class ReceiptOutcome:
 class Spool(Protocol):
     # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
-                    timeout: float) -> AddResult:
-        """Commit all jobs of one message durably in one transaction, or raise SpoolError.
+                    timeout: float, mails: list[OutMail] | None = None) -> AddResult:
+        """Commit all jobs (and mails) of one message durably in one transaction, or raise SpoolError.
 
         `key` identifies the message: a second call with the same key within `key_ttl`
         seconds adds nothing and returns the first call's job ids with duplicate=True.
@@ -120,6 +128,12 @@ class Spool(Protocol):
     def event_done(self, event_id: int) -> None: ...
 
     def event_retry(self, event_id: int, error: str, delay: float) -> None: ...
+
+    def due_outbox(self, limit: int) -> list[tuple[int, OutMail, int]]: ...
+
+    def outbox_done(self, mail_id: int) -> None: ...
+
+    def outbox_retry(self, mail_id: int, error: str, delay: float) -> None: ...
 
     # -- everyone ----------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None: ...

@@ -25,6 +25,7 @@ from .base import (
     Event,
     Job,
     NewJob,
+    OutMail,
     ReceiptOutcome,
     SpoolError,
 )
@@ -86,6 +87,16 @@ CREATE TABLE IF NOT EXISTS events (
     last_error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_due ON events(next_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    rcpt TEXT NOT NULL,
+    content BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    next_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_at);
 """
 
 JOB_COLUMNS = (
@@ -138,11 +149,12 @@ def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
 
 
 class _AddRequest:
-    __slots__ = ("key", "jobs", "key_ttl", "done", "result", "error", "taken", "abandoned")
+    __slots__ = ("key", "jobs", "mails", "key_ttl", "done", "result", "error", "taken", "abandoned")
 
-    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float):
+    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail]):
         self.key = key
         self.jobs = jobs
+        self.mails = mails
         self.key_ttl = key_ttl
         self.done = threading.Event()
         self.result: AddResult | None = None
@@ -231,14 +243,14 @@ class SqliteSpool:
 
     # -- milter side: grouped commits --------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
-                    timeout: float = 5.0) -> AddResult:
+                    timeout: float = 5.0, mails: list[OutMail] | None = None) -> AddResult:
         if self._writer is None:
             with self._state_lock:
                 if self._writer is None:
                     self._writer = threading.Thread(target=self._writer_loop, name="spool-writer",
                                                     daemon=True)
                     self._writer.start()
-        req = _AddRequest(key, jobs, key_ttl)
+        req = _AddRequest(key, jobs, key_ttl, mails or [])
         self._queue.put(req)
         if not req.done.wait(timeout):
             with self._state_lock:
@@ -307,6 +319,8 @@ class SqliteSpool:
                     out.append(AddResult(tuple(json.loads(row["job_ids"])), True))
                     continue
             ids = tuple(self._insert_job(db, j, now) for j in r.jobs)
+            db.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at) VALUES (?,?,?,?)",
+                           [(m.rcpt, m.content, now, now) for m in r.mails])
             if r.key is not None:
                 db.execute("INSERT OR REPLACE INTO messages(key, job_ids, expires_at) VALUES (?,?,?)",
                            (r.key, json.dumps(ids), now + r.key_ttl))
@@ -522,6 +536,21 @@ class SqliteSpool:
         self._run(lambda db: db.execute(
             "UPDATE events SET attempts=attempts+1, last_error=?, next_at=? WHERE id=?",
             (error, time.time() + delay, event_id)))
+
+    def due_outbox(self, limit: int) -> list[tuple[int, OutMail, int]]:
+        """Ready-made mails (xml@ replies) due for hand-over: (id, mail, attempts so far)."""
+        rows = self._read("SELECT id, rcpt, content, attempts FROM outbox WHERE next_at<=?"
+                          " ORDER BY id LIMIT ?",
+                          (time.time(), limit))
+        return [(r["id"], OutMail(r["rcpt"], bytes(r["content"])), r["attempts"]) for r in rows]
+
+    def outbox_done(self, mail_id: int) -> None:
+        self._run(lambda db: db.execute("DELETE FROM outbox WHERE id=?", (mail_id,)))
+
+    def outbox_retry(self, mail_id: int, error: str, delay: float) -> None:
+        self._run(lambda db: db.execute(
+            "UPDATE outbox SET attempts=attempts+1, last_error=?, next_at=? WHERE id=?",
+            (error, time.time() + delay, mail_id)))
 
     # -- everyone --------------------------------------------------------------------------
     def _refs(self, ids: list[int]) -> dict[int, list[str]]:
