@@ -590,6 +590,12 @@ class SqliteSpool:
             out[ref] = [_job(r) for r in rows]
         return out
 
+    def parts_used(self, account: str) -> int:
+        """SMS parts an account has spooled that did not fail (xml@ ShowCredits)."""
+        rows = self._read("SELECT coalesce(sum(parts), 0) AS n FROM jobs WHERE account=?"
+                          " AND state NOT IN ('failed','expired')", (account,))
+        return int(rows[0]["n"])
+
     def counts(self) -> dict[str, int]:
         rows = self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
