@@ -76,7 +76,8 @@ def parse_number(text: str) -> str | None:
 
 
 def _invalid_number(address: str, digits: str) -> Refusal:
-    return Refusal("550", "5.1.1", f"Recipient {address}: {digits} is not a valid international phone number.")
+    return Refusal("550", "5.1.1",
+                   f"Recipient {address}: {digits} is not a valid international phone number.")
 
 
 def classify_recipient(address: str, domains: Mapping[str, Domain]) -> SmsTarget | Refusal | None:
@@ -92,7 +93,7 @@ def classify_recipient(address: str, domains: Mapping[str, Domain]) -> SmsTarget
         parent = domains.get(rest) if dot else None
         if parent is None or parent.style != "telemessage":
             return None
-        domain, label = parent, first
+        domain, label = parent, dom_part.partition(".")[0]  # the device label as written
     if domain.style == "telemessage":
         return _telemessage(address, local, label, domain)
     return _aspsms(address, local, domain)

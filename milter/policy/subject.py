@@ -1,0 +1,168 @@
+"""The ASPSMS keyword Subject: `Userkey=ACME123 Password=s3cret Recipient=0041790000000 ...`.
+
+Keywords are case-insensitive and may be abbreviated to their first letter; pairs are
+separated by blanks, commas or semicolons; blanks around '=' are tolerated. No text
+produced here ever contains a Password value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..config import NOTIFY_POLICIES
+from .refusal import Refusal
+
+_KEYWORDS = {
+    "userkey": "userkey", "u": "userkey",
+    "password": "password", "p": "password",
+    "recipient": "recipient", "r": "recipient",
+    "originator": "originator", "o": "originator",
+    "notify": "notify", "n": "notify",
+}
+_NAMES = {"userkey": "Userkey", "password": "Password", "recipient": "Recipient",
+          "originator": "Originator", "notify": "Notify"}
+_SEP = re.compile(r"[\s,;]+")
+_RUN = re.compile(r"[^\s,;]+")
+_BLANKS = re.compile(r"[ \t\r\n]+")
+_EQUALS_AHEAD = re.compile(r"[ \t\r\n]*=")
+_KEYISH = re.compile(r"[A-Za-z]+=")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+@dataclass(frozen=True)
+class SubjectFields:
+    userkey: str | None = None
+    password: str | None = None
+    recipients: tuple[str, ...] = ()  # raw values, one number each
+    originator: str | None = None
+    notify: str | None = None  # uppercased; "" if given empty
+
+
+@dataclass(frozen=True)
+class _Token:
+    key: str | None  # None: a bare word without '='
+    value: str
+    start: int
+    end: int
+
+
+def _value_at(s: str, pos: int) -> tuple[str, int]:
+    """The value right after '=' at `pos`; blanks before it are skipped unless a new pair follows."""
+    m = _RUN.match(s, pos)
+    if m:
+        return m.group(), m.end()
+    b = _BLANKS.match(s, pos)
+    if b:
+        m = _RUN.match(s, b.end())
+        if m and not _KEYISH.match(m.group()):
+            return m.group(), m.end()
+    return "", pos
+
+
+def _tokens(s: str) -> list[_Token]:
+    out: list[_Token] = []
+    pos = 0
+    while True:
+        m = _SEP.match(s, pos)
+        if m:
+            pos = m.end()
+        if pos >= len(s):
+            return out
+        m = _RUN.match(s, pos)
+        assert m is not None
+        start, run, pos = pos, m.group(), m.end()
+        if "=" in run and not run.startswith("="):
+            key, _, value = run.partition("=")
+            if not value:
+                value, pos = _value_at(s, pos)
+            out.append(_Token(key, value, start, pos))
+            continue
+        eq = _EQUALS_AHEAD.match(s, pos) if _WORD.fullmatch(run) else None
+        if eq:
+            value, pos = _value_at(s, eq.end())
+            out.append(_Token(run, value, start, pos))
+        else:
+            out.append(_Token(None, run, start, pos))
+
+
+def _bad(text: str) -> Refusal:
+    return Refusal("550", "5.5.4", text)
+
+
+_AFTER_PASSWORD = _bad("The Password value in the Subject is followed by text that is not a keyword=value "
+                       "pair; a value may not contain blanks, commas or semicolons.")
+
+
+def parse_subject(subject: str) -> SubjectFields | Refusal:
+    """Parse keyword pairs; a Refusal names the first problem (never a Password value)."""
+    seen: dict[str, str] = {}
+    recipients: list[str] = []
+    after_password = False
+    for tok in _tokens(subject):
+        if tok.key is None:
+            if after_password:
+                return _AFTER_PASSWORD
+            return _bad(f"'{tok.value}' in the Subject is not a keyword=value pair; write pairs such as "
+                        "Recipient=0041791234567 separated by blanks, commas or semicolons.")
+        name = _KEYWORDS.get(tok.key.lower())
+        if name is None:
+            if after_password:
+                return _AFTER_PASSWORD
+            return _bad(f"Unknown keyword '{tok.key}' in the Subject; use Userkey, Password, Recipient, "
+                        "Originator or Notify.")
+        after_password = name == "password"
+        label = _NAMES[name]
+        if name == "recipient":
+            if not tok.value:
+                return _bad("The Subject has an empty Recipient= value; write "
+                            "Recipient=<international number> such as Recipient=0041791234567.")
+            recipients.append(tok.value)
+            continue
+        if name in seen:
+            return _bad(f"The Subject gives {label}= twice; give each keyword once "
+                        "(only Recipient may repeat).")
+        if name in ("userkey", "password") and not tok.value:
+            return _bad(f"The Subject has an empty {label}= value; write {label}=<value> without blanks.")
+        if name == "notify" and tok.value.upper() not in NOTIFY_POLICIES:
+            return _bad(f"Notify={tok.value} in the Subject is not allowed; use Notify=ALWAYS, Notify=NONE, "
+                        "Notify=FAILED or an empty Notify=.")
+        seen[name] = tok.value
+    originator = seen.get("originator") or None
+    notify = seen["notify"].upper() if "notify" in seen else None
+    return SubjectFields(userkey=seen.get("userkey"), password=seen.get("password"),
+                         recipients=tuple(recipients), originator=originator, notify=notify)
+
+
+def textsms_problem(f: SubjectFields) -> Refusal | None:
+    """A Refusal if a textsms@ Subject lacks Userkey, Password or a Recipient."""
+    for present, label, short in ((f.userkey, "Userkey", "U"), (f.password, "Password", "P"),
+                                  (f.recipients, "Recipient", "R")):
+        if not present:
+            return _bad(f"The Subject has no {label}= (or {short}=) keyword; textsms@ needs Userkey, "
+                        "Password and at least one Recipient.")
+    return None
+
+
+def parse_optional_originator(subject: str) -> tuple[str | None, str | None]:
+    """(originator, notify) from an optional `Originator=... Notify=...` Subject, else (None, None)."""
+    f = parse_subject(subject)
+    if isinstance(f, Refusal) or f.userkey is not None or f.password is not None or f.recipients:
+        return None, None
+    return f.originator, f.notify
+
+
+def strip_credentials(subject: str) -> str:
+    """The Subject without its Userkey and Password pairs (and any stray words after a Password)."""
+    kept: list[str] = []
+    after_password = False
+    for tok in _tokens(subject):
+        name = _KEYWORDS.get(tok.key.lower()) if tok.key is not None else None
+        if name in ("userkey", "password"):
+            after_password = name == "password"
+            continue
+        if after_password and name is None:
+            continue  # more of a Password value written with blanks, commas or semicolons
+        after_password = False
+        kept.append(subject[tok.start:tok.end])
+    return " ".join(kept)
