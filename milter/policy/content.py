@@ -7,6 +7,7 @@ import binascii
 import codecs
 import email.policy
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
@@ -239,8 +240,9 @@ def latin1_problem(text: str, where: str) -> Refusal | None:
     for lineno, line in enumerate(text.split("\n"), 1):
         for col, ch in enumerate(line, 1):
             if ord(ch) > 0xFF:
+                name = unicodedata.name(ch, "unnamed character")
                 return Refusal("550", "5.6.0",
-                               f"Character '{ch}' (U+{ord(ch):04X}) in the {where} at line {lineno}, "
+                               f"Character U+{ord(ch):04X} ({name}) in the {where} at line {lineno}, "
                                f"column {col} cannot be written in ISO-8859-1; this SMS domain accepts "
                                "ISO-8859-1 text only.")
     return None

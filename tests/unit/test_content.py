@@ -142,7 +142,7 @@ def test_garbage_never_crashes() -> None:
 def test_latin1_problem() -> None:
     assert latin1_problem("Grüße\nCafé", "text") is None
     assert latin1_problem("ok\nab€c", "text") == Refusal(
-        "550", "5.6.0", "Character '€' (U+20AC) in the text at line 2, column 3 cannot be written in "
+        "550", "5.6.0", "Character U+20AC (EURO SIGN) in the text at line 2, column 3 cannot be written in "
                         "ISO-8859-1; this SMS domain accepts ISO-8859-1 text only.")
 
 

@@ -1,0 +1,182 @@
+"""`sms-milter`: the one command (INTERFACE.md).
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration. Errors are one
+line on stderr; an operator's mistake never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from .config import DEFAULT_PATH, Config, ConfigError, load
+from .spool.base import STATES, Job, SpoolError
+
+log = logging.getLogger("sms_milter")
+
+
+class Fatal(Exception):
+    """A runtime failure worth one line on stderr and exit 1."""
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_record(job: Job) -> dict:
+    """A job as `queue list --json` prints it (times in ISO 8601 UTC)."""
+    d = job.public()
+    for key in ("created_at", "not_before", "expires_at", "submitted_at", "done_at"):
+        d[key] = _iso(d[key])
+    return d
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
+    )
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _open_spool(cfg: Config):
+    from .spool.sqlite import open_spool
+
+    try:
+        return open_spool(cfg)
+    except SpoolError as e:
+        raise Fatal(str(e)) from None
+
+
+def cmd_milter(cfg: Config, args: argparse.Namespace) -> int:
+    from .adapter import Server
+    from .gateway import Gateway
+
+    spool = _open_spool(cfg)
+    try:
+        server = Server(cfg.milter.socket, Gateway(cfg, spool))
+    except OSError as e:
+        raise Fatal(f"cannot listen on {cfg.milter.socket}: {e.strerror or e}") from None
+    _on_signals(server.stop)
+    server.serve()
+    spool.close()
+    log.info("milter stopped")
+    return 0
+
+
+def cmd_dispatcher(cfg: Config, args: argparse.Namespace) -> int:
+    from .dispatcher import service
+
+    stop = threading.Event()
+    _on_signals(stop.set)
+    return service.run(cfg, stop)
+
+
+def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
+    spool = _open_spool(cfg)
+    try:
+        jobs = spool.list_jobs(state=args.state)
+    except SpoolError as e:
+        raise Fatal(str(e)) from None
+    finally:
+        spool.close()
+    if args.json:
+        print(json.dumps([job_record(j) for j in jobs], ensure_ascii=False, indent=1))
+        return 0
+    print(f"{'ID':>8} {'STATE':<10} {'RECIPIENT':<17} {'PARTS':>5} {'TRIES':>5} {'CREATED':<20} LAST ERROR")
+    for j in jobs:
+        print(f"{j.id:>8} {j.state:<10} {j.recipient:<17} {j.parts:>5} {j.attempts:>5} "
+              f"{_iso(j.created_at):<20} {j.last_error}")
+    print(f"{len(jobs)} job(s)")
+    return 0
+
+
+def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(cfg.summary())
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from .policy.auth import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("Password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("sms-milter: hash-password: no password given", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sms-milter",
+                                description="E-mail-to-SMS gateway for Postfix and Sendmail")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("-c", "--config", default=DEFAULT_PATH,
+                        help=f"configuration file (default {DEFAULT_PATH})")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        return sp
+
+    with_config("milter", "run the milter until SIGTERM/SIGINT")
+    with_config("dispatcher", "run the dispatcher until SIGTERM/SIGINT")
+    q = with_config("queue", "inspect the spool")
+    qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
+    qsub.required = True
+    ql = qsub.add_parser("list", help="list spooled jobs")
+    ql.add_argument("--json", action="store_true", help="one JSON array of job objects")
+    ql.add_argument("--state", choices=STATES, help="only jobs in this state")
+    with_config("check-config", "validate the configuration file")
+    sub.add_parser("hash-password", help="read a password on stdin, print a password_hash for the config")
+    return p
+
+
+COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue,
+            "check-config": cmd_check_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "hash-password":
+        return cmd_hash_password(args)
+    _setup_logging(args.verbose)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"sms-milter: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except Fatal as e:
+        print(f"sms-milter: {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

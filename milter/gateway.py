@@ -1,0 +1,265 @@
+"""What the milter decides, message by message: no sockets here.
+
+The adapter feeds a `Message` with what the MTA reports (sender, recipients, headers,
+body) and asks `Gateway.rcpt()` at RCPT time and `Gateway.end_of_message()` at the end.
+Whatever can be decided at RCPT is decided there, so one bad recipient does not
+spoil the others; the rest (Subject, text, charset, length) is decided at the end,
+where a refusal refuses the whole transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .config import Account, Config, SenderRule
+from .policy import addresses, auth, content, smstext, subject
+from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
+from .spool.base import NewJob, OutMail, Spool, SpoolError
+
+log = logging.getLogger("sms_milter.gateway")
+
+
+@dataclass
+class SmsRecipient:
+    raw: bytes  # exactly as the MTA gave it (needed to delete it)
+    address: str
+    target: addresses.SmsTarget
+    account: Account | None = None  # known at RCPT for <number>@ addresses
+    rule: SenderRule | None = None
+
+
+@dataclass
+class Message:
+    """One transaction's state, reset at MAIL FROM and after the end of message."""
+
+    sender: str = ""
+    queue_id: str = ""
+    client_ip: str | None = None
+    sms: list[SmsRecipient] = field(default_factory=list)
+    others: int = 0  # recipients that are not SMS addresses
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    size: int = 0
+    failed: Refusal | None = None  # an error in a no-reply callback, reported at the end
+
+    def add_body(self, chunk: bytes, limit: int) -> None:
+        self.size += len(chunk)
+        room = limit + 1 - len(self.body)
+        if room > 0:
+            self.body += chunk[:room]
+
+    def raw(self) -> bytes:
+        head = b"".join(k + b": " + v.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+                        for k, v in self.headers)
+        return head + b"\r\n" + bytes(self.body)
+
+    def header(self, name: str) -> str | None:
+        lname = name.lower().encode()
+        for k, v in self.headers:
+            if k.lower() == lname:
+                return v.decode("latin-1").strip()
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    refusal: Refusal | None = None
+    delete: tuple[bytes, ...] = ()  # recipients to remove from the message
+    discard: bool = False  # no recipient left: drop the message (the client still sees 250)
+
+
+def _sms_text_problem(text: str, parts: int, account: Account) -> Refusal | None:
+    if not text.strip():
+        return Refusal("550", "5.6.0", "The message has no text to send as SMS.")
+    if parts > account.max_parts:
+        return Refusal("552", "5.3.4", f"The text needs {parts} SMS parts but this account allows at most "
+                                       f"{account.max_parts}; shorten the text.")
+    return None
+
+
+class Gateway:
+    def __init__(self, cfg: Config, spool: Spool):
+        self.cfg = cfg
+        self.spool = spool
+
+    # -- RCPT ------------------------------------------------------------------------------
+    def rcpt(self, msg: Message, raw: bytes, address: str) -> Refusal | None:
+        found = addresses.classify_recipient(address, self.cfg.domains)
+        if found is None:
+            msg.others += 1
+            return None
+        if isinstance(found, Refusal):
+            return self._refused(msg, found, address)
+        rcpt = SmsRecipient(raw=raw, address=address, target=found)
+        if found.kind == "number":
+            allow_domain = found.domain.style == "telemessage"
+            who = auth.authorize_sender(msg.sender, msg.client_ip, self.cfg.accounts, allow_domain)
+            if isinstance(who, Refusal):
+                return self._refused(msg, who, address)
+            rcpt.account, rcpt.rule = who
+        msg.sms.append(rcpt)
+        return None
+
+    def _refused(self, msg: Message, r: Refusal, what: str) -> Refusal:
+        log.info("%s: refused recipient %s: %s", msg.queue_id or "NOQUEUE", what, r)
+        return r
+
+    # -- end of message -----------------------------------------------------------------
+    def end_of_message(self, msg: Message) -> Outcome:
+        qid = msg.queue_id or "NOQUEUE"
+        if not msg.sms:
+            return Outcome()
+        try:
+            decided = self._decide(msg)
+        except Exception:
+            log.exception("%s: internal error while deciding", qid)
+            decided = INTERNAL_ERROR
+        if isinstance(decided, Refusal):
+            log.info("%s: refused: %s", qid, decided)
+            return Outcome(refusal=decided)
+        jobs, mails, notes = decided
+        key, ttl = self._idempotency_key(msg)
+        try:
+            result = self.spool.add_message(key, jobs, key_ttl=ttl, timeout=self.cfg.milter.spool_timeout,
+                                            mails=mails)
+        except SpoolError as e:
+            log.error("%s: spool unavailable, answering 451: %s", qid, e)
+            return Outcome(refusal=SPOOL_UNAVAILABLE)
+        ids = ",".join(str(i) for i in result.job_ids) or "-"
+        what = "duplicate of an accepted message, nothing added" if result.duplicate else "accepted"
+        log.info("%s: %s: %d job(s) [%s] %s", qid, what, len(jobs), ids, "; ".join(notes))
+        return Outcome(delete=tuple(r.raw for r in msg.sms), discard=msg.others == 0)
+
+    def _decide(self, msg: Message) -> Refusal | tuple[list[NewJob], list[OutMail], list[str]]:
+        limit = self.cfg.milter.max_message_bytes
+        if msg.failed is not None:
+            return msg.failed
+        if msg.size > limit:
+            return Refusal("552", "5.3.4", f"The message is {msg.size} bytes; mail for SMS may be at most "
+                                           f"{limit} bytes.")
+        raw = msg.raw()
+        jobs: list[NewJob] = []
+        mails: list[OutMail] = []
+        notes: list[str] = []
+        text_rcpts = [r for r in msg.sms if r.target.kind != "xml"]
+        for r in msg.sms:
+            if r.target.kind == "xml":
+                from .xmlapi import handler  # xml@ is rare: import on first use
+
+                out = handler.handle(raw, msg.sender, msg.client_ip, self.cfg, self.spool, msg.queue_id,
+                                     time.time())
+                if isinstance(out, Refusal):
+                    return out
+                jobs += out.jobs
+                if out.reply is not None:
+                    mails.append(out.reply)
+                notes.append(f"xml@: {out.log}")
+        if not text_rcpts:
+            return jobs, mails, notes
+        text = content.extract_text(raw)
+        if isinstance(text, Refusal):
+            return text
+        for r in text_rcpts:
+            made = self._jobs_for(msg, r, text)
+            if isinstance(made, Refusal):
+                return made
+            jobs += made
+            notes.append(f"{r.target.kind} for account {made[0].account}" if made else r.target.kind)
+        return jobs, mails, notes
+
+    def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText) -> Refusal | list[NewJob]:
+        style = r.target.domain.style
+        common = dict(sender=msg.sender, message_id=mt.message_id or "", queue_id=msg.queue_id,
+                      device=r.target.device)
+        if r.target.kind == "textsms":
+            return self._textsms_jobs(msg, mt, common)
+        account, rule = r.account, r.rule
+        assert account is not None and r.target.number is not None
+        if style == "telemessage":
+            text = content.render_template(account.template, mt.subject, mt.body)
+            originator, notify = account.originator, account.notify
+            if rule is not None and rule.originator:
+                originator = rule.originator
+            subj = mt.subject
+        else:
+            problem = content.latin1_problem(mt.body, "body")
+            if problem:
+                return problem
+            text = mt.body
+            given, given_notify = subject.parse_optional_originator(mt.subject)
+            originator = given or (rule.originator if rule and rule.originator else account.originator)
+            notify = given_notify if given_notify is not None else account.notify
+            subj = subject.strip_credentials(mt.subject)
+            bad = self._originator_refusal(originator)
+            if bad:
+                return bad
+        parts = smstext.count_parts(text)
+        problem = _sms_text_problem(text, parts, account)
+        if problem:
+            return problem
+        return [NewJob(recipient=r.target.number, originator=addresses.normalize_originator(originator),
+                       text=text, parts=parts, account=account.name, subject=subj, notify=notify,
+                       **common)]
+
+    def _textsms_jobs(self, msg: Message, mt: content.MessageText, common: dict) -> Refusal | list[NewJob]:
+        fields = subject.parse_subject(mt.subject)
+        if isinstance(fields, Refusal):
+            return fields
+        problem = subject.textsms_problem(fields)
+        if problem:
+            return problem
+        assert fields.userkey is not None and fields.password is not None
+        account = auth.authorize_userkey(fields.userkey, fields.password, msg.client_ip, self.cfg.accounts)
+        if isinstance(account, Refusal):
+            return account
+        latin = content.latin1_problem(mt.body, "body")
+        if latin:
+            return latin
+        originator = fields.originator or account.originator
+        bad = self._originator_refusal(originator)
+        if bad:
+            return bad
+        parts = smstext.count_parts(mt.body)
+        problem = _sms_text_problem(mt.body, parts, account)
+        if problem:
+            return problem
+        notify = fields.notify if fields.notify is not None else account.notify
+        jobs = []
+        for value in dict.fromkeys(fields.recipients):
+            number = addresses.parse_number(value)
+            if number is None:
+                return Refusal("550", "5.1.1", f"Recipient={value} in the Subject is not a valid "
+                                               "international phone number; write it as 00<country code>"
+                                               "<number>.")
+            jobs.append(NewJob(recipient=number, originator=addresses.normalize_originator(originator),
+                               text=mt.body, parts=parts, account=account.name,
+                               subject=subject.strip_credentials(mt.subject), notify=notify, **common))
+        return jobs
+
+    @staticmethod
+    def _originator_refusal(originator: str) -> Refusal | None:
+        problem = addresses.originator_problem(originator)
+        if problem:
+            return Refusal("550", "5.5.4", f"Originator {problem}.")
+        return None
+
+    def _idempotency_key(self, msg: Message) -> tuple[str, float]:
+        """The same message sent again (a client that lost our 250) must not add jobs twice.
+
+        A Message-ID the client wrote identifies the message for `dedupe_seconds`; without
+        one (or with one the MTA generated, which carries its queue id) sender, recipients,
+        Subject and body do, for the much shorter `dedupe_anonymous_seconds`.
+        """
+        h = hashlib.sha256()
+        h.update(msg.sender.lower().encode() + b"\0")
+        for addr in sorted(r.address.lower() for r in msg.sms):
+            h.update(addr.encode() + b"\0")
+        mid = msg.header("Message-ID")
+        if mid and not (msg.queue_id and msg.queue_id in mid):
+            h.update(b"mid\0" + mid.encode())
+            return h.hexdigest(), float(self.cfg.milter.dedupe_seconds)
+        h.update(b"content\0" + (msg.header("Subject") or "").encode() + b"\0" + bytes(msg.body))
+        return h.hexdigest(), float(self.cfg.milter.dedupe_anonymous_seconds)
