@@ -39,7 +39,23 @@ def job_record(job: Job) -> dict:
     return d
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, command: str) -> None:
+    if command == "submit":
+        # pipe(8) puts our stderr into bounces: only the refusal reason goes there.
+        # Decisions are logged to syslog, where Postfix's own lines are.
+        import logging.handlers
+        import os
+
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        if os.path.exists("/dev/log"):
+            handler = logging.handlers.SysLogHandler(
+                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            handler.setFormatter(logging.Formatter("sms-milter[%(process)d]: %(message)s"))
+            root.addHandler(handler)
+        else:
+            root.addHandler(logging.NullHandler())
+        return
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
         format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
@@ -107,6 +123,44 @@ def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
+    """Postfix pipe(8) transport for SMS-domain mail that did not pass the milter.
+
+    Reads one message on stdin and applies exactly the milter's decisions. Exit codes
+    follow sysexits, which pipe(8) understands: 0 accepted, 65 (EX_DATAERR) refused:
+    the one-line reason on stderr goes into the bounce, 75 (EX_TEMPFAIL) try later.
+    """
+    from .gateway import Gateway, Message, split_message
+
+    try:
+        spool = _open_spool(cfg)
+    except Fatal as e:
+        print(f"4.3.0 {e}", file=sys.stderr)
+        return 75
+    try:
+        gateway = Gateway(cfg, spool)
+        headers, body = split_message(sys.stdin.buffer.read())
+        msg = Message(sender=args.sender, queue_id=args.queue_id or "", headers=headers)
+        msg.add_body(body, cfg.milter.max_message_bytes)
+        for rcpt in args.recipients:
+            refusal = gateway.rcpt(msg, f"<{rcpt}>".encode(), rcpt)
+            if refusal:
+                break
+        else:
+            if msg.others:
+                refusal = None
+                print("5.1.1 sms-milter submit only takes SMS addresses; check transport_maps",
+                      file=sys.stderr)
+                return 65
+            refusal = gateway.end_of_message(msg).refusal
+    finally:
+        spool.close()
+    if refusal is None:
+        return 0
+    print(f"{refusal.xcode} {refusal.text}", file=sys.stderr)
+    return 75 if refusal.temporary else 65
+
+
 def cmd_check_config(cfg: Config, args: argparse.Namespace) -> int:
     print(cfg.summary())
     return 0
@@ -150,19 +204,23 @@ def _parser() -> argparse.ArgumentParser:
     ql.add_argument("--json", action="store_true", help="one JSON array of job objects")
     ql.add_argument("--state", choices=STATES, help="only jobs in this state")
     with_config("check-config", "validate the configuration file")
+    sb = with_config("submit", "pipe(8) transport: decide one message on stdin like the milter")
+    sb.add_argument("-f", "--sender", required=True, help="envelope sender ('' for <>)")
+    sb.add_argument("-q", "--queue-id", help="the MTA queue id, for logs")
+    sb.add_argument("recipients", nargs="+", metavar="RECIPIENT")
     sub.add_parser("hash-password", help="read a password on stdin, print a password_hash for the config")
     return p
 
 
 COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue,
-            "check-config": cmd_check_config}
+            "check-config": cmd_check_config, "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return cmd_hash_password(args)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.command)
     try:
         cfg = load(args.config)
     except ConfigError as e:

@@ -64,6 +64,23 @@ class Message:
         return None
 
 
+def split_message(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A whole message as (headers as the milter protocol gives them, body)."""
+    data = raw.replace(b"\r\n", b"\n")
+    head, sep, body = data.partition(b"\n\n")
+    if not sep and not head.startswith((b" ", b"\t")) and b":" not in head.split(b"\n", 1)[0]:
+        head, body = b"", data
+    headers: list[tuple[bytes, bytes]] = []
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t") and headers:
+            name, value = headers[-1]
+            headers[-1] = (name, value + b"\n" + line)
+        elif b":" in line:
+            name, _, value = line.partition(b":")
+            headers.append((name.strip(), value.lstrip(b" ")))
+    return headers, body.replace(b"\n", b"\r\n")
+
+
 @dataclass(frozen=True)
 class Outcome:
     refusal: Refusal | None = None
