@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
+import os
 import signal
 import sys
 import threading
@@ -43,9 +45,6 @@ def _setup_logging(verbose: bool, command: str) -> None:
     if command == "submit":
         # pipe(8) puts our stderr into bounces: only the refusal reason goes there.
         # Decisions are logged to syslog, where Postfix's own lines are.
-        import logging.handlers
-        import os
-
         root = logging.getLogger()
         root.setLevel(logging.INFO)
         if os.path.exists("/dev/log"):
