@@ -187,8 +187,8 @@ def _host_port(r: _Reader, value: str, path: str, default_port: int) -> tuple[st
 def _socket_spec(r: _Reader, value: str, path: str) -> str:
     if value.startswith("unix:") and len(value) > 5:
         return value
-    if value.startswith("inet:"):
-        rest = value[5:]
+    if value.startswith(("inet:", "inet6:")):
+        rest = value.partition(":")[2]
         # Both Postfix (inet:host:port) and Sendmail (inet:port@host) spellings.
         if "@" in rest:
             port, _, host = rest.partition("@")
@@ -197,7 +197,7 @@ def _socket_spec(r: _Reader, value: str, path: str) -> str:
         if not host or not port:
             r.bad(path, f"{value!r} needs a host and a port, e.g. inet:127.0.0.1:8894")
         return f"inet:{host}:{port}"
-    r.bad(path, f"{value!r} must be inet:HOST:PORT or unix:/PATH")
+    r.bad(path, f"{value!r} must be inet:HOST:PORT, inet:[IPv6]:PORT or unix:/PATH")
     return value
 
 
