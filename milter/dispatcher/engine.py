@@ -1,0 +1,257 @@
+"""The dispatcher engine: spool <-> provider.
+
+One thread owns every spool write of the dispatch path and batches them: claim (with a
+lease) as many due jobs as the provider wants, hand them over, then per round one
+`mark_submitted_many` for all jobs whose parts were all accepted, one `record_receipts`
+for the receipts that came in, and releases/failures. A receipt is acknowledged to the
+SMSC only after it is stored; one whose message id is not (yet) known is held in memory
+and looked up again after the next submits are stored, for `receipt_hold` seconds, then
+logged and acknowledged. Leases of jobs in flight are renewed; a killed dispatcher's jobs
+come back when its leases run out and are sent again (at-least-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from ..config import Config
+from ..spool.base import Job, SpoolError
+from ..spool.sqlite import SqliteSpool
+from .provider import Provider, Receipt, SubmitResult
+
+log = logging.getLogger("sms_milter.dispatcher")
+
+CLAIM_MAX = 500  # jobs per claim transaction
+
+
+class Engine:
+    def __init__(self, spool: SqliteSpool, provider: Provider, cfg: Config, owner: str,
+                 on_events: Callable[[], None] = lambda: None, lease_seconds: float = 45.0,
+                 receipt_hold: float = 5.0):
+        self.spool = spool
+        self.provider = provider
+        self.cfg = cfg
+        self.owner = owner
+        self.on_events = on_events
+        self.lease_seconds = lease_seconds
+        self.receipt_hold = receipt_hold
+        self._kick = threading.Event()
+        self._results: deque[SubmitResult] = deque()
+        self._receipts: deque[Receipt] = deque()
+        self._pending: deque[tuple[Receipt, float]] = deque()  # unmatched receipts, first seen
+        self._pending_retry_at = 0.0
+        self._jobs: dict[int, Job] = {}  # leased and handed to the provider
+        self.stats = {"submitted": 0, "receipts": 0, "failed": 0, "released": 0}
+
+    # -- callbacks from the provider's threads (must be quick) ----------------------------
+    def _on_result(self, r: SubmitResult) -> None:
+        self._results.append(r)
+        self._kick.set()
+
+    def _on_receipt(self, r: Receipt) -> None:
+        self._receipts.append(r)
+        self._kick.set()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self.provider.start(self._on_result, self._on_receipt, self._kick.set)
+        waker = threading.Thread(target=self._wake_loop, args=(stop,), name="spool-wake", daemon=True)
+        waker.start()
+        watch = threading.Thread(target=lambda: (stop.wait(), self._kick.set()), name="stop-watch",
+                                 daemon=True)
+        watch.start()
+        next_expire = 0.0
+        next_renew = time.monotonic() + self.lease_seconds / 3
+        while not stop.is_set():
+            self._kick.wait(1.0)
+            self._kick.clear()
+            try:
+                self._process()
+                now = time.monotonic()
+                if now >= next_expire:
+                    self._expire()
+                    next_expire = now + 2.0
+                if now >= next_renew:
+                    self._renew()
+                    next_renew = now + self.lease_seconds / 3
+                self._claim()
+            except SpoolError as e:
+                log.error("spool: %s; retrying", e)
+                stop.wait(0.5)
+        self._shutdown()
+
+    def _wake_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.spool.wait_for_work(1.0)
+            except OSError:
+                stop.wait(1.0)
+            self._kick.set()
+        self._kick.set()
+
+    def _shutdown(self) -> None:
+        log.info("stopping: waiting for the SMSC's answers to %d job(s) in flight", len(self._jobs))
+        self.provider.drain(5.0)
+        self._safe_process()
+        self.provider.close(1.0)
+        self._safe_process()
+        if self._jobs:  # should not happen: the provider reports every job it was given
+            self._release(list(self._jobs), 0.0, "dispatcher stopped", False)
+        if self._pending:
+            log.info("%d unmatched receipt(s) left unacknowledged (the SMSC sends them again)",
+                     len(self._pending))
+
+    def _safe_process(self) -> None:
+        for _ in range(20):
+            try:
+                self._process(final=True)
+                return
+            except SpoolError as e:
+                log.error("spool: %s; retrying", e)
+                time.sleep(0.25)
+
+    # -- steps -------------------------------------------------------------------------------
+    def _claim(self) -> None:
+        room = self.provider.capacity() if self.provider.ready() else 0
+        if room <= 0:
+            return
+        limit = min(room, CLAIM_MAX)
+        jobs = self.spool.claim(self.owner, limit, self.lease_seconds)
+        if not jobs:
+            return
+        now = time.time()
+        live = []
+        for job in jobs:
+            if job.expires_at is not None and job.expires_at < now:
+                self.spool.fail(job.id, "validity period ended", state="expired")
+                log.info("job %d to %s expired before it could be sent", job.id, job.recipient)
+                self.on_events()
+            else:
+                live.append(job)
+                self._jobs[job.id] = job
+        if live:
+            self.provider.submit(live)
+        if len(jobs) == limit:
+            self._kick.set()  # there may be more
+
+    def _process(self, final: bool = False) -> None:
+        n_receipts = len(self._receipts)  # receipts that came before the results taken below
+        results = []
+        while self._results:
+            results.append(self._results.popleft())
+        try:
+            stored = self._apply_results(results)
+        except SpoolError:
+            self._results.extendleft(reversed(results))
+            raise
+        receipts = [self._receipts.popleft() for _ in range(n_receipts)]
+        if final:
+            receipts.extend(self._receipts.popleft() for _ in range(len(self._receipts)))
+        now = time.monotonic()
+        if self._pending and (stored or final or now >= self._pending_retry_at):
+            receipts = [r for r, _ in self._pending] + receipts
+            first_seen = {id(r): t for r, t in self._pending}
+            self._pending.clear()
+        else:
+            first_seen = {}
+        if receipts:
+            try:
+                self._apply_receipts(receipts, first_seen, now, final)
+            except SpoolError:
+                self._receipts.extendleft(reversed(receipts))
+                raise
+        if self._receipts or self._results:
+            self._kick.set()
+
+    def _apply_results(self, results: list[SubmitResult]) -> bool:
+        ok = [r for r in results if r.ok]
+        if ok:
+            self.spool.mark_submitted_many([(r.job_id, list(r.refs)) for r in ok])
+            for r in ok:
+                job = self._jobs.pop(r.job_id, None)
+                log.info("job %d submitted to %s: %d part(s), message id(s) %s", r.job_id,
+                         job.recipient if job else "?", len(r.refs), ",".join(r.refs))
+            self.stats["submitted"] += len(ok)
+        releases: dict[tuple[float, str, bool], list[int]] = {}
+        for r in results:
+            if r.ok:
+                continue
+            job = self._jobs.pop(r.job_id, None)
+            if r.temporary:
+                attempts = job.attempts if job else 1
+                delay = self._backoff(attempts) if r.count_attempt else 0.0
+                releases.setdefault((delay, r.error, r.count_attempt), []).append(r.job_id)
+                log.info("job %d not sent (%s): back to the queue%s", r.job_id, r.error,
+                         f", retry in {delay:.1f}s" if delay else "")
+            else:
+                self.spool.fail(r.job_id, r.error)
+                self.stats["failed"] += 1
+                log.warning("job %d to %s failed: %s", r.job_id, job.recipient if job else "?", r.error)
+                self.on_events()
+        for (delay, error, counted), ids in releases.items():
+            self._release(ids, delay, error, counted)
+        return bool(ok)
+
+    def _release(self, ids: list[int], delay: float, error: str, counted: bool) -> None:
+        self.spool.release(ids, self.owner, delay, error, count_attempt=counted)
+        for jid in ids:
+            self._jobs.pop(jid, None)
+        self.stats["released"] += len(ids)
+
+    def _backoff(self, attempts: int) -> float:
+        s = self.cfg.smpp
+        return min(s.reconnect_min * 2 ** max(attempts - 1, 0), max(10 * s.reconnect_max, 60.0))
+
+    def _apply_receipts(self, receipts: list[Receipt], first_seen: dict[int, float], now: float,
+                        final: bool) -> None:
+        outcomes = self.spool.record_receipts(
+            [(r.ref, r.state, "" if r.state == "delivered" else r.error) for r in receipts])
+        ack: list[Receipt] = []
+        changed = False
+        for r, o in zip(receipts, outcomes, strict=True):
+            if o is not None:
+                ack.append(r)
+                self.stats["receipts"] += 1
+                if o.changed:
+                    changed = True
+                    log.info("job %d receipt for %s: %s (%s); job is now %s", o.job_id, r.ref, r.state,
+                             r.error, o.state)
+                else:
+                    log.info("job %d receipt for %s: %s (%s); job stays %s", o.job_id, r.ref, r.state,
+                             r.error, o.state)
+                continue
+            seen = first_seen.get(id(r), now)
+            if now - seen >= self.receipt_hold or len(self._pending) > 10000:
+                log.warning("receipt for unknown message id %s (%s) acknowledged and dropped", r.ref, r.error)
+                ack.append(r)
+            elif not final:
+                self._pending.append((r, seen))
+        if self._pending:
+            self._pending_retry_at = now + 0.25
+        if ack:
+            self.provider.ack_receipts(ack)
+        if changed:
+            self.on_events()
+
+    def _expire(self) -> None:
+        ids = self.spool.expire_due()
+        for jid in ids:
+            log.info("job %d expired (validity period ended)", jid)
+        if ids:
+            self.on_events()
+
+    def _renew(self) -> None:
+        if not self._jobs:
+            return
+        ids = list(self._jobs)
+        kept = set(self.spool.renew_leases(ids, self.owner, self.lease_seconds))
+        for jid in ids:
+            if jid not in kept and jid in self._jobs:
+                log.warning("job %d: lease lost (taken over or finished elsewhere)", jid)

@@ -1,0 +1,68 @@
+"""The provider seam: what the dispatcher engine needs from an SMS provider.
+
+SMPP (`smpp.SmppProvider`) is the one implementation; an HTTP API provider implements the
+same few methods later. A provider takes whole jobs, reports one `SubmitResult` per job
+(all of its parts accepted, or why not) and hands in delivery receipts, which the engine
+acknowledges with `ack_receipts` only after they are stored durably.
+
+Callbacks come from the provider's own threads; they must be quick (the engine queues them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..spool.base import Job
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_id: int
+    refs: tuple[str, ...] = ()  # provider message ids, one per part, when accepted
+    error: str = ""  # why not ("" = accepted)
+    temporary: bool = False  # True: try again later (the job goes back to the queue)
+    count_attempt: bool = True  # False: the failure was not the job's (connection lost, stop)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass(frozen=True)
+class Receipt:
+    ref: str  # the provider's message id of one part, as the provider wrote it
+    state: str  # part state: delivered | buffered | failed | expired
+    error: str  # provider's status text for logs and last_error ("" when delivered)
+    token: Any = None  # what ack_receipts needs to acknowledge it
+
+
+ResultCallback = Callable[[SubmitResult], None]
+ReceiptCallback = Callable[[Receipt], None]
+
+
+class Provider(Protocol):
+    """A channel to an SMS provider."""
+
+    name: str
+
+    def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
+              on_change: Callable[[], None]) -> None:
+        """Start connecting in the background; `on_change` is called when readiness or capacity changes."""
+
+    def ready(self) -> bool:
+        """True when submits can go out now."""
+
+    def capacity(self) -> int:
+        """How many more jobs the provider wants handed to it right now."""
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs for sending (returns at once); each job later gets exactly one SubmitResult."""
+
+    def ack_receipts(self, receipts: list[Receipt]) -> None:
+        """Acknowledge receipts the engine has stored (or given up on)."""
+
+    def close(self, timeout: float) -> None:
+        """Stop sending, wait up to `timeout` for answers to what is in flight, report every job
+        still open as a temporary failure (count_attempt=False), disconnect cleanly."""

@@ -1,0 +1,583 @@
+"""SMPP 3.4 provider: one bind_transceiver, a window of pipelined submit_sm, receipts.
+
+Threads: `smpp-send` connects/binds (with backoff), sends submit_sm while the window and the
+rate allow, and keeps the link alive with enquire_link; `smpp-read` (one per connection)
+reads every PDU, answers enquire_link/unbind at once and hands submit_sm_resp results and
+delivery receipts to the engine. smpplib makes the bind and parses deliver_sm; the hot
+submit_sm/resp path is encoded by hand (`pdus.encode_submit_sm`).
+
+Throttling (ESME_RTHROTTLED, ESME_RMSGQFUL) is not a job failure: the part is sent again
+from memory, in order, after a pause, and the bind's rate is halved (then recovers).
+A lost connection hands every open job back to the engine as a temporary failure that
+counts no attempt (it goes back to the queue and is sent again after the reconnect:
+at-least-once for the submits that were in flight).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import smpplib.client
+import smpplib.consts
+import smpplib.exceptions
+import smpplib.smpp
+
+from ..config import SmppConfig
+from ..spool.base import Job
+from .pdus import Part, encode_submit_sm, job_parts
+from .provider import Receipt, ReceiptCallback, ResultCallback, SubmitResult
+from .receipts import interpret
+
+log = logging.getLogger("sms_milter.dispatcher.smpp")
+
+GENERIC_NACK = 0x80000000
+SUBMIT_SM_RESP = 0x80000004
+DELIVER_SM = 0x00000005
+DELIVER_SM_RESP = 0x80000005
+UNBIND = 0x00000006
+UNBIND_RESP = 0x80000006
+ENQUIRE_LINK = 0x00000015
+ENQUIRE_LINK_RESP = 0x80000015
+
+ESME_RTHROTTLED = 0x58
+ESME_RMSGQFUL = 0x14
+THROTTLE_STATUSES = frozenset((ESME_RTHROTTLED, ESME_RMSGQFUL))
+# Worth trying again later; every other error status fails the job.
+TEMPORARY_STATUSES = frozenset((
+    0x04,  # ESME_RINVBNDSTS (a bind problem, not the message's)
+    0x08,  # ESME_RSYSERR
+    0x45,  # ESME_RSUBMITFAIL
+    0x64,  # ESME_RX_T_APPN
+    0xFE,  # ESME_RDELIVERYFAILURE
+    0xFF,  # ESME_RUNKNOWNERR
+))
+STATUS_NAMES = {v: k[5:] for k, v in vars(smpplib.consts).items()
+                if k.startswith("SMPP_ESME_") and isinstance(v, int)}
+
+
+def status_text(status: int) -> str:
+    name = STATUS_NAMES.get(status, "ESME_UNKNOWN")
+    desc = smpplib.consts.DESCRIPTIONS.get(status, "unknown status")
+    return f"{name} (0x{status:08X}): {desc}"
+
+
+class _ParseClient:
+    """What smpplib's PDU constructor asks of a client when it only parses."""
+
+    sequence = 0
+
+    def next_sequence(self) -> int:
+        return 0
+
+
+_PARSE_CLIENT = _ParseClient()
+
+
+def _pdu(command_id: int, seq: int, status: int = 0, body: bytes = b"") -> bytes:
+    return struct.pack(">LLLL", 16 + len(body), command_id, status, seq) + body
+
+
+@dataclass(eq=False)
+class _JobState:
+    job: Job
+    parts: list[Part]
+    refs: list[str | None]
+    outstanding: int  # parts without a final answer (sent or not)
+    error: str = ""
+    temporary: bool = False
+    count_attempt: bool = True
+
+
+@dataclass(order=True)
+class _Retry:
+    job_id: int
+    index: int
+    js: _JobState = field(compare=False)
+
+
+class _Conn:
+    """One bound TCP connection."""
+
+    def __init__(self, sock: socket.socket, gen: int):
+        self.sock = sock
+        self.gen = gen
+        self.wlock = threading.Lock()
+        self.unbound = threading.Event()
+        self.closed = False
+        self.since = time.monotonic()
+
+    def send(self, data: bytes) -> None:
+        with self.wlock:
+            self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class _Rate:
+    """Token bucket with an adaptive cap: halved on throttling, grown back while quiet."""
+
+    def __init__(self, configured: float):
+        self.configured = configured  # 0 = no cap of our own
+        self.cap: float | None = configured or None
+        self.tokens = 1.0
+        self.last = time.monotonic()
+        self.last_cut = 0.0
+        self.sent: deque[float] = deque()
+
+    def observed(self, now: float) -> float:
+        while self.sent and self.sent[0] < now - 1.0:
+            self.sent.popleft()
+        return float(len(self.sent))
+
+    def throttled(self, now: float) -> bool:
+        """Cut the rate once per throttle episode; True if it was cut now."""
+        if now - self.last_cut < 0.25:
+            return False
+        base = self.observed(now) if self.cap is None else min(self.cap, self.observed(now) or self.cap)
+        self.cap = max(base / 2, 5.0)
+        self.last_cut = now
+        self.tokens = min(self.tokens, 1.0)
+        return True
+
+    def _grow(self, now: float) -> None:
+        if self.cap is None or now - self.last_cut < 0.5:
+            return
+        steps = int((now - self.last_cut) / 0.5)
+        self.last_cut += steps * 0.5
+        self.cap *= 1.5 ** steps
+        if self.configured and self.cap >= self.configured:
+            self.cap = self.configured
+        elif not self.configured and self.cap > 20000:
+            self.cap = None
+
+    def wait_time(self, now: float) -> float:
+        """0 if one submit may go now (and takes its token), else seconds to wait."""
+        self._grow(now)
+        if self.cap is None:
+            self.sent.append(now)
+            return 0.0
+        self.tokens = min(max(1.0, self.cap / 20), self.tokens + (now - self.last) * self.cap)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.sent.append(now)
+            return 0.0
+        return (1.0 - self.tokens) / self.cap
+
+
+class SmppProvider:
+    name = "smpp"
+
+    def __init__(self, cfg: SmppConfig, connect_timeout: float = 10.0):
+        self.cfg = cfg
+        self.connect_timeout = connect_timeout
+        self._cond = threading.Condition(threading.RLock())
+        self._jobs: dict[int, _JobState] = {}
+        self._queue: deque[tuple[_JobState, int]] = deque()
+        self._retry: list[_Retry] = []
+        self._inflight: dict[int, tuple[_JobState, int]] = {}
+        self._conn: _Conn | None = None
+        self._gen = 0
+        self._seq = 0
+        self._stopping = False
+        self._closed = False
+        self._pause_until = 0.0
+        self._pause = 0.05
+        self._rate = _Rate(cfg.rate)
+        self._enquire_sent: float | None = None
+        self._last_tx = 0.0
+        self._on_result: ResultCallback = lambda r: None
+        self._on_receipt: ReceiptCallback = lambda r: None
+        self._on_change: Callable[[], None] = lambda: None
+        self._sender: threading.Thread | None = None
+        self._readers: list[threading.Thread] = []
+        self.max_jobs = max(2 * cfg.window, cfg.window + 64)
+
+    # -- Provider ------------------------------------------------------------------------
+    def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
+              on_change: Callable[[], None]) -> None:
+        self._on_result, self._on_receipt, self._on_change = on_result, on_receipt, on_change
+        self._sender = threading.Thread(target=self._send_loop, name="smpp-send", daemon=True)
+        self._sender.start()
+
+    def ready(self) -> bool:
+        return self._conn is not None and not self._stopping
+
+    def capacity(self) -> int:
+        with self._cond:
+            if self._conn is None or self._stopping:
+                return 0
+            limit = self.max_jobs
+            if self._rate.cap is not None:
+                limit = min(limit, max(self.cfg.window, int(self._rate.cap)))
+            return max(0, limit - len(self._jobs))
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._cond:
+            for job in jobs:
+                try:
+                    parts = job_parts(job)
+                except Exception as e:  # noqa: BLE001 (a job we cannot encode must not stop the bind)
+                    self._on_result(SubmitResult(job.id, error=f"cannot encode the text: {e}"))
+                    continue
+                if len(parts) != job.parts:
+                    log.warning("job %d: text encodes to %d part(s), spool says %d", job.id, len(parts),
+                                job.parts)
+                js = _JobState(job, parts, [None] * len(parts), len(parts))
+                if self._stopping or self._conn is None:
+                    self._on_result(SubmitResult(job.id, error="not connected to the SMSC", temporary=True,
+                                                 count_attempt=False))
+                    continue
+                self._jobs[job.id] = js
+                self._queue.extend((js, i) for i in range(len(parts)))
+            self._cond.notify_all()
+
+    def ack_receipts(self, receipts: list[Receipt]) -> None:
+        by_conn: dict[int, list[bytes]] = {}
+        for r in receipts:
+            gen, seq = r.token
+            by_conn.setdefault(gen, []).append(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
+        conn = self._conn
+        for gen, pdus in by_conn.items():
+            if conn is None or conn.gen != gen:
+                log.info("%d receipt(s) not acknowledged: their connection is gone "
+                         "(the SMSC sends them again)", len(pdus))
+                continue
+            try:
+                conn.send(b"".join(pdus))
+            except OSError as e:
+                self._lost(conn, f"send failed: {e}")
+
+    def drain(self, timeout: float) -> None:
+        """Stop sending; wait up to `timeout` for the answers to what is in flight."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopping = True
+            for js, _ in self._queue:
+                self._abort(js, "dispatcher stopping")
+            for r in self._retry:
+                self._abort(r.js, "dispatcher stopping")
+            self._drop_unsent()
+            self._cond.notify_all()
+            while self._inflight and self._conn is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.drain(timeout)
+        with self._cond:
+            conn = self._conn
+            self._closed = True
+            self._cond.notify_all()
+        if conn is not None:
+            try:
+                conn.send(_pdu(UNBIND, self._next_seq()))
+                if not conn.unbound.wait(1.0):
+                    log.info("SMSC did not answer unbind within 1s; closing")
+            except OSError:
+                pass
+            self._lost(conn, "unbound")
+        if self._sender is not None:
+            self._sender.join(timeout=5)
+        for t in self._readers:
+            t.join(timeout=2)
+
+    # -- internals -----------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        with self._cond:
+            self._seq = self._seq % 0x7FFFFFFF + 1
+            return self._seq
+
+    def _abort(self, js: _JobState, error: str, temporary: bool = True, count_attempt: bool = False) -> None:
+        if not js.error:
+            js.error, js.temporary, js.count_attempt = error, temporary, count_attempt
+
+    def _drop_unsent(self) -> None:
+        """Forget queued/retry parts of aborted jobs (caller holds the lock)."""
+        keep: deque[tuple[_JobState, int]] = deque()
+        for js, i in self._queue:
+            if js.error:
+                self._part_done(js)
+            else:
+                keep.append((js, i))
+        self._queue = keep
+        retry = []
+        for r in self._retry:
+            if r.js.error:
+                self._part_done(r.js)
+            else:
+                retry.append(r)
+        heapq.heapify(retry)
+        self._retry = retry
+
+    def _part_done(self, js: _JobState) -> None:
+        js.outstanding -= 1
+        if js.outstanding > 0:
+            return
+        self._jobs.pop(js.job.id, None)
+        if js.error:
+            self._on_result(SubmitResult(js.job.id, error=js.error, temporary=js.temporary,
+                                         count_attempt=js.count_attempt))
+        else:
+            self._on_result(SubmitResult(js.job.id, refs=tuple(r or "" for r in js.refs)))
+
+    def _connect(self) -> _Conn:
+        cfg = self.cfg
+        client = smpplib.client.Client(cfg.host, cfg.port, timeout=self.connect_timeout,
+                                       allow_unknown_opt_params=True)
+        client.connect()
+        try:
+            client.bind_transceiver(system_id=cfg.system_id, password=cfg.password,
+                                    system_type=cfg.system_type)
+        except BaseException:
+            client.disconnect()
+            raise
+        sock = client._socket  # noqa: SLF001 (smpplib made the bind; the socket is ours from here)
+        client._socket = None  # noqa: SLF001
+        client.state = smpplib.consts.SMPP_CLIENT_STATE_CLOSED
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._cond:
+            self._gen += 1
+            self._seq = max(self._seq, client.sequence)
+            return _Conn(sock, self._gen)
+
+    def _send_loop(self) -> None:
+        backoff = self.cfg.reconnect_min
+        while True:
+            with self._cond:
+                if self._closed or (self._stopping and self._conn is None):
+                    return
+                conn = self._conn
+            if conn is None:
+                try:
+                    conn = self._connect()
+                except (smpplib.exceptions.ConnectionError, smpplib.exceptions.PDUError, OSError) as e:
+                    args = getattr(e, "args", ())
+                    why = status_text(args[1]) if len(args) > 1 else (str(e) or type(e).__name__)
+                    log.warning("SMSC %s:%d: connect/bind failed: %s; retrying in %.1fs",
+                                self.cfg.host, self.cfg.port, why, backoff)
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._closed or self._stopping, backoff)
+                    backoff = min(backoff * 2, self.cfg.reconnect_max)
+                    continue
+                log.info("bound to SMSC %s:%d as %s (transceiver)", self.cfg.host, self.cfg.port,
+                         self.cfg.system_id)
+                with self._cond:
+                    self._conn = conn
+                    self._last_tx = time.monotonic()
+                    self._enquire_sent = None
+                reader = threading.Thread(target=self._read_loop, args=(conn,), name="smpp-read", daemon=True)
+                self._readers = [t for t in self._readers if t.is_alive()] + [reader]
+                reader.start()
+                self._on_change()
+                continue
+            data, wait = self._next_batch(conn)
+            if data:
+                try:
+                    conn.send(data)
+                except OSError as e:
+                    self._lost(conn, f"send failed: {e}")
+                continue
+            with self._cond:
+                if self._conn is conn and not self._closed:
+                    self._cond.wait(wait)
+                elif self._conn is None and not self._closed and not self._stopping:
+                    # Lost: wait before reconnecting (longer after short-lived connections).
+                    short = time.monotonic() - conn.since < 10
+                    delay = backoff if short else self.cfg.reconnect_min
+                    backoff = min(backoff * 2, self.cfg.reconnect_max) if short else self.cfg.reconnect_min
+                    self._cond.wait_for(lambda: self._closed or self._stopping, delay)
+
+    def _next_batch(self, conn: _Conn) -> tuple[bytes, float]:
+        """Submits (and keep-alives) to send now, or how long to wait."""
+        out: list[bytes] = []
+        with self._cond:
+            if self._conn is not conn or self._closed:
+                return b"", 0.0
+            now = time.monotonic()
+            wait = 1.0
+            if now < self._pause_until:
+                wait = self._pause_until - now
+            else:
+                while len(self._inflight) < self.cfg.window and (self._retry or self._queue):
+                    if self._retry:
+                        r = self._retry[0]
+                        js, idx = r.js, r.index
+                    else:
+                        js, idx = self._queue[0]
+                    if js.error:  # the job failed meanwhile: do not send its other parts
+                        (heapq.heappop(self._retry) if self._retry else self._queue.popleft())
+                        self._part_done(js)
+                        continue
+                    w = self._rate.wait_time(now)
+                    if w > 0:
+                        wait = w
+                        break
+                    if self._retry:
+                        heapq.heappop(self._retry)
+                    else:
+                        self._queue.popleft()
+                    self._seq = self._seq % 0x7FFFFFFF + 1
+                    self._inflight[self._seq] = (js, idx)
+                    out.append(encode_submit_sm(self._seq, js.parts[idx]))
+            idle = now - self._last_tx
+            if self._enquire_sent is not None:
+                if now - self._enquire_sent > max(10.0, self.cfg.enquire_link):
+                    self._lost(conn, "no answer to enquire_link")
+                    return b"", 0.0
+            elif idle >= self.cfg.enquire_link and not out:
+                self._seq = self._seq % 0x7FFFFFFF + 1
+                out.append(_pdu(ENQUIRE_LINK, self._seq))
+                self._enquire_sent = now
+            if out:
+                self._last_tx = now
+            else:
+                wait = min(wait, max(0.01, self.cfg.enquire_link - idle))
+        return b"".join(out), wait
+
+    def _read_loop(self, conn: _Conn) -> None:
+        buf = bytearray()
+        reason = "connection closed by the SMSC"
+        going = True
+        try:
+            while going:
+                try:
+                    data = conn.sock.recv(262144)
+                except OSError as e:
+                    reason = f"read failed: {e}"
+                    break
+                if not data:
+                    break
+                buf += data
+                while going and len(buf) >= 16:
+                    n = int.from_bytes(buf[:4], "big")
+                    if n < 16 or n > 65536:
+                        raise ValueError(f"bad PDU length {n}")
+                    if len(buf) < n:
+                        break
+                    raw = bytes(buf[:n])
+                    del buf[:n]
+                    if not self._handle(conn, raw):
+                        reason, going = "unbound by the SMSC", False
+        except OSError as e:
+            reason = f"connection failed: {e}"
+        except Exception as e:  # noqa: BLE001 (any garbage from the peer ends this connection only)
+            reason = f"protocol error: {e}"
+            log.exception("SMPP reader")
+        if conn.unbound.is_set():
+            reason = "unbound"
+        self._lost(conn, reason)
+
+    def _handle(self, conn: _Conn, raw: bytes) -> bool:
+        """Act on one PDU; False when the connection is to end."""
+        _, cmd, status, seq = struct.unpack_from(">LLLL", raw)
+        if cmd == SUBMIT_SM_RESP or cmd == GENERIC_NACK:
+            message_id = raw[16:].split(b"\0", 1)[0].decode("ascii", "replace") if len(raw) > 16 else ""
+            self._submit_resp(seq, status, message_id)
+        elif cmd == DELIVER_SM:
+            self._deliver_sm(conn, raw, seq)
+        elif cmd == ENQUIRE_LINK:
+            conn.send(_pdu(ENQUIRE_LINK_RESP, seq))
+        elif cmd == ENQUIRE_LINK_RESP:
+            with self._cond:
+                self._enquire_sent = None
+        elif cmd == UNBIND:
+            log.info("SMSC asked to unbind")
+            conn.send(_pdu(UNBIND_RESP, seq))
+            return False
+        elif cmd == UNBIND_RESP:
+            conn.unbound.set()
+        elif not cmd & 0x80000000:
+            conn.send(_pdu(GENERIC_NACK, seq, 0x03))  # ESME_RINVCMDID
+        else:
+            log.debug("ignoring PDU 0x%08X seq %d", cmd, seq)
+        return True
+
+    def _submit_resp(self, seq: int, status: int, message_id: str) -> None:
+        with self._cond:
+            entry = self._inflight.pop(seq, None)
+            if entry is None:
+                log.warning("submit_sm_resp for unknown sequence %d (status 0x%X)", seq, status)
+                return
+            js, idx = entry
+            now = time.monotonic()
+            if status == 0 and message_id:
+                js.refs[idx] = message_id
+                self._pause = 0.05
+                self._part_done(js)
+            elif status in THROTTLE_STATUSES and not js.error and not self._stopping:
+                if self._rate.throttled(now):
+                    self._pause = min(self._pause * 2, 2.0)
+                    log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s",
+                                status_text(status), self._pause, self._rate.cap or 0)
+                self._pause_until = max(self._pause_until, now + self._pause)
+                heapq.heappush(self._retry, _Retry(js.job.id, idx, js))
+            else:
+                if status == 0:
+                    status = 0xFF  # ROK without a message id: cannot be tracked
+                throttled = status in THROTTLE_STATUSES
+                self._abort(js, status_text(status), temporary=status in TEMPORARY_STATUSES or throttled,
+                            count_attempt=not throttled)
+                self._part_done(js)
+            self._cond.notify_all()
+        self._on_change()
+
+    def _deliver_sm(self, conn: _Conn, raw: bytes, seq: int) -> None:
+        try:
+            pdu = smpplib.smpp.parse_pdu(raw, client=_PARSE_CLIENT, allow_unknown_opt_params=True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("unparsable deliver_sm seq %d acknowledged: %s", seq, e)
+            conn.send(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
+            return
+        esm = pdu.esm_class or 0
+        text = bytes(pdu.short_message or b"").decode("latin-1")
+        rid = pdu.receipted_message_id
+        rid = rid.decode("ascii", "replace") if isinstance(rid, bytes) else rid
+        found = interpret(rid, pdu.message_state, text) if esm & 0x3C else None
+        if found is None:
+            log.info("deliver_sm seq %d (esm_class 0x%02X) is not a delivery receipt: acknowledged, ignored",
+                     seq, esm)
+            conn.send(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
+            return
+        ref, state, detail = found
+        self._on_receipt(Receipt(ref, state, detail, (conn.gen, seq)))
+
+    def _lost(self, conn: _Conn, reason: str) -> None:
+        with self._cond:
+            if conn.closed:
+                return
+            was_current = self._conn is conn
+            if was_current:
+                self._conn = None
+            open_jobs = len(self._jobs)
+            for js in list(self._jobs.values()):
+                self._abort(js, f"connection lost: {reason}")
+            for js, _ in list(self._inflight.values()):
+                self._part_done(js)
+            self._inflight.clear()
+            self._drop_unsent()
+            conn.close()
+            self._cond.notify_all()
+        if was_current:
+            lvl = logging.INFO if self._closed else logging.WARNING
+            log.log(lvl, "SMSC connection closed (%s); %d open job(s) go back to the queue",
+                    reason, open_jobs)
+        conn.unbound.set()
+        self._on_change()
