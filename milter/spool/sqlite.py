@@ -478,33 +478,53 @@ class SqliteSpool:
 
     def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
         """Apply a delivery receipt for one part; returns None if no part has that id."""
+        return self._run(self._apply_receipt, ref, part_state, error)
 
-        def fn(db: sqlite3.Connection) -> ReceiptOutcome | None:
-            part = None
-            for form in refs_for_lookup(ref):  # the id as given first, then its other readings
-                part = db.execute("SELECT job_id, seq FROM parts WHERE ref=? LIMIT 1", (form,)).fetchone()
-                if part is not None:
-                    break
-            if part is None:
-                return None
-            job_id = part["job_id"]
-            db.execute("UPDATE parts SET state=? WHERE job_id=? AND seq=?", (part_state, job_id, part["seq"]))
-            states = [r["state"] for r in db.execute("SELECT state FROM parts WHERE job_id=?", (job_id,))]
-            job = db.execute("SELECT state, parts FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if "failed" in states:
-                new = "failed"
-            elif "expired" in states:
-                new = "expired"
-            elif len(states) >= job["parts"] and all(s == "delivered" for s in states):
-                new = "delivered"
-            elif "buffered" in states:
-                new = "buffered"
-            else:
-                new = job["state"]
-            changed = False
-            if new != job["state"] and job["state"] not in FINAL_STATES:
-                changed = self._set_final(db, job_id, new, error, time.time())
-            return ReceiptOutcome(job_id, new if changed else job["state"], changed)
+    def record_receipts(self, items: list[tuple[str, str, str]]) -> list[ReceiptOutcome | None]:
+        """record_receipt for many (ref, part_state, error) in one transaction, in order."""
+        return self._run(lambda db: [self._apply_receipt(db, *it) for it in items])
+
+    def _apply_receipt(self, db: sqlite3.Connection, ref: str, part_state: str,
+                       error: str) -> ReceiptOutcome | None:
+        part = None
+        for form in refs_for_lookup(ref):  # the id as given first, then its other readings
+            part = db.execute("SELECT job_id, seq FROM parts WHERE ref=? LIMIT 1", (form,)).fetchone()
+            if part is not None:
+                break
+        if part is None:
+            return None
+        job_id = part["job_id"]
+        db.execute("UPDATE parts SET state=? WHERE job_id=? AND seq=?", (part_state, job_id, part["seq"]))
+        states = [r["state"] for r in db.execute("SELECT state FROM parts WHERE job_id=?", (job_id,))]
+        job = db.execute("SELECT state, parts FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if "failed" in states:
+            new = "failed"
+        elif "expired" in states:
+            new = "expired"
+        elif len(states) >= job["parts"] and all(s == "delivered" for s in states):
+            new = "delivered"
+        elif "buffered" in states:
+            new = "buffered"
+        else:
+            new = job["state"]
+        changed = False
+        if new != job["state"] and job["state"] not in FINAL_STATES:
+            changed = self._set_final(db, job_id, new, error, time.time())
+        return ReceiptOutcome(job_id, new if changed else job["state"], changed)
+
+    def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]:
+        """Extend this owner's leases on queued jobs; returns the ids whose lease was renewed
+        (a job missing from the answer was taken over or finished meanwhile)."""
+
+        def fn(db: sqlite3.Connection) -> list[int]:
+            until = time.time() + lease_seconds
+            out = []
+            for jid in job_ids:
+                cur = db.execute("UPDATE jobs SET lease_until=? WHERE id=? AND lease_owner=?"
+                                 " AND state='queued'", (until, jid, owner))
+                if cur.rowcount:
+                    out.append(jid)
+            return out
 
         return self._run(fn)
 
