@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Benchmark 1: SMTP throughput of Postfix with the sms-milter in the path.
+
+    python bench/milter_path.py [--quick] [--rounds N] [--messages N] [--profile]
+
+smtp-source (20 sessions, 5,000 messages of 1 KB) into a private Postfix, twice:
+
+- baseline: the messages go to a normal relay recipient; Postfix has no milter and
+  relays them to a fast smtp-sink;
+- project: the same count to an SMS recipient (00417...@sms.example.com) from an
+  authorized sender; Postfix asks the milter, which validates the message, commits the
+  job to the SQLite spool (WAL, synchronous=FULL) and discards the mail.
+
+Rounds alternate (baseline, project, baseline, ...); the median msg/s of each and the
+ratio project/baseline are printed (target >= 0.8). Each round is verified: smtp-source
+exited 0, the maillog shows no reject/tempfail, the baseline's messages all reached the
+sink, the project's spool got exactly one new job per message.
+
+--profile adds one more project round with the milter sampled by py-spy (if installed,
+`pip install py-spy`) or run under cProfile (all threads) and prints the top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import os
+import pstats
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    REPO,
+    SMS_SENDER,
+    BenchAbort,
+    Proc,
+    banner,
+    bed,
+    cleanup_on_exit,
+    median,
+    own,
+    poll,
+    result,
+    say,
+    spool_max_id,
+    spool_query,
+    workdir,
+)
+
+SMS_RCPT = "0041791234567@sms.example.com"
+RELAY_RCPT = "bench@relay.example"
+TARGET_RATIO = 0.8
+# What must not appear in the maillog of a round: a refused or deferred message.
+BAD_LOG = re.compile(r"NOQUEUE: reject|milter-reject|\breject: |status=(?:deferred|bounced)"
+                     r"|warning: milter|fatal:|panic:")
+
+
+@dataclass
+class Bed:
+    sink: Proc
+    plain: bed.Postfix  # no milter
+    milter_pf: bed.Postfix  # smtpd_milters = the sms-milter
+    milter: bed.Milter
+    milter_port: int
+    config: Path
+    spool: Path
+
+
+def smtp_source(port: int, sessions: int, messages: int, size: int, sender: str, rcpt: str,
+                helo: str) -> float:
+    """Run smtp-source; seconds it took. Raises BenchAbort unless it exited 0."""
+    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size), "-M", helo,
+           "-f", sender, "-t", rcpt, f"127.0.0.1:{port}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise BenchAbort(f"smtp-source exited {r.returncode}: {(r.stderr or r.stdout).strip()[-800:]}")
+    return elapsed
+
+
+def log_since(pf: bed.Postfix, offset: int) -> str:
+    with open(pf.maillog, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
+
+
+def log_size(pf: bed.Postfix) -> int:
+    return pf.maillog.stat().st_size
+
+
+def check_clean_log(text: str, what: str) -> None:
+    bad = [line for line in text.splitlines() if BAD_LOG.search(line)]
+    if bad:
+        raise BenchAbort(f"{what}: {len(bad)} reject/tempfail line(s) in the maillog, e.g.\n  "
+                         + "\n  ".join(bad[:5]))
+
+
+def baseline_round(b: Bed, n: int, sessions: int, size: int, tag: str) -> float:
+    off = log_size(b.plain)
+    elapsed = smtp_source(b.plain.port, sessions, n, size, SMS_SENDER, RELAY_RCPT, f"{tag}.bench.example")
+
+    def relayed() -> bool:
+        return log_since(b.plain, off).count(f"to=<{RELAY_RCPT}>, relay=127.0.0.1") >= n
+
+    # Not timed: wait until Postfix has relayed everything, so rounds do not overlap.
+    poll(relayed, 300, f"{n} messages relayed to the sink", interval=0.2, alive=[b.sink])
+    text = log_since(b.plain, off)
+    check_clean_log(text, f"baseline round {tag}")
+    sent = len(re.findall(r"status=sent", text))
+    if sent != n:
+        raise BenchAbort(f"baseline round {tag}: {sent} messages relayed, expected {n}")
+    return n / elapsed
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (all threads) so far."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def project_round(b: Bed, n: int, sessions: int, size: int, tag: str) -> float:
+    off = log_size(b.milter_pf)
+    before = spool_max_id(b.spool)
+    cpu0 = cpu_seconds(b.milter.pid)
+    elapsed = smtp_source(b.milter_pf.port, sessions, n, size, SMS_SENDER, SMS_RCPT, f"{tag}.bench.example")
+    # The milter answers only after the commit: the jobs are already there.
+    rows = spool_query(b.spool, "SELECT count(*), min(parts), max(parts), count(DISTINCT message_id),"
+                                " sum(state='queued'), sum(recipient='+41791234567') FROM jobs WHERE id>?",
+                       (before,))
+    count, pmin, pmax, mids, queued, right_rcpt = rows[0]
+    if count != n:
+        raise BenchAbort(f"project round {tag}: the spool got {count} new jobs, expected {n} "
+                         f"(milter log: {b.milter.logfile})")
+    if mids != n or queued != n or right_rcpt != n:
+        raise BenchAbort(f"project round {tag}: jobs not as expected: {mids} distinct Message-IDs, "
+                         f"{queued} queued, {right_rcpt} to +41791234567 of {n}")
+
+    def discarded() -> bool:
+        return log_since(b.milter_pf, off).count("milter-discard") >= n
+
+    poll(discarded, 60, f"{n} milter-discard lines in the maillog", interval=0.2)
+    check_clean_log(log_since(b.milter_pf, off), f"project round {tag}")
+    if b.milter_pf.queue_ids():
+        raise BenchAbort(f"project round {tag}: mail left in the Postfix queue (expected all discarded)")
+    cpu = cpu_seconds(b.milter.pid) - cpu0
+    if not tag.startswith("w"):
+        say(f"  (milter CPU {1000 * cpu / n:.2f} ms/msg, {100 * cpu / elapsed:.0f}% of one core; "
+            f"jobs of {pmin}-{pmax} SMS parts each)")
+    return n / elapsed
+
+
+# --------------------------------------------------------------------------- profiling
+
+def short_frame(frame: str) -> str:
+    """`func (/long/path/site-packages/libmilter.py:123)` -> `func (libmilter.py:123)`."""
+    m = re.match(r"(.*) \((.*):(\d+)\)$", frame)
+    if not m:
+        return frame
+    func, path, line = m.groups()
+    p = Path(path)
+    with contextlib.suppress(ValueError):
+        return f"{func} ({p.resolve().relative_to(REPO)}:{line})"
+    if "site-packages" in p.parts:
+        return f"{func} ({'/'.join(p.parts[p.parts.index('site-packages') + 1:])}:{line})"
+    if "lib" in p.parts and "python3" in path:
+        return f"{func} (stdlib {p.name}:{line})"
+    return f"{func} ({p.name}:{line})"
+
+
+def pyspy_top(raw: Path, top: int, totals: bool = True) -> str:
+    """Self and total sample counts per function from py-spy's collapsed-stack output."""
+    self_n: collections.Counter[str] = collections.Counter()
+    total_n: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit() or not stack:
+            continue
+        c = int(count)
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        samples += c
+        self_n[frames[-1]] += c
+        for f in set(frames):
+            total_n[f] += c
+    if not samples:
+        return "   (py-spy recorded no samples)"
+    out = [f"   {samples} samples",
+           f"   top {top} by own time (self %, total %):"]
+    for f, c in self_n.most_common(top):
+        out.append(f"   {100 * c / samples:6.1f}% {100 * total_n[f] / samples:6.1f}%  {short_frame(f)}")
+    if not totals:
+        return "\n".join(out)
+    out.append(f"   top {top} by total time (including callees), threads' entry points left out:")
+    shown = 0
+    for f, c in total_n.most_common():
+        if c / samples > 0.97:
+            continue  # _bootstrap, run, _session: every sample
+        out.append(f"   {100 * c / samples:6.1f}% total {100 * self_n[f] / samples:6.1f}% self  "
+                   f"{short_frame(f)}")
+        shown += 1
+        if shown >= top:
+            break
+    return "\n".join(out)
+
+
+def cprofile_top(prof: Path, top: int) -> str:
+    buf = io.StringIO()
+    st = pstats.Stats(str(prof), stream=buf)
+    st.strip_dirs().sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
+
+
+def profiled_round(b: Bed, n: int, sessions: int, size: int, work: Path, profiler: str, top: int) -> None:
+    if profiler == "py-spy":
+        # Two samplers at once: --gil shows the milter's Python CPU work; the other also
+        # shows threads that are running or runnable outside the GIL (syscalls, SQLite).
+        views = {"gil": ["--gil"], "active": []}
+        spies: dict[str, tuple[Proc, Path]] = {}
+        try:
+            for name, extra in views.items():
+                raw = work / f"pyspy-{name}.txt"
+                spy = Proc(["py-spy", "record", "--pid", str(b.milter.pid), "--rate", "250", "--function",
+                            *extra, "--nonblocking", "--format", "raw", "-o", str(raw)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                spies[name] = (spy, raw)
+            time.sleep(1.0)  # py-spy attaches
+            for spy, _ in spies.values():
+                if not spy.alive():
+                    err = spy.proc.stderr.read().decode()[-500:]  # type: ignore[union-attr]
+                    raise BenchAbort(f"py-spy could not attach: {err} (needs ptrace; "
+                                     "try --profiler cprofile)")
+            rate = project_round(b, n, sessions, size, "prof")
+        finally:
+            for spy, _ in spies.values():
+                spy.stop(30, signal.SIGINT)
+        say(f"profiled project round (py-spy at 250 Hz, all threads): {rate:.0f} msg/s")
+        say("view 1: samples of threads holding the GIL (the milter's Python CPU work)")
+        print(pyspy_top(spies["gil"][1], top), flush=True)
+        say("view 2: all samples py-spy did not classify idle: where the threads are, "
+            "waits in recv/send/commit included")
+        print(pyspy_top(spies["active"][1], top, totals=False), flush=True)
+        return
+    # cProfile: restart the milter under the all-threads wrapper on the same port.
+    b.milter.stop()
+    prof = work / "milter.prof"
+    log = open(work / "milter-cprofile.log", "ab")  # noqa: SIM115
+    p = Proc([sys.executable, str(REPO / "bench" / "_cprofile_run.py"), str(prof), "milter", "-c",
+              str(b.config)], stdout=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log.close()
+    try:
+        poll(lambda: bed._port_listening(b.milter_port), 20, "the profiled milter listening", alive=[p])
+        rate = project_round(b, n, sessions, size, "prof")
+    finally:
+        p.stop(30)
+    say(f"profiled project round (cProfile, all threads; slows Python code down): {rate:.0f} msg/s")
+    print(cprofile_top(prof, top), flush=True)
+
+
+# --------------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round of 1,000 messages each")
+    ap.add_argument("--rounds", type=int, help="rounds of each (default 2, --quick 1)")
+    ap.add_argument("--messages", type=int, help="messages per round (default 5000, --quick 1000)")
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--size", type=int, default=1024, help="message size for smtp-source -l")
+    ap.add_argument("--profile", action="store_true", help="one more project round, profiled")
+    ap.add_argument("--profiler", choices=("auto", "py-spy", "cprofile"), default="auto")
+    ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
+    a = ap.parse_args()
+    rounds = a.rounds or (1 if a.quick else 2)
+    n = a.messages or (1000 if a.quick else 5000)
+    profiler = a.profiler
+    if profiler == "auto":
+        profiler = "py-spy" if shutil.which("py-spy") else "cprofile"
+
+    banner("milter_path: smtp-source -> Postfix (-> sms-milter -> spool)")
+    say(f"{rounds} round(s) each of {n} messages x {a.size} bytes, {a.sessions} sessions")
+    with cleanup_on_exit() as stack:
+        work = workdir(stack, "milter-path")
+        sink_port, milter_port = bed.free_port(), bed.free_port()
+        spool = work / "spool.sqlite3"
+        # 1 KB of smtp-source text is ~1,000 GSM-7 characters: 7 SMS parts; allow 10.
+        config = bed.write_config(work, milter_port, bed.free_port(), spool_path=spool,
+                                  extra={"accounts": {"acme": {"max_parts": 10}}})
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        sink_err = open(work / "smtp-sink.err", "wb")  # noqa: SIM115
+        stack.callback(sink_err.close)
+        sink = own(stack, Proc(["smtp-sink", *user, "-c", f"127.0.0.1:{sink_port}", "256"],
+                               stderr=sink_err))
+        poll(lambda: bed._port_listening(sink_port), 10, "smtp-sink listening", alive=[sink])
+        milter = bed.Milter(config, work / "milter.log")
+        stack.callback(milter.kill9)
+        milter.start()
+        plain = bed.Postfix(None, sink_port, None, name=f"bplain{os.getpid()}")
+        stack.callback(plain.stop)
+        plain.start()
+        mpf = bed.Postfix(None, sink_port, f"inet:127.0.0.1:{milter_port}", name=f"bmilter{os.getpid()}")
+        stack.callback(mpf.stop)
+        mpf.start()
+        b = Bed(sink, plain, mpf, milter, milter_port, config, spool)
+        # A short warm-up of both paths (first-time process starts, milter connections).
+        baseline_round(b, 100, a.sessions, a.size, "w0")
+        project_round(b, 100, a.sessions, a.size, "w1")
+        base_rates: list[float] = []
+        proj_rates: list[float] = []
+        for i in range(1, rounds + 1):
+            base_rates.append(baseline_round(b, n, a.sessions, a.size, f"b{i}"))
+            say(f"round {i} baseline (Postfix alone, relay to smtp-sink): {base_rates[-1]:7.0f} msg/s")
+            proj_rates.append(project_round(b, n, a.sessions, a.size, f"p{i}"))
+            say(f"round {i} project  (Postfix + sms-milter + spool):    {proj_rates[-1]:7.0f} msg/s")
+        base, proj = median(base_rates), median(proj_rates)
+        ratio = proj / base
+        say(f"verified: every round's smtp-source exited 0, no reject/tempfail in the maillogs, "
+            f"{n} relayed (baseline) / {n} new spool jobs (project) per round")
+        say(f"median baseline {base:.0f} msg/s, project {proj:.0f} msg/s, "
+            f"ratio {ratio:.2f} (target >= {TARGET_RATIO}) {'OK' if ratio >= TARGET_RATIO else 'MISSED'}")
+        result("milter_path", baseline_msg_s=round(base), project_msg_s=round(proj), ratio=round(ratio, 3),
+               target_ratio=TARGET_RATIO, met=ratio >= TARGET_RATIO, messages=n, rounds=rounds)
+        if a.profile:
+            profiled_round(b, n, a.sessions, a.size, work, profiler, a.top)
+        code = b.milter.stop()
+        if code != 0:
+            raise BenchAbort(f"the milter exited {code} on SIGTERM")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchAbort as e:
+        print(f"milter_path: FAILED VERIFICATION: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("milter_path: interrupted", file=sys.stderr)
+        sys.exit(130)
