@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from bed import free_port, tail, wait_until, write_config
-
 from sms_milter.spool.base import FINAL_STATES, Job, NewJob
 from sms_milter.spool.sqlite import SqliteSpool
 
@@ -60,8 +59,8 @@ class Smsc:
 
     def start(self, *options: str) -> Smsc:
         self.base.mkdir(parents=True, exist_ok=True)
-        cmd = ["node", str(SMSC_DIR / "server.js"), "--port", str(self.want_port), "--system-id", self.system_id,
-               "--password", self.password, "--log", str(self.log), *options]
+        cmd = ["node", str(SMSC_DIR / "server.js"), "--port", str(self.want_port),
+               "--system-id", self.system_id, "--password", self.password, "--log", str(self.log), *options]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=open(self.stderr, "ab"), text=True, bufsize=1)  # noqa: SIM115
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -132,7 +131,8 @@ class Smsc:
 
 
 def dispatcher_config(base: Path, smpp_port: int, notify_port: int, spool_path: Path | None = None,
-                      smpp: dict | None = None, extra: dict | None = None, name: str = "sms-milter.yaml") -> Path:
+                      smpp: dict | None = None, extra: dict | None = None,
+                      name: str = "sms-milter.yaml") -> Path:
     """tests/bed.py's fixture config with a fast-reconnecting SMPP section."""
     s = {"reconnect_min": 0.2, "reconnect_max": 1.0, "enquire_link": 5}
     s.update(smpp or {})

@@ -210,6 +210,11 @@ class SmppProvider:
     # -- Provider ------------------------------------------------------------------------
     def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
               on_change: Callable[[], None]) -> None:
+        for what, value, limit in (("system_id", self.cfg.system_id, 15), ("password", self.cfg.password, 8),
+                                   ("system_type", self.cfg.system_type, 12)):
+            if len(value) > limit:
+                log.warning("provider.smpp.%s is longer than the %d characters SMPP 3.4 allows: "
+                            "only its first %d are sent", what, limit, limit)
         self._on_result, self._on_receipt, self._on_change = on_result, on_receipt, on_change
         self._sender = threading.Thread(target=self._send_loop, name="smpp-send", daemon=True)
         self._sender.start()
