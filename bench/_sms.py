@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +90,7 @@ def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
     progress(f"raw smpplib: {total} submit_sm PDUs for {n} jobs built; sending, window {window}")
     sock = client._socket  # noqa: SLF001 (smpplib bound it; we pipeline on it)
     assert sock is not None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the dispatcher does: no Nagle stalls
     slots = threading.Semaphore(window)
     state = {"resps": 0, "receipts": 0, "errors": 0}
     done = threading.Event()
