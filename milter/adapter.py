@@ -140,6 +140,7 @@ class MilterSession(lm.MilterProtocol):
             self._macros(md)
             if self.msg.sms:
                 self.msg.headers.append((key, val))
+                self.msg.size += len(key) + len(val) + 4  # "Key: value\r\n"
         self._guard("header", run, replies=False)
 
     def eoh(self, md: dict) -> bytes:
