@@ -249,6 +249,8 @@ def reap_stale_postfix() -> list[str]:
         if confdir is not None and confdir.is_dir():
             Postfix._force_stop(confdir)
             reaped.append(str(confdir))
+            if confdir.parent.name.startswith("sms-milter-bed-pf-"):
+                shutil.rmtree(confdir.parent, ignore_errors=True)
         with contextlib.suppress(OSError):
             entry.unlink()
     return reaped
@@ -576,8 +578,23 @@ class MilterError(RuntimeError):
     pass
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL me when the test process dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
 class Milter:
-    """`sms-milter milter -c CONFIG` as a subprocess; output appended to `logfile`."""
+    """`sms-milter milter -c CONFIG` as a subprocess; output appended to `logfile`.
+
+    The child gets PR_SET_PDEATHSIG=SIGKILL so a killed test run leaves no milter behind;
+    note that Linux sends it when the *thread* that called start() exits: start milters
+    from the main thread (or a thread that outlives them).
+    """
 
     def __init__(self, config: Path | str, logfile: Path | str | None = None, socket_spec: str | None = None):
         self.config = Path(config)
@@ -608,7 +625,7 @@ class Milter:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
         self.proc = subprocess.Popen([*milter_command(), "milter", "-c", str(self.config)],
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=str(self.config.parent))
+                                     env=env, cwd=str(self.config.parent), preexec_fn=_die_with_parent)
         log.close()
         _live_milters.add(self)
 

@@ -31,6 +31,15 @@ def assert_reply(reply, code: int, xcode: str, *fragments: str) -> None:
         assert frag in text, f"{frag!r} not in reply {reply}"
 
 
+def assert_data(r: dict, code: int = 250) -> None:
+    """The final DATA reply was `code` (a clear message when MAIL or every RCPT was refused)."""
+    assert r["data"] is not None and r["data"][0] == code, f"expected {code} after DATA, got {r}"
+
+
+def rcpt_code(r: dict, addr: str) -> int | None:
+    return r["rcpt"][addr][0] if addr in r["rcpt"] else None
+
+
 def texts(result: dict) -> list[str]:
     out = [result["mail"][1]] if result["mail"] else []
     out += [t for _, t in result["rcpt"].values()]
@@ -81,9 +90,9 @@ def test_rcpt_refused_only_that_recipient(gw, sender, rcpt, code, xcode, fragmen
     good = sms(num, "tm.example.com" if tm else "sms.example.com")
     r = gw.send(sender, [rcpt, good, RELAY], bed.make_message("", "other recipients pass"))
     assert_reply(r["rcpt"][rcpt], code, xcode, fragment)
-    assert r["rcpt"][good][0] == 250, r
-    assert r["rcpt"][RELAY][0] == 250, r
-    assert r["data"] and r["data"][0] == 250, r
+    assert rcpt_code(r, good) == 250, r
+    assert rcpt_code(r, RELAY) == 250, r
+    assert_data(r)
     assert len(gw.jobs(recipient=e164)) == 1
 
 
@@ -91,7 +100,7 @@ def test_unauthorized_sender(gw):
     num, e164 = bed.unique_number()
     r = gw.send("stranger@evil.example", [sms(num), RELAY], bed.make_message("", "x"))
     assert_reply(r["rcpt"][sms(num)], 550, "5.7.1", "not authorized")
-    assert r["rcpt"][RELAY][0] == 250
+    assert rcpt_code(r, RELAY) == 250
     assert gw.jobs(recipient=e164) == []
 
 
@@ -114,8 +123,8 @@ def test_sender_inside_its_networks(gw):
     num, e164 = bed.unique_number()
     r = gw.send("net@client.example", [sms(num)], bed.make_message("", "from the right network"),
                 xclient={"ADDR": "192.0.2.10", "NAME": "[UNAVAILABLE]"})
-    assert r["rcpt"][sms(num)][0] == 250, r
-    assert r["data"][0] == 250, r
+    assert rcpt_code(r, sms(num)) == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), account="netlimited", text="from the right network")
 
 
@@ -125,9 +134,9 @@ def test_telemessage_dashes_and_device_case(gw):
     r1 = tm_dashed(n1) + "@tm.example.com"
     r2 = n2 + "@sms.tm.example.com"
     r = gw.send(TM_SENDER, [r1, r2], bed.make_message("", "tm works"))
-    assert r["rcpt"][r1][0] == 250, r
-    assert r["rcpt"][r2][0] == 250, r
-    assert r["data"][0] == 250, r
+    assert rcpt_code(r, r1) == 250, r
+    assert rcpt_code(r, r2) == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e1), account="tmco", text="tm works", parts=1)
     assert_job(one_job(gw, e2), account="tmco", text="tm works", parts=1)
 
@@ -138,7 +147,7 @@ def test_telemessage_dashes_and_device_case(gw):
 def _eom(gw, sender, rcpt_number, raw, code, xcode, *fragments, style="aspsms"):
     domain = "tm.example.com" if style == "telemessage" else "sms.example.com"
     r = gw.send(sender, [sms(rcpt_number, domain), RELAY], raw)
-    assert r["rcpt"][sms(rcpt_number, domain)][0] == 250, r
+    assert rcpt_code(r, sms(rcpt_number, domain)) == 250, r
     assert_reply(r["data"], code, xcode, *fragments)
     return r
 
@@ -189,7 +198,7 @@ def test_non_latin1_refused_for_aspsms(gw):
 def test_non_latin1_accepted_for_telemessage(gw):
     num, e164 = bed.unique_number("telemessage")
     r = gw.send(TM_SENDER, [sms(num, "tm.example.com")], bed.make_message("", "Hello \u0416 there"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     job = one_job(gw, e164)
     assert "\u0416" in job["text"], job
 
@@ -222,7 +231,7 @@ TEXTSMS_REFUSALS = [
 def test_textsms_subject_refused(gw, subject, code, xcode, fragment):
     num, e164 = bed.unique_number()
     r = gw.send(ANYONE, [TEXTSMS], bed.make_message(subject.format(n=num), "hello"))
-    assert r["rcpt"][TEXTSMS][0] == 250, r
+    assert rcpt_code(r, TEXTSMS) == 250, r
     assert_reply(r["data"], code, xcode, fragment)
     for t in texts(r):
         assert "s3cret" not in t and "wrongpass" not in t, f"password echoed: {t}"
@@ -235,21 +244,22 @@ def test_textsms_subject_refused(gw, subject, code, xcode, fragment):
 def test_sender_default_originator(gw):
     num, e164 = bed.unique_number()
     r = gw.send(ACME, [sms(num)], bed.make_message("", "sender default"))
-    assert r["rcpt"][sms(num)][0] == 250 and r["data"][0] == 250, r
+    assert rcpt_code(r, sms(num)) == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), originator="+41760000000", text="sender default", parts=1, account="acme")
 
 
 def test_subject_originator(gw):
     num, e164 = bed.unique_number()
     r = gw.send(ACME, [sms(num)], bed.make_message("Originator=Acme", "subject originator"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), originator="Acme", text="subject originator", parts=1, account="acme")
 
 
 def test_account_default_originator(gw):
     num, e164 = bed.unique_number()
     r = gw.send(PLAIN, [sms(num)], bed.make_message(None, "account default"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), originator="SMS", text="account default", parts=1, account="acme")
 
 
@@ -258,7 +268,7 @@ def test_textsms_two_recipients(gw):
     n2, e2 = bed.unique_number()
     subject = f"U=ACME123, P=s3cret; R={n1} r={n2} O=Shop"
     r = gw.send(ANYONE, [TEXTSMS], bed.make_message(subject, "via textsms"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     for e in (e1, e2):
         assert_job(one_job(gw, e), originator="Shop", text="via textsms", parts=1, account="acme")
 
@@ -269,7 +279,7 @@ def test_textsms_hashed_password(gw):
     num, e164 = bed.unique_number()
     r = gw.send(ANYONE, [TEXTSMS], bed.make_message(f"Userkey=HASH1 Password=h4shed Recipient={num}",
                                                      "hashed ok"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), text="hashed ok", account="hashed")
 
 
@@ -278,21 +288,21 @@ def test_latin1_transfer_encodings(gw, cte):
     num, e164 = bed.unique_number()
     raw = bed.make_message("", "Gr\u00fc\u00dfe", charset="iso-8859-1", cte=cte)
     r = gw.send(ACME, [sms(num)], raw)
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), text="Gr\u00fc\u00dfe", account="acme")
 
 
 def test_telemessage_template(gw):
     num, e164 = bed.unique_number("telemessage")
     r = gw.send(TM_SENDER, [sms(num, "tm.example.com")], bed.make_message("Alert", "disk full"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), text="Alert,disk full", account="tmco", parts=1)
 
 
 def test_telemessage_template_empty_subject(gw):
     num, e164 = bed.unique_number("telemessage")
     r = gw.send(TM_SENDER, [sms(num, "tm.example.com")], bed.make_message("", "disk full"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert_job(one_job(gw, e164), text="disk full", account="tmco", parts=1)
 
 
@@ -303,7 +313,7 @@ def test_mixed_recipients_relay_only_the_mail_one(gw):
     num, e164 = bed.unique_number()
     token = bed.unique("mixed")
     r = gw.send(ACME, [sms(num), RELAY], bed.make_message(token, "mixed"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert len(gw.jobs(recipient=e164)) == 1
     got = gw.sink.wait_for(lambda m: m.subject == token)
     assert [m.rcpt_tos for m in got] == [[RELAY]]
@@ -313,11 +323,11 @@ def test_sms_only_mail_is_not_relayed(gw):
     num, e164 = bed.unique_number()
     token = bed.unique("smsonly")
     r = gw.send(ACME, [sms(num)], bed.make_message(token, "sms only"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert len(gw.jobs(recipient=e164)) == 1
     marker = bed.unique("marker")
     r = gw.send(ACME, [RELAY], bed.make_message(marker, "marker"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     gw.sink.wait_for(lambda m: m.subject == marker)
     assert gw.sink.matching(lambda m: m.subject == token) == []
 
@@ -331,8 +341,8 @@ def test_rejected_message_then_valid_one_in_same_session(gw):
         r2 = s.send(ACME, [sms(n2)], bed.make_message("", "second is fine"))
     assert_reply(r1["data"], 550, "5.6.1", "HTML")
     assert r2["mail"][0] == 250, r2
-    assert r2["rcpt"][sms(n2)][0] == 250, r2
-    assert r2["data"][0] == 250, r2
+    assert rcpt_code(r2, sms(n2)) == 250, r2
+    assert_data(r2)
     assert_job(one_job(gw, e2), text="second is fine")
 
 
@@ -343,8 +353,10 @@ def test_rejected_rcpt_then_more_commands_in_same_session(gw):
         r1 = s.send(ACME, ["+41791234567@sms.example.com", sms(n1)], bed.make_message("", "first"))
         r2 = s.send(ACME, [sms(n2)], bed.make_message("", "second"))
     assert_reply(r1["rcpt"]["+41791234567@sms.example.com"], 550, "5.1.3")
-    assert r1["rcpt"][sms(n1)][0] == 250 and r1["data"][0] == 250, r1
-    assert r2["mail"][0] == 250 and r2["rcpt"][sms(n2)][0] == 250 and r2["data"][0] == 250, r2
+    assert rcpt_code(r1, sms(n1)) == 250, r1
+    assert_data(r1)
+    assert r2["mail"][0] == 250 and rcpt_code(r2, sms(n2)) == 250, r2
+    assert_data(r2)
     assert_job(one_job(gw, e1), text="first")
     assert_job(one_job(gw, e2), text="second")
 
@@ -354,14 +366,14 @@ def test_same_message_id_twice_gives_one_set_of_jobs(gw):
     raw = bed.make_message("", "only once")
     for _ in range(2):
         r = gw.send(ACME, [sms(num)], raw)
-        assert r["data"][0] == 250, r
+        assert_data(r)
     assert len(gw.jobs(recipient=e164)) == 1
 
 
 def _ensure_spool_exists(gw) -> None:
     if not gw.spool_path.exists():
         num, _ = bed.unique_number()
-        assert gw.send(ACME, [sms(num)], bed.make_message("", "create spool"))["data"][0] == 250
+        assert_data(gw.send(ACME, [sms(num)], bed.make_message("", "create spool")))
     assert gw.spool_path.exists(), f"no spool file at {gw.spool_path}"
 
 
@@ -382,14 +394,14 @@ def test_spool_locked_tempfails_then_recovers(gw):
         db.close()
     assert gw.jobs(recipient=e164) == []
     r = gw.send(ACME, [sms(num)], raw)
-    assert r["data"][0] == 250, r
+    assert_data(r)
     assert len(gw.jobs(recipient=e164)) == 1
 
 
 def test_kill9_after_250_loses_nothing(gw):
     num, e164 = bed.unique_number()
     r = gw.send(ACME, [sms(num)], bed.make_message("", "survive kill -9"))
-    assert r["data"][0] == 250, r
+    assert_data(r)
     gw.milter.kill9()
     try:
         assert_job(one_job(gw, e164), text="survive kill -9")
@@ -408,4 +420,4 @@ def test_sigterm_exits_zero_quickly(gw):
         gw.ensure_milter()
     num, e164 = bed.unique_number()
     r = gw.send(ACME, [sms(num)], bed.make_message("", "after restart"))
-    assert r["data"][0] == 250, r
+    assert_data(r)

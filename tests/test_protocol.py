@@ -25,8 +25,9 @@ def run_lua(gw, script: str, **defines: str) -> subprocess.CompletedProcess:
     for k, v in defines.items():
         args += ["-D", f"{k}={v}"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 0 and f"PASS {script}" in r.stdout, (f"{script} failed (exit {r.returncode})\n--- stdout:\n{r.stdout}\n"
-                               f"--- stderr:\n{r.stderr}\n{gw.logs()}")
+    passed = r.returncode == 0 and f"PASS {script}" in r.stdout
+    assert passed, (f"{script} failed (exit {r.returncode})\n--- stdout:\n{r.stdout}\n"
+                    f"--- stderr:\n{r.stderr}\n{gw.logs()}")
     return r
 
 
