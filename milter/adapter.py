@@ -181,11 +181,12 @@ class MilterSession(lm.MilterProtocol):
 class Server:
     """Accepts MTA connections, one thread each; stops promptly on request."""
 
-    def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0):
+    def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0,
+                 stopping: threading.Event | None = None):
         self.spec = spec
         self.gateway = gateway
         self.idle_timeout = idle_timeout
-        self.stopping = threading.Event()
+        self.stopping = stopping or threading.Event()
         self.sessions: dict[int, tuple[socket.socket, MilterSession]] = {}
         self.lock = threading.Lock()
         self.sock = self._listen(spec)

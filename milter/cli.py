@@ -83,12 +83,13 @@ def cmd_milter(cfg: Config, args: argparse.Namespace) -> int:
     from .adapter import Server
     from .gateway import Gateway
 
+    stopping = threading.Event()
+    _on_signals(stopping.set)  # before listening: a SIGTERM right after start still exits 0
     spool = _open_spool(cfg)
     try:
-        server = Server(cfg.milter.socket, Gateway(cfg, spool))
+        server = Server(cfg.milter.socket, Gateway(cfg, spool), stopping=stopping)
     except OSError as e:
         raise Fatal(f"cannot listen on {cfg.milter.socket}: {e.strerror or e}") from None
-    _on_signals(server.stop)
     server.serve()
     spool.close()
     log.info("milter stopped")
