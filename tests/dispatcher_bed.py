@@ -210,14 +210,21 @@ def states(spool: SqliteSpool, ids: Iterable[int]) -> dict[int, Job]:
     return {j.id: j for j in spool.list_jobs() if j.id in want}
 
 
+def _count(spool: SqliteSpool, ids: list[int], accept: set[str]) -> int:
+    n = 0
+    for i in range(0, len(ids), 10000):
+        chunk = ids[i:i + 10000]
+        rows = spool._read(  # noqa: SLF001 (a cheap poll: no Job objects for thousands of rows)
+            f"SELECT count(*) AS n FROM jobs WHERE state IN ({','.join('?' * len(accept))})"
+            f" AND id IN ({','.join('?' * len(chunk))})", (*sorted(accept), *chunk))
+        n += rows[0]["n"]
+    return n
+
+
 def wait_states(spool: SqliteSpool, ids: list[int], accept: set[str] | None = None, timeout: float = 30,
                 detail: Any = None) -> dict[int, Job]:
-    """Wait until every job is in a state of `accept` (default: any final state)."""
+    """Wait until every job is in a state of `accept` (default: any final state); return the jobs."""
     accept = accept or set(FINAL_STATES)
-
-    def done() -> dict[int, Job] | None:
-        js = states(spool, ids)
-        return js if len(js) == len(ids) and all(j.state in accept for j in js.values()) else None
 
     def why() -> str:
         js = states(spool, ids)
@@ -226,4 +233,6 @@ def wait_states(spool: SqliteSpool, ids: list[int], accept: set[str] | None = No
             counts[j.state] = counts.get(j.state, 0) + 1
         return f"states: {counts}\n" + (detail() if callable(detail) else "")
 
-    return wait_until(done, timeout, f"{len(ids)} job(s) in {sorted(accept)}", interval=0.05, detail=why)
+    wait_until(lambda: _count(spool, ids, accept) == len(ids), timeout,
+               f"{len(ids)} job(s) in {sorted(accept)}", interval=0.05, detail=why)
+    return states(spool, ids)

@@ -5,8 +5,9 @@ the same, alphanumeric TON 5 / NPI 0; GSM-7 data_coding 0 else UCS-2 8 (flash: m
 class 0, 0x10 / 0x18); long text as parts behind an 8-bit-reference concatenation UDH with
 esm_class 0x40; registered_delivery 1; nothing scheduled on the SMSC side.
 
-`encode_submit_sm` writes the same octets as smpplib's generic generator (a unit test
-compares them) at a fraction of its cost: it is the dispatcher's hot path.
+`encode_submit_sm` writes the same octets as smpplib's generic generator, and
+`parse_deliver_sm` reads what smpplib's parser reads (unit tests compare them), at a
+fraction of their cost: they are the dispatcher's hot path.
 """
 
 from __future__ import annotations
@@ -68,3 +69,54 @@ def encode_submit_sm(seq: int, part: Part, service_type: str = "") -> bytes:
         part.short_message,
     ))
     return struct.pack(">LLLL", 16 + len(body), SUBMIT_SM, 0, seq) + body
+
+
+TLV_RECEIPTED_MESSAGE_ID = 0x001E
+TLV_MESSAGE_STATE = 0x0427
+TLV_MESSAGE_PAYLOAD = 0x0424
+
+
+@dataclass(frozen=True)
+class DeliverSm:
+    esm_class: int
+    data_coding: int
+    short_message: bytes
+    receipted_message_id: str | None
+    message_state: int | None
+
+
+def _cstr(raw: bytes, pos: int) -> int:
+    """Position after the C-octet string starting at pos."""
+    end = raw.index(b"\0", pos)
+    return end + 1
+
+
+def parse_deliver_sm(raw: bytes) -> DeliverSm:
+    """The fields of a deliver_sm PDU (header included) that receipts need; ValueError if malformed."""
+    try:
+        p = _cstr(raw, 16)  # service_type
+        p = _cstr(raw, p + 2)  # source TON, NPI, source_addr
+        p = _cstr(raw, p + 2)  # dest TON, NPI, destination_addr
+        esm_class = raw[p]
+        p = _cstr(raw, p + 3)  # esm_class, protocol_id, priority_flag, schedule_delivery_time
+        p = _cstr(raw, p)  # validity_period
+        data_coding = raw[p + 2]  # after registered_delivery, replace_if_present_flag
+        sm_len = raw[p + 4]  # after sm_default_msg_id
+        p += 5
+        short_message = raw[p:p + sm_len]
+        p += sm_len
+        rid: str | None = None
+        state: int | None = None
+        while p + 4 <= len(raw):
+            tag, length = struct.unpack_from(">HH", raw, p)
+            value = raw[p + 4:p + 4 + length]
+            p += 4 + length
+            if tag == TLV_RECEIPTED_MESSAGE_ID:
+                rid = value.split(b"\0", 1)[0].decode("ascii", "replace")
+            elif tag == TLV_MESSAGE_STATE and length == 1:
+                state = value[0]
+            elif tag == TLV_MESSAGE_PAYLOAD and not short_message:
+                short_message = value
+    except (IndexError, struct.error) as e:
+        raise ValueError(f"malformed deliver_sm: {e}") from None
+    return DeliverSm(esm_class, data_coding, bytes(short_message), rid, state)

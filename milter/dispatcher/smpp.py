@@ -3,8 +3,8 @@
 Threads: `smpp-send` connects/binds (with backoff), sends submit_sm while the window and the
 rate allow, and keeps the link alive with enquire_link; `smpp-read` (one per connection)
 reads every PDU, answers enquire_link/unbind at once and hands submit_sm_resp results and
-delivery receipts to the engine. smpplib makes the bind and parses deliver_sm; the hot
-submit_sm/resp path is encoded by hand (`pdus.encode_submit_sm`).
+delivery receipts to the engine. smpplib connects and makes the bind; the hot PDUs
+(submit_sm, submit_sm_resp, deliver_sm and their answers) are coded by hand in `pdus`.
 
 Throttling (ESME_RTHROTTLED, ESME_RMSGQFUL) is not a job failure: the part is sent again
 from memory, in order, after a pause, and the bind's rate is halved (then recovers).
@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 import smpplib.client
 import smpplib.consts
 import smpplib.exceptions
-import smpplib.smpp
 
 from ..config import SmppConfig
 from ..spool.base import Job
-from .pdus import Part, encode_submit_sm, job_parts
+from .pdus import Part, encode_submit_sm, job_parts, parse_deliver_sm
 from .provider import Receipt, ReceiptCallback, ResultCallback, SubmitResult
 from .receipts import interpret
 
@@ -67,18 +66,6 @@ def status_text(status: int) -> str:
     name = STATUS_NAMES.get(status, "ESME_UNKNOWN")
     desc = smpplib.consts.DESCRIPTIONS.get(status, "unknown status")
     return f"{name} (0x{status:08X}): {desc}"
-
-
-class _ParseClient:
-    """What smpplib's PDU constructor asks of a client when it only parses."""
-
-    sequence = 0
-
-    def next_sequence(self) -> int:
-        return 0
-
-
-_PARSE_CLIENT = _ParseClient()
 
 
 def _pdu(command_id: int, seq: int, status: int = 0, body: bytes = b"") -> bytes:
@@ -546,16 +533,14 @@ class SmppProvider:
 
     def _deliver_sm(self, conn: _Conn, raw: bytes, seq: int) -> None:
         try:
-            pdu = smpplib.smpp.parse_pdu(raw, client=_PARSE_CLIENT, allow_unknown_opt_params=True)
-        except Exception as e:  # noqa: BLE001
+            pdu = parse_deliver_sm(raw)
+        except ValueError as e:
             log.warning("unparsable deliver_sm seq %d acknowledged: %s", seq, e)
             conn.send(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
             return
-        esm = pdu.esm_class or 0
-        text = bytes(pdu.short_message or b"").decode("latin-1")
-        rid = pdu.receipted_message_id
-        rid = rid.decode("ascii", "replace") if isinstance(rid, bytes) else rid
-        found = interpret(rid, pdu.message_state, text) if esm & 0x3C else None
+        esm = pdu.esm_class
+        text = pdu.short_message.decode("latin-1")
+        found = interpret(pdu.receipted_message_id, pdu.message_state, text) if esm & 0x3C else None
         if found is None:
             log.info("deliver_sm seq %d (esm_class 0x%02X) is not a delivery receipt: acknowledged, ignored",
                      seq, esm)

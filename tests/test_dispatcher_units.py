@@ -1,0 +1,95 @@
+"""Dispatcher pieces without peers: hand-coded PDUs against smpplib, receipts, notification mail."""
+
+from __future__ import annotations
+
+import smpplib.client
+import smpplib.smpp
+from sms_milter.dispatcher.notify import build_notification, callback_url
+from sms_milter.dispatcher.pdus import encode_submit_sm, job_parts, parse_deliver_sm
+from sms_milter.dispatcher.receipts import interpret, parse_receipt_text
+from sms_milter.dispatcher.smpp import status_text
+from sms_milter.spool.base import Event, Job
+
+CLIENT = smpplib.client.Client("127.0.0.1", 1, allow_unknown_opt_params=True)
+
+
+def _job(text: str, originator: str = "+41760000000", flash: bool = False) -> Job:
+    return Job(recipient="+41791234567", originator=originator, text=text, parts=1, account="a", id=9,
+               flash=flash)
+
+
+def test_submit_sm_octets_equal_smpplibs():
+    for text, orig, flash in [("hi", "SMS", False), ("x" * 400, "+41760000000", False),
+                              ("é€" * 50, "ALERTS", True), ("€[]", "+41760000000", False)]:
+        for p in job_parts(_job(text, orig, flash)):
+            pdu = smpplib.smpp.make_pdu(
+                "submit_sm", client=CLIENT, service_type="", source_addr_ton=p.source[0],
+                source_addr_npi=p.source[1], source_addr=p.source[2], dest_addr_ton=1, dest_addr_npi=1,
+                destination_addr=p.destination, esm_class=p.esm_class, data_coding=p.data_coding,
+                registered_delivery=1, short_message=p.short_message)
+            pdu.sequence = 42
+            assert encode_submit_sm(42, p) == pdu.generate()
+
+
+def test_parts_wire_fields():
+    (p,) = job_parts(_job("hi", "SMS"))
+    assert p.source == (5, 0, "SMS") and p.destination == "41791234567" and p.esm_class == 0
+    parts = job_parts(_job("y" * 200))
+    assert [x.esm_class for x in parts] == [0x40, 0x40]
+    assert parts[0].short_message[:3] == b"\x05\x00\x03" and parts[0].short_message[4:6] == b"\x02\x01"
+    assert parts[1].short_message[3] == parts[0].short_message[3]  # same reference
+    assert job_parts(_job("flash", flash=True))[0].data_coding == 0x10
+    assert job_parts(_job("Привет", flash=True))[0].data_coding == 0x18
+
+
+def test_deliver_sm_parse_equals_smpplibs():
+    text = (b"id:1234567 sub:001 dlvrd:001 submit date:2401011200 done date:2401011201 stat:DELIVRD"
+            b" err:000 text:hi")
+    for tlvs in ({}, {"receipted_message_id": "12d687", "message_state": 2}):
+        pdu = smpplib.smpp.make_pdu("deliver_sm", client=CLIENT, source_addr="41791234567",
+                                    destination_addr="SMS", esm_class=4, short_message=text, **tlvs)
+        raw = pdu.generate()
+        mine = parse_deliver_sm(raw)
+        theirs = smpplib.smpp.parse_pdu(raw, client=CLIENT, allow_unknown_opt_params=True)
+        assert mine.esm_class == theirs.esm_class == 4
+        assert mine.short_message == theirs.short_message
+        rid = theirs.receipted_message_id
+        assert mine.receipted_message_id == (rid.decode() if rid else None)
+        assert mine.message_state == theirs.message_state
+
+
+def test_receipt_interpretation():
+    t = ("id:0A1B sub:001 dlvrd:000 submit date:2401011200 done date:2401011201 stat:UNDELIV err:012"
+         " text:x stat:DELIVRD")
+    assert parse_receipt_text(t)["stat"] == "UNDELIV"  # text: is ignored
+    assert interpret(None, None, t) == ("0A1B", "failed", "receipt stat:UNDELIV err:012")
+    assert interpret("77", 2, "") == ("77", "delivered", "receipt stat:DELIVRD")
+    assert interpret("77", 6, "")[1] == "buffered"
+    assert interpret("77", 1, "")[1] == "buffered"
+    assert interpret("77", 3, "")[1] == "expired"
+    for state in (4, 5, 7, 8):
+        assert interpret("77", state, "")[1] == "failed"
+    assert interpret(None, None, "hello, this is an MO message") is None
+
+
+def test_status_text_names_the_status():
+    assert status_text(0x0B).startswith("ESME_RINVDSTADR (0x0000000B)")
+    assert status_text(0x58).startswith("ESME_RTHROTTLED (0x00000058)")
+
+
+def test_callback_url():
+    assert callback_url("http://h/p", "T 1") == "http://h/p?ID=T%201"
+    assert callback_url("http://h/p?a=1", "X") == "http://h/p?a=1&ID=X"
+
+
+def test_notification_mail_headers():
+    job = Job(recipient="+41791234567", originator="SMS", text="secret text", parts=1, account="a", id=5,
+              sender="u@client.example", subject="Disk full", message_id="<abc@client.example>",
+              state="expired", provider_refs=("a1", "a2"))
+    msg = build_notification(job, Event(1, 5, "mail", "expired", 1700000000.0, 0), "gw@example.com")
+    assert msg["Subject"] == "SMS to +41791234567: Failed"
+    assert msg["In-Reply-To"] == msg["References"] == "<abc@client.example>"
+    assert msg["Auto-Submitted"] == "auto-replied" and msg["From"] == "gw@example.com"
+    body = msg.get_content()
+    assert "expired" in body and "a1, a2" in body and "Disk full" in body
+    assert "secret text" not in body  # the SMS text is not echoed
