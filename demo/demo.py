@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bed import MailSink, Milter, Postfix, free_port  # noqa: E402
 from dispatcher_bed import DispatcherProc, Smsc  # noqa: E402
-
 from sms_milter.policy.smstext import decode_gsm7  # noqa: E402
 
 CONFIG = """\
