@@ -284,6 +284,42 @@ def test_two_dispatchers_never_send_a_job_twice(tb):
     assert "submitted to" in a.log() and "submitted to" in b.log()  # both took part
 
 
+def test_rude_smsc_smpp34_reorders_and_queue_full(tb):
+    """PyPI smpp34's server: answers out of order, ESME_RMSGQFUL when its small inbound queue is
+    full under our pipelined window. Every job still ends delivered, in order per recipient,
+    without a counted extra attempt."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("smpp34", reason="PyPI smpp34 is not installed (pip install smpp34)")
+    log = tb.base / "rude.jsonl"
+    script = Path(__file__).parent / "smsc" / "rude_smsc.py"
+    rude = subprocess.Popen([sys.executable, str(script), "--port", "0",
+                             "--log", str(log), "--inbound-capacity", "4", "--handle-delay", "0.001"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(rude.stdout.readline().split()[1])
+        batch = [job(f"+4179200{i % 40:04d}", f"rude {i:03d} " * (1 + i % 25)) for i in range(320)]
+        ids = tb.spool.add_jobs(batch)
+        d = tb.dispatcher(tb.config(port=port, window=50))
+        done = wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
+        assert all(j.attempts == 1 for j in done.values())
+        d.stop()
+        assert "ESME_RMSGQFUL" in d.log()  # it did push back
+        subs = [json.loads(line) for line in log.read_text().splitlines()]
+        subs = [r for r in subs if r["command"] == "submit_sm"]
+        assert len(subs) == sum(j.parts for j in batch)  # nothing sent twice
+        for n in range(40):  # order per recipient: first part of each job, in job order
+            firsts = [r["short_message_hex"] for r in subs if r["destination_addr"] == f"4179200{n:04d}"
+                      and (r["esm_class"] == 0 or bytes.fromhex(r["short_message_hex"])[5] == 1)]
+            seqs = [bytes.fromhex(h).decode("latin-1").split("rude ")[1][:3] for h in firsts]
+            assert seqs == sorted(seqs), n
+    finally:
+        rude.terminate()
+        rude.wait(5)
+
+
 # --------------------------------------------------------------------------- notifications
 
 
