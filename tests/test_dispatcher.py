@@ -248,6 +248,18 @@ def test_wrong_password_is_retried_and_never_logged(tb):
     assert "wrong-99" not in d.log()
 
 
+def test_rate_cap_keepalive_and_clean_unbind(tb):
+    smsc = tb.start_smsc()
+    ids = tb.spool.add_jobs([job(f"+4179132{i:04d}", f"rate {i}") for i in range(30)])
+    d = tb.dispatcher(tb.config(rate=40, enquire_link=1))
+    wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
+    ts = sorted(r["t"] / 1000 for r in smsc.submits())
+    assert ts[-1] - ts[0] >= 29 / 40 * 0.8  # at most ~40 submits per second
+    wait_until(lambda: smsc.records("enquire_link"), 5, "an enquire_link while idle", detail=tb.detail)
+    assert d.stop() == 0
+    assert smsc.records("unbind")
+
+
 # --------------------------------------------------------------------------- crash & concurrency
 
 

@@ -129,7 +129,12 @@ class Engine:
         now = time.time()
         live = []
         for job in jobs:
-            if job.expires_at is not None and job.expires_at < now:
+            if job.device != "sms":
+                self.spool.fail(job.id, f"no delivery channel for device {job.device!r}")
+                log.warning("job %d to %s failed: no delivery channel for device %r", job.id, job.recipient,
+                            job.device)
+                self.on_events()
+            elif job.expires_at is not None and job.expires_at < now:
                 self.spool.fail(job.id, "validity period ended", state="expired")
                 log.info("job %d to %s expired before it could be sent", job.id, job.recipient)
                 self.on_events()

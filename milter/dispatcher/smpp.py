@@ -141,10 +141,10 @@ class _Rate:
         return True
 
     def _grow(self, now: float) -> None:
-        if self.cap is None or now - self.last_cut < 0.5:
+        if self.cap is None or self.cap == self.configured or now - self.last_cut < 0.5:
             return
-        steps = int((now - self.last_cut) / 0.5)
-        self.last_cut += steps * 0.5
+        steps = min(int((now - self.last_cut) / 0.5), 40)
+        self.last_cut = now
         self.cap *= 1.5 ** steps
         if self.configured and self.cap >= self.configured:
             self.cap = self.configured
@@ -351,6 +351,18 @@ class SmppProvider:
             return _Conn(sock, self._gen)
 
     def _send_loop(self) -> None:
+        while True:
+            try:
+                self._send_loop_inner()
+                return
+            except Exception:  # noqa: BLE001 (a bug must not silently stop all sending)
+                log.exception("SMPP sender failed; dropping the connection")
+                conn = self._conn
+                if conn is not None:
+                    self._lost(conn, "internal error")
+                time.sleep(self.cfg.reconnect_min)
+
+    def _send_loop_inner(self) -> None:
         backoff = self.cfg.reconnect_min
         while True:
             with self._cond:
