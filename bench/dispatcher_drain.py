@@ -70,28 +70,44 @@ def drain(spool: Path, n: int, disp: Proc, logfile: Path, sender: str) -> tuple[
         t0 = time.time()
     finally:
         s.close()
-    timeout = max(120.0, n / 100)
+    # No deadline for the whole drain, but a stall (no job finished for 30 s) is a failure.
+    stall = 30.0
+    seen = [-1, time.monotonic(), time.monotonic()]  # delivered, when it last changed, last report
 
     def finished() -> bool:
         st = spool_states(spool)
         bad = {k: v for k, v in st.items() if k in ("failed", "expired")}
         if bad:
             raise BenchAbort(f"jobs ended {bad}; dispatcher log tail:\n{tail(logfile)}")
-        return st.get("delivered", 0) == n
-
-    last = [0, time.monotonic()]
-
-    def progress() -> bool:
-        ok = finished()
-        done = spool_states(spool).get("delivered", 0)
-        if time.monotonic() - last[1] > 10:
+        done = st.get("delivered", 0)
+        t = time.monotonic()
+        if done != seen[0]:
+            seen[0], seen[1] = done, t
+        elif t - seen[1] > stall:
+            raise BenchAbort(f"stalled: {done}/{n} delivered and no progress for {stall:g} s; "
+                             f"states {st}\n{stuck_report(spool, logfile)}")
+        if t - seen[2] > 10:
             say(f"  ... {done}/{n} delivered")
-            last[1] = time.monotonic()
-        return ok
+            seen[2] = t
+        return done == n
 
-    poll(progress, timeout, f"all {n} jobs delivered", interval=0.1, alive=[disp])
+    poll(finished, 24 * 3600, f"all {n} jobs delivered", interval=0.1, alive=[disp])
     t_end = spool_query(spool, "SELECT max(done_at) FROM jobs")[0][0]
     return t_end - t0, parts
+
+
+def stuck_report(spool: Path, logfile: Path, limit: int = 10) -> str:
+    """The jobs that did not finish: their row, their parts, what the dispatcher logged about them."""
+    rows = spool_query(spool, "SELECT id, state, parts, attempts, last_error, lease_owner IS NOT NULL"
+                              " FROM jobs WHERE state != 'delivered' ORDER BY id LIMIT ?", (limit,))
+    log = logfile.read_text(errors="replace").splitlines()
+    out = []
+    for jid, state, parts, attempts, err, leased in rows:
+        prt = spool_query(spool, "SELECT seq, ref, state FROM parts WHERE job_id=? ORDER BY seq", (jid,))
+        out.append(f"  job {jid}: {state}, {parts} part(s), attempts {attempts}, leased {bool(leased)}, "
+                   f"last_error {err!r}, parts {prt}")
+        out += [f"    log: {line}" for line in log if f"job {jid} " in line][-4:]
+    return "\n".join(out)
 
 
 def main() -> int:
