@@ -107,11 +107,13 @@ def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
                         state["errors"] += 1
                     slots.release()
                 elif cmd == "deliver_sm":
-                    resp = smpplib.smpp.make_pdu("deliver_sm_resp", client=client, sequence=pdu.sequence)
+                    resp = smpplib.smpp.make_pdu("deliver_sm_resp", client=client)
+                    resp.sequence = pdu.sequence  # make_pdu(sequence=...) is ignored by smpplib 2.2.4
                     sock.sendall(resp.generate())
                     state["receipts"] += 1
                 elif cmd == "enquire_link":
-                    resp = smpplib.smpp.make_pdu("enquire_link_resp", client=client, sequence=pdu.sequence)
+                    resp = smpplib.smpp.make_pdu("enquire_link_resp", client=client)
+                    resp.sequence = pdu.sequence
                     sock.sendall(resp.generate())
         except BaseException as e:  # noqa: BLE001 (reported by the caller)
             failure.append(e)

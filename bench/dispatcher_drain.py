@@ -147,6 +147,9 @@ def main() -> int:
         if st1.get("next_id", 0) - st0.get("next_id", 0) != raw.parts:
             raise BenchAbort(f"the SMSC accepted {st1.get('next_id', 0) - st0.get('next_id', 0)} submits, "
                              f"expected {raw.parts}")
+        # Every receipt acknowledged: none left for the dispatcher's bind to inherit.
+        poll(lambda: smsc.stats().get("pending_receipts") == 0, 10,
+             "the SMSC to have no unacknowledged receipt after the raw run", interval=0.2)
         raw_sms = raw.parts / raw.seconds
         say(f"baseline (smpplib alone, no spool): {raw.parts} SMS in {raw.seconds:.2f} s: "
             f"{raw_sms:.0f} SMS/s, {n / raw.seconds:.0f} jobs/s")
@@ -172,6 +175,8 @@ def main() -> int:
         accepted = st1.get("next_id", 0) - st0.get("next_id", 0)
         if accepted != parts:
             raise BenchAbort(f"the SMSC accepted {accepted} submits for {parts} parts (resent or lost)")
+        poll(lambda: smsc.stats().get("pending_receipts") == 0, 10,
+             "the SMSC to have no unacknowledged receipt after the dispatcher run", interval=0.2)
         refs = spool_query(spool, "SELECT count(*), sum(state='delivered') FROM parts")[0]
         if refs[0] != parts or refs[1] != parts:
             raise BenchAbort(f"parts table: {refs[1]}/{refs[0]} delivered, expected {parts}")
