@@ -5,6 +5,7 @@ Pure functions: values in, values (or a `Refusal`) out.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class SmsTarget:
     number: str | None = None  # E.164 with '+', for kind "number"
 
 
+@functools.lru_cache(maxsize=16384)
 def _e164(digits: str) -> str | None:
     """International digits (no prefix) to E.164 if possible and valid, else None."""
     if not digits.isascii() or not digits.isdigit() or not 3 <= len(digits) <= 15:

@@ -179,8 +179,65 @@ def _markup_problem(body: str) -> Refusal | None:
     return _fail(f"The text contains HTML markup ({tag} at line {line}); send plain text only.")
 
 
+# The common shape of SMS mail: one text/plain part, no transfer encoding, an ASCII header.
+_SIMPLE_CTYPE = re.compile(rb'text/plain\s*(?:;\s*charset\s*=\s*"?([A-Za-z0-9._:+-]+)"?\s*)?;?\s*', re.I)
+_HEADER_NAME = re.compile(rb"[!-9;-~]+")
+_SIMPLE_CTE = (b"7bit", b"8bit", b"binary")
+_WATCHED = (b"content-type", b"content-transfer-encoding", b"subject", b"message-id")
+
+
+def _extract_simple(raw: bytes) -> MessageText | Refusal | None:
+    """extract_text for the plain shape without the email package (about 10x cheaper);
+    None sends anything else to the full parser, so both give the same answer."""
+    sep = raw.find(b"\r\n\r\n")
+    if sep < 0:
+        return None
+    fields: dict[bytes, bytes] = {}
+    name = b""
+    for line in raw[:sep].split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not name:
+                return None
+            if name in fields:
+                fields[name] += line
+            continue
+        key, colon, value = line.partition(b":")
+        if not colon or not _HEADER_NAME.fullmatch(key):
+            return None
+        name = key.lower()
+        if name in _WATCHED:
+            if name in fields:
+                return None  # the same header twice: let the full parser decide
+            fields[name] = value.lstrip(b" \t")
+    ctype = fields.get(b"content-type")
+    m = _SIMPLE_CTYPE.fullmatch(ctype) if ctype is not None else None
+    if ctype is not None and m is None:
+        return None
+    if fields.get(b"content-transfer-encoding", b"7bit").strip().lower() not in _SIMPLE_CTE:
+        return None
+    subject_b = fields.get(b"subject", b"")
+    mid_b = fields.get(b"message-id")
+    if not subject_b.isascii() or b"=?" in subject_b or (mid_b is not None and not mid_b.isascii()):
+        return None
+    charset = m.group(1).decode() if m is not None and m.group(1) else None
+    body = _decode(raw[sep + 4:], charset, "text part")
+    if isinstance(body, Refusal):
+        return body
+    body = body.replace("\r\n", "\n").replace("\r", "\n").rstrip()
+    problem = _markup_problem(body)
+    if problem:
+        return problem
+    message_id = mid_b.decode().strip() or None if mid_b is not None else None
+    return MessageText(subject=subject_b.decode().strip(), body=body, message_id=message_id)
+
+
 def extract_text(raw: bytes) -> MessageText | Refusal:
     """Subject, body and Message-ID of a plain-text mail, or the Refusal that says what to fix."""
+    simple = _extract_simple(raw)
+    return simple if simple is not None else _extract_full(raw)
+
+
+def _extract_full(raw: bytes) -> MessageText | Refusal:
     try:
         msg = BytesParser(policy=email.policy.default).parsebytes(raw)
         return _extract(msg)
@@ -237,15 +294,19 @@ def _extract(msg: Message) -> MessageText | Refusal:
 
 def latin1_problem(text: str, where: str) -> Refusal | None:
     """A Refusal naming the first character of `text` that ISO-8859-1 cannot hold, else None."""
-    for lineno, line in enumerate(text.split("\n"), 1):
-        for col, ch in enumerate(line, 1):
-            if ord(ch) > 0xFF:
-                name = unicodedata.name(ch, "unnamed character")
-                return Refusal("550", "5.6.0",
-                               f"Character U+{ord(ch):04X} ({name}) in the {where} at line {lineno}, "
-                               f"column {col} cannot be written in ISO-8859-1; this SMS domain accepts "
-                               "ISO-8859-1 text only.")
-    return None
+    try:
+        text.encode("latin-1")
+        return None
+    except UnicodeEncodeError as e:
+        at = e.start
+    ch = text[at]
+    lineno = text.count("\n", 0, at) + 1
+    col = at - text.rfind("\n", 0, at)
+    name = unicodedata.name(ch, "unnamed character")
+    return Refusal("550", "5.6.0",
+                   f"Character U+{ord(ch):04X} ({name}) in the {where} at line {lineno}, "
+                   f"column {col} cannot be written in ISO-8859-1; this SMS domain accepts "
+                   "ISO-8859-1 text only.")
 
 
 _SUBJECT_FIELD = re.compile(r"(?<!\{)(\{subject(?:[!:][^{}]*)?\})[,;:\- \t]*")

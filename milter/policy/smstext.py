@@ -6,6 +6,7 @@ parts carry UTF-16-BE. An ESC+extension pair and a UTF-16 surrogate pair are nev
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,9 +42,15 @@ class Encoded:
     udh_needed: bool
 
 
+# Character classes for the common cases, matched in C rather than per character in Python.
+_NOT_BASIC = re.compile("[^" + re.escape("".join(GSM7_BASIC)) + "]")
+_NOT_GSM = re.compile("[^" + re.escape("".join(GSM7_BASIC) + "".join(GSM7_EXT)) + "]")
+_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
+
+
 def is_gsm7(text: str) -> bool:
     """True if every character is in the GSM 03.38 default alphabet or its extension table."""
-    return all(ch in GSM7_BASIC or ch in GSM7_EXT for ch in text)
+    return _NOT_GSM.search(text) is None
 
 
 def _gsm_cost(ch: str) -> int:
@@ -76,6 +83,13 @@ def _costs(text: str) -> tuple[bool, list[int]]:
 
 def count_parts(text: str) -> int:
     """Number of SMS parts `text` needs; equals len(encode(text).parts)."""
+    n = len(text)
+    # Every character costs the same (GSM-7 without extension characters, or UCS-2 inside
+    # the BMP): parts split evenly, no pair to keep together. The milter's hot path.
+    if _NOT_BASIC.search(text) is None:
+        return 1 if n <= GSM7_SINGLE else -(-n // GSM7_PART)
+    if _NOT_GSM.search(text) is not None and _ASTRAL.search(text) is None:
+        return 1 if n <= UCS2_SINGLE else -(-n // UCS2_PART)
     gsm, costs = _costs(text)
     single, part = (GSM7_SINGLE, GSM7_PART) if gsm else (UCS2_SINGLE, UCS2_PART)
     total = sum(costs)
