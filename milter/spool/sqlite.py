@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..config import Config
@@ -148,19 +148,35 @@ def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
     )
 
 
-class _AddRequest:
-    __slots__ = ("key", "jobs", "mails", "key_ttl", "done", "result", "error", "taken", "abandoned")
+class AddRequest:
+    """One message's commit, queued for the writer thread.
 
-    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail]):
+    `callback(request)` (if given) runs in the writer thread once `result` or `error` is
+    set; `done` is set then too. Until the writer has taken it, `abandon()` withdraws it
+    (nothing gets written); once taken, its outcome is final and will be reported.
+    """
+
+    __slots__ = ("key", "jobs", "mails", "key_ttl", "done", "result", "error", "taken", "abandoned",
+                 "callback", "context")
+
+    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail],
+                 callback: Callable[[AddRequest], None] | None = None, context: object = None):
         self.key = key
         self.jobs = jobs
         self.mails = mails
         self.key_ttl = key_ttl
         self.done = threading.Event()
         self.result: AddResult | None = None
-        self.error: Exception | None = None
+        self.error: SpoolError | None = None
         self.taken = False
         self.abandoned = False
+        self.callback = callback
+        self.context = context
+
+    def _finish(self) -> None:
+        self.done.set()
+        if self.callback is not None:
+            self.callback(self)
 
 
 class SqliteSpool:
@@ -171,7 +187,7 @@ class SqliteSpool:
         self._lock = threading.Lock()  # guards self._db (dispatcher/CLI calls)
         self._db = self._connect()
         self._init_schema()
-        self._queue: queue.Queue[_AddRequest | None] = queue.Queue()
+        self._queue: queue.Queue[AddRequest | None] = queue.Queue()
         self._state_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._wake_tx: socket.socket | None = None
@@ -244,25 +260,35 @@ class SqliteSpool:
     # -- milter side: grouped commits --------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
                     timeout: float = 5.0, mails: list[OutMail] | None = None) -> AddResult:
-        if self._writer is None:
-            with self._state_lock:
-                if self._writer is None:
-                    self._writer = threading.Thread(target=self._writer_loop, name="spool-writer",
-                                                    daemon=True)
-                    self._writer.start()
-        req = _AddRequest(key, jobs, key_ttl, mails or [])
-        self._queue.put(req)
+        req = self.submit(AddRequest(key, jobs, key_ttl, mails or []))
         if not req.done.wait(timeout):
-            with self._state_lock:
-                if not req.taken:
-                    req.abandoned = True  # the writer will skip it: nothing was written
-                    raise SpoolError(f"spool did not answer within {timeout:g}s")
+            if self.abandon(req):
+                raise SpoolError(f"spool did not answer within {timeout:g}s")
             # The writer is inside the transaction holding it; its outcome is what counts.
             req.done.wait()
         if req.error is not None:
             raise req.error
         assert req.result is not None
         return req.result
+
+    def submit(self, req: AddRequest) -> AddRequest:
+        """Queue a commit without waiting (the milter's event loop); see AddRequest."""
+        if self._writer is None:
+            with self._state_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._writer_loop, name="spool-writer",
+                                                    daemon=True)
+                    self._writer.start()
+        self._queue.put(req)
+        return req
+
+    def abandon(self, req: AddRequest) -> bool:
+        """Withdraw a queued commit the writer has not taken yet: True if nothing will be written."""
+        with self._state_lock:
+            if req.taken:
+                return False
+            req.abandoned = True
+            return True
 
     def _writer_loop(self) -> None:
         db = self._connect()  # the writer's own connection
@@ -290,21 +316,21 @@ class SqliteSpool:
         finally:
             db.close()
 
-    def _commit_batch(self, db: sqlite3.Connection, batch: list[_AddRequest]) -> None:
+    def _commit_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> None:
         try:
             results = self._tx(db, self._insert_batch, batch)
         except Exception as e:  # the whole group failed: every caller gets the error
             err = e if isinstance(e, SpoolError) else SpoolError(str(e))
             for r in batch:
                 r.error = err
-                r.done.set()
+                r._finish()
             return
+        self.wake()
         for r, res in zip(batch, results, strict=True):
             r.result = res
-            r.done.set()
-        self.wake()
+            r._finish()
 
-    def _insert_batch(self, db: sqlite3.Connection, batch: list[_AddRequest]) -> list[AddResult]:
+    def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> list[AddResult]:
         now = time.time()
         out: list[AddResult] = []
         seen: dict[str, AddResult] = {}
