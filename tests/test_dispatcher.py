@@ -157,6 +157,32 @@ def test_text_only_receipts_arriving_before_the_submit_resp(tb):
     wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
 
 
+def test_receipts_before_ids_are_stored_and_a_stale_backlog_lose_nothing(tb):
+    """The race the drain benchmark found: on bind the SMSC first resends a backlog of 3,000 stale
+    receipts (ids we never got), then sends each receipt before its submit_sm_resp, which comes
+    6 s later (longer than any in-memory hold). Every receipt is kept in the spool until its
+    message id is stored: every multi-part job ends delivered, only the stale ones are left."""
+    stale = 3000
+    smsc = tb.start_smsc("--hex-ids", "--receipt-first", "--resp-delay", "6000",
+                         "--stale-receipts", str(stale))
+    batch = [job(f"+4179127{i:04d}", f"early receipt {i} " + "x" * (150 + 150 * (i % 2))) for i in range(30)]
+    assert {j.parts for j in batch} == {2, 3}
+    parts = sum(j.parts for j in batch)
+    ids = tb.spool.add_jobs(batch)
+    d = tb.dispatcher(tb.config(window=100))  # every part in flight at once: one 6 s wait
+    wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
+    wait_until(lambda: len([a for a in smsc.records("deliver_sm_resp") if a["status"] == 0]) >= stale + parts,
+               20, "every receipt acknowledged", detail=tb.detail)
+    assert d.stop() == 0
+    log = d.log()
+    assert "acknowledged and dropped" not in log
+    assert log.count("before its message id was stored): delivered") == len(batch)  # the early path
+    assert f"'orphans': {stale + parts}" in log  # every receipt went through the orphan table
+    rows = tb.spool._read("SELECT ref FROM orphan_receipts")  # noqa: SLF001
+    assert sorted(r["ref"] for r in rows) == sorted(str(900000000000000 + k) for k in range(stale))
+    assert all(len(j.provider_refs) == j.parts for j in states(tb.spool, ids).values())
+
+
 # --------------------------------------------------------------------------- flow control & failures
 
 

@@ -6,9 +6,10 @@ import smpplib.client
 import smpplib.smpp
 from sms_milter.dispatcher.notify import build_notification, callback_url
 from sms_milter.dispatcher.pdus import encode_submit_sm, job_parts, parse_deliver_sm
+from sms_milter.dispatcher.provider import Receipt, SubmitResult
 from sms_milter.dispatcher.receipts import interpret, parse_receipt_text
 from sms_milter.dispatcher.smpp import status_text
-from sms_milter.spool.base import Event, Job
+from sms_milter.spool.base import Event, Job, NewJob
 
 CLIENT = smpplib.client.Client("127.0.0.1", 1, allow_unknown_opt_params=True)
 
@@ -93,3 +94,123 @@ def test_notification_mail_headers():
     body = msg.get_content()
     assert "expired" in body and "a1, a2" in body and "Disk full" in body
     assert "secret text" not in body  # the SMS text is not echoed
+
+
+# --------------------------------------------------------------------------- receipts before ids
+
+
+def _spool(tmp_path):
+    from sms_milter.spool.sqlite import SqliteSpool
+
+    return SqliteSpool(tmp_path / "spool.sqlite3")
+
+
+def _new(recipient: str, parts: int, **kw) -> NewJob:
+    text = "x" * (160 if parts == 1 else 153 * parts)
+    return NewJob(recipient=recipient, originator="+41760000000", text=text, parts=parts, account="acme",
+                  **kw)
+
+
+def test_receipt_before_its_message_id_is_kept_and_applied(tmp_path):
+    """The race, at the spool: the receipt (decimal id) is recorded before the submit response
+    (hex id) is stored; it is kept durably (across a reopen) and applied when the id is stored."""
+    s = _spool(tmp_path)
+    (jid,) = s.add_jobs([_new("+41791110001", 1)])
+    (claimed,) = s.claim("me", 10, 45)
+    assert s.record_receipts([(str(0xABC123), "delivered", "")]) == [None]
+    s.close()
+    s = _spool(tmp_path)  # the orphan is on disk, not in memory
+    assert s.orphan_count() == 1
+    applied = s.mark_submitted_many([(claimed.id, ["00ABC123"])])
+    assert [(a.receipt.ref, a.outcome.job_id, a.outcome.state, a.outcome.changed) for a in applied] == [
+        (str(0xABC123), jid, "delivered", True)]
+    assert s.get(jid).state == "delivered" and s.orphan_count() == 0
+    s.close()
+
+
+def test_orphans_of_a_multipart_job_pass_through_every_state(tmp_path):
+    """First part's ENROUTE and DELIVRD came before the ids were stored, the others after: the
+    job still goes buffered (notification owed under ALWAYS) and then delivered."""
+    s = _spool(tmp_path)
+    (jid,) = s.add_jobs([_new("+41791110002", 3, sender="a@client.example", notify="ALWAYS")])
+    s.claim("me", 10, 45)
+    assert s.record_receipts([("7001", "buffered", "receipt stat:ENROUTE"), ("7001", "delivered", "")]) == [
+        None, None]
+    applied = s.mark_submitted(jid, "me", ["7001", "7002", "7003"])
+    assert [a.outcome.state for a in applied] == ["buffered", "buffered"]
+    assert s.get(jid).state == "buffered"
+    out = s.record_receipts([("7002", "delivered", ""), ("7003", "delivered", "")])
+    assert [o.state for o in out] == ["buffered", "delivered"]
+    assert [e.status for e in s.due_events(10)] == ["buffered", "delivered"]
+    s.close()
+
+
+def test_unmatched_receipts_are_pruned_after_max_age(tmp_path):
+    s = _spool(tmp_path)
+    assert s.record_receipt("999", "delivered") is None
+    assert s.prune_orphans(max_age=3600) == []
+    with s._lock:  # noqa: SLF001 (age it)
+        s._db.execute("UPDATE orphan_receipts SET at=at-7200")  # noqa: SLF001
+    gone = s.prune_orphans(max_age=3600)
+    assert [(o.ref, o.part_state) for o in gone] == [("999", "delivered")] and s.orphan_count() == 0
+    s.close()
+
+
+class _FakeProvider:
+    """A provider driven by the test: results and receipts are handed in when the test says."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.submitted: list[Job] = []
+        self.acked: list[Receipt] = []
+
+    def start(self, on_result, on_receipt, on_change) -> None:
+        self.on_result, self.on_receipt = on_result, on_receipt
+
+    def ready(self) -> bool:
+        return True
+
+    def capacity(self) -> int:
+        return 100
+
+    def submit(self, jobs: list[Job]) -> None:
+        self.submitted += jobs
+
+    def ack_receipts(self, receipts: list[Receipt]) -> None:
+        self.acked += receipts
+
+    def drain(self, timeout: float) -> None:
+        pass
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+def test_engine_acknowledges_an_early_receipt_only_once_stored_and_applies_it_later(tmp_path):
+    """The race, deterministically, through the engine: the receipt of a 2-part job's first part
+    is processed (stored, acknowledged) while the job's submit result has not come yet; when the
+    result is stored however much later, the job ends delivered."""
+    from sms_milter.config import Config
+    from sms_milter.dispatcher.engine import Engine
+
+    s = _spool(tmp_path)
+    (jid,) = s.add_jobs([_new("+41791110003", 2)])
+    prov = _FakeProvider()
+    eng = Engine(s, prov, Config(), "me")  # type: ignore[arg-type]
+    prov.start(eng._on_result, eng._on_receipt, lambda: None)  # noqa: SLF001
+    eng._claim()  # noqa: SLF001
+    assert [j.id for j in prov.submitted] == [jid]
+    early = Receipt("123456789", "delivered", "", token=1)
+    prov.on_receipt(early)
+    eng._process()  # noqa: SLF001
+    assert prov.acked == [early] and s.orphan_count() == 1  # acknowledged after it was stored
+    assert s.get(jid).state == "queued"
+    prov.on_result(SubmitResult(jid, refs=(format(123456789, "x"), "abcdef")))
+    eng._process()  # noqa: SLF001
+    assert s.get(jid).state == "submitted" and s.orphan_count() == 0
+    prov.on_receipt(Receipt("abcdef", "delivered", "", token=2))
+    eng._process()  # noqa: SLF001
+    assert s.get(jid).state == "delivered" and len(prov.acked) == 2
+    assert eng.stats["orphans"] == 1 and eng.stats["receipts"] == 2
+    s.close()

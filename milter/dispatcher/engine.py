@@ -4,10 +4,12 @@ One thread owns every spool write of the dispatch path and batches them: claim (
 lease) as many due jobs as the provider wants, hand them over, then per round one
 `mark_submitted_many` for all jobs whose parts were all accepted, one `record_receipts`
 for the receipts that came in, and releases/failures. A receipt is acknowledged to the
-SMSC only after it is stored; one whose message id is not (yet) known is held in memory
-and looked up again after the next submits are stored, for `receipt_hold` seconds, then
-logged and acknowledged. Leases of jobs in flight are renewed; a killed dispatcher's jobs
-come back when its leases run out and are sent again (at-least-once).
+SMSC only after it is stored. One whose message id is not (yet) in the spool (it came
+before its submit response was stored, however late that is) is stored too, as an orphan,
+in the same transaction; storing the part with that id applies it, in that transaction.
+Orphans that matched nothing for ORPHAN_MAX_AGE are pruned and logged once. Leases of jobs
+in flight are renewed; a killed dispatcher's jobs come back when its leases run out and are
+sent again (at-least-once). Jobs whose receipt never comes expire at their validity end.
 """
 
 from __future__ import annotations
@@ -19,42 +21,45 @@ from collections import deque
 from collections.abc import Callable
 
 from ..config import Config
-from ..spool.base import Job, SpoolError
-from ..spool.sqlite import SqliteSpool
+from ..spool.base import AppliedOrphan, Job, SpoolError
+from ..spool.sqlite import ORPHAN_MAX_AGE, SqliteSpool
 from .provider import Provider, Receipt, SubmitResult
 
 log = logging.getLogger("sms_milter.dispatcher")
 
 CLAIM_MAX = 500  # jobs per claim transaction
+PRUNE_EVERY = 300.0  # seconds between looks for orphan receipts too old to match anything
 
 
 class Engine:
     def __init__(self, spool: SqliteSpool, provider: Provider, cfg: Config, owner: str,
                  on_events: Callable[[], None] = lambda: None, lease_seconds: float = 45.0,
-                 receipt_hold: float = 5.0):
+                 orphan_max_age: float = ORPHAN_MAX_AGE):
         self.spool = spool
         self.provider = provider
         self.cfg = cfg
         self.owner = owner
         self.on_events = on_events
         self.lease_seconds = lease_seconds
-        self.receipt_hold = receipt_hold
+        self.orphan_max_age = orphan_max_age
         self._kick = threading.Event()
         self._results: deque[SubmitResult] = deque()
         self._receipts: deque[Receipt] = deque()
-        self._pending: deque[tuple[Receipt, float]] = deque()  # unmatched receipts, first seen
-        self._pending_retry_at = 0.0
         self._jobs: dict[int, Job] = {}  # leased and handed to the provider
-        self.stats = {"submitted": 0, "receipts": 0, "failed": 0, "released": 0}
+        self.stats = {"submitted": 0, "receipts": 0, "failed": 0, "released": 0, "orphans": 0}
 
     # -- callbacks from the provider's threads (must be quick) ----------------------------
+    # Append first, then wake the loop unless it is awake already: the loop clears the flag
+    # before it empties the queues, so nothing appended before the check is left behind.
     def _on_result(self, r: SubmitResult) -> None:
         self._results.append(r)
-        self._kick.set()
+        if not self._kick.is_set():
+            self._kick.set()
 
     def _on_receipt(self, r: Receipt) -> None:
         self._receipts.append(r)
-        self._kick.set()
+        if not self._kick.is_set():
+            self._kick.set()
 
     def kick(self) -> None:
         self._kick.set()
@@ -68,6 +73,7 @@ class Engine:
                                  daemon=True)
         watch.start()
         next_expire = 0.0
+        next_prune = 0.0
         next_renew = time.monotonic() + self.lease_seconds / 3
         while not stop.is_set():
             self._kick.wait(1.0)
@@ -81,6 +87,8 @@ class Engine:
                 if now >= next_renew:
                     self._renew()
                     next_renew = now + self.lease_seconds / 3
+                if now >= next_prune:
+                    next_prune = now + (1.0 if self._prune() else PRUNE_EVERY)
                 self._claim()
             except SpoolError as e:
                 log.error("spool: %s; retrying", e)
@@ -104,9 +112,6 @@ class Engine:
         self._safe_process()
         if self._jobs:  # should not happen: the provider reports every job it was given
             self._release(list(self._jobs), 0.0, "dispatcher stopped", False)
-        if self._pending:
-            log.info("%d unmatched receipt(s) left unacknowledged (the SMSC sends them again)",
-                     len(self._pending))
 
     def _safe_process(self) -> None:
         for _ in range(20):
@@ -147,43 +152,43 @@ class Engine:
             self._kick.set()  # there may be more
 
     def _process(self, final: bool = False) -> None:
-        n_receipts = len(self._receipts)  # receipts that came before the results taken below
+        # Receipts counted before the results are taken: their submit responses (if they came
+        # first, as they should) are among those results and are stored first, so the receipts
+        # find their parts. One that does not (it came before its submit response) is kept in
+        # the spool as an orphan and applied when its part is stored: nothing is lost either way.
+        n_receipts = len(self._receipts)
         results = []
         while self._results:
             results.append(self._results.popleft())
         try:
-            stored = self._apply_results(results)
+            self._apply_results(results)
         except SpoolError:
             self._results.extendleft(reversed(results))
             raise
-        receipts = [self._receipts.popleft() for _ in range(n_receipts)]
         if final:
-            receipts.extend(self._receipts.popleft() for _ in range(len(self._receipts)))
-        now = time.monotonic()
-        if self._pending and (stored or final or now >= self._pending_retry_at):
-            receipts = [r for r, _ in self._pending] + receipts
-            first_seen = {id(r): t for r, t in self._pending}
-            self._pending.clear()
-        else:
-            first_seen = {}
+            n_receipts = len(self._receipts)
+        receipts = [self._receipts.popleft() for _ in range(n_receipts)]
         if receipts:
             try:
-                self._apply_receipts(receipts, first_seen, now, final)
+                self._apply_receipts(receipts)
             except SpoolError:
                 self._receipts.extendleft(reversed(receipts))
                 raise
         if self._receipts or self._results:
             self._kick.set()
 
-    def _apply_results(self, results: list[SubmitResult]) -> bool:
+    def _apply_results(self, results: list[SubmitResult]) -> None:
         ok = [r for r in results if r.ok]
         if ok:
-            self.spool.mark_submitted_many([(r.job_id, list(r.refs)) for r in ok])
+            applied = self.spool.mark_submitted_many([(r.job_id, list(r.refs)) for r in ok])
+            jobs = self._jobs
             for r in ok:
-                job = self._jobs.pop(r.job_id, None)
+                job = jobs.pop(r.job_id, None)
                 log.info("job %d submitted to %s: %d part(s), message id(s) %s", r.job_id,
                          job.recipient if job else "?", len(r.refs), ",".join(r.refs))
             self.stats["submitted"] += len(ok)
+            if applied:
+                self._log_applied(applied)
         releases: dict[tuple[float, str, bool], list[int]] = {}
         for r in results:
             if r.ok:
@@ -202,7 +207,19 @@ class Engine:
                 self.on_events()
         for (delay, error, counted), ids in releases.items():
             self._release(ids, delay, error, counted)
-        return bool(ok)
+
+    def _log_applied(self, applied: list[AppliedOrphan]) -> None:
+        changed = False
+        for a in applied:
+            o, rc = a.outcome, a.receipt
+            self.stats["receipts"] += 1
+            changed = changed or o.changed
+            log.log(logging.INFO if o.changed else logging.DEBUG,
+                    "job %d receipt for %s (came %.3fs before its message id was stored): %s (%s); "
+                    "job %s %s", o.job_id, rc.ref, max(0.0, time.time() - rc.at), rc.part_state, rc.error,
+                    "is now" if o.changed else "stays", o.state)
+        if changed:
+            self.on_events()
 
     def _release(self, ids: list[int], delay: float, error: str, counted: bool) -> None:
         self.spool.release(ids, self.owner, delay, error, count_attempt=counted)
@@ -214,36 +231,40 @@ class Engine:
         s = self.cfg.smpp
         return min(s.reconnect_min * 2 ** max(attempts - 1, 0), max(10 * s.reconnect_max, 60.0))
 
-    def _apply_receipts(self, receipts: list[Receipt], first_seen: dict[int, float], now: float,
-                        final: bool) -> None:
+    def _apply_receipts(self, receipts: list[Receipt]) -> None:
+        """Store receipts (matched or as orphans) in one transaction, then acknowledge them all."""
         outcomes = self.spool.record_receipts(
             [(r.ref, r.state, "" if r.state == "delivered" else r.error) for r in receipts])
-        ack: list[Receipt] = []
         changed = False
+        orphans = 0
         for r, o in zip(receipts, outcomes, strict=True):
-            if o is not None:
-                ack.append(r)
-                self.stats["receipts"] += 1
-                if o.changed:
-                    changed = True
-                    log.info("job %d receipt for %s: %s (%s); job is now %s", o.job_id, r.ref, r.state,
-                             r.error, o.state)
-                else:
-                    log.info("job %d receipt for %s: %s (%s); job stays %s", o.job_id, r.ref, r.state,
-                             r.error, o.state)
-                continue
-            seen = first_seen.get(id(r), now)
-            if now - seen >= self.receipt_hold or len(self._pending) > 10000:
-                log.warning("receipt for unknown message id %s (%s) acknowledged and dropped", r.ref, r.error)
-                ack.append(r)
-            elif not final:
-                self._pending.append((r, seen))
-        if self._pending:
-            self._pending_retry_at = now + 0.25
-        if ack:
-            self.provider.ack_receipts(ack)
+            if o is None:
+                orphans += 1
+                log.debug("receipt for %s (%s): no part has that message id yet; kept", r.ref, r.error)
+            elif o.changed:
+                changed = True
+                log.info("job %d receipt for %s: %s (%s); job is now %s", o.job_id, r.ref, r.state,
+                         r.error, o.state)
+            else:  # a part of a longer message, or an intermediate state: the job's line comes later
+                log.debug("job %d receipt for %s: %s (%s); job stays %s", o.job_id, r.ref, r.state,
+                          r.error, o.state)
+        self.stats["receipts"] += len(receipts) - orphans
+        if orphans:
+            self.stats["orphans"] += orphans
+            log.info("%d receipt(s) for message ids not stored yet: kept in the spool until their "
+                     "submit is stored", orphans)
+        self.provider.ack_receipts(receipts)
         if changed:
             self.on_events()
+
+    def _prune(self) -> bool:
+        """Drop orphan receipts too old to match anything, logging each once; True if more remain."""
+        gone = self.spool.prune_orphans(self.orphan_max_age)
+        now = time.time()
+        for o in gone:
+            log.warning("receipt for unknown message id %s (%s %s) matched no job in %.1f h: dropped",
+                        o.ref, o.part_state, o.error, (now - o.at) / 3600)
+        return len(gone) >= 1000
 
     def _expire(self) -> None:
         ids = self.spool.expire_due()

@@ -94,6 +94,25 @@ class ReceiptOutcome:
     changed: bool
 
 
+@dataclass(frozen=True)
+class OrphanReceipt:
+    """A receipt stored while no part had its message id (it came before its submit response
+    was stored, or it belongs to nothing we sent)."""
+
+    ref: str  # normalized
+    part_state: str
+    error: str
+    at: float  # when it was stored
+
+
+@dataclass(frozen=True)
+class AppliedOrphan:
+    """An orphan receipt applied when its part's message id was stored."""
+
+    receipt: OrphanReceipt
+    outcome: ReceiptOutcome
+
+
 class Spool(Protocol):
     # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
@@ -112,16 +131,27 @@ class Spool(Protocol):
 
     def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
 
-    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> None: ...
+    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> list[AppliedOrphan]:
+        """Record a job's parts as submitted with their message ids and, in the same
+        transaction, apply every stored orphan receipt for one of those ids."""
+
+    def mark_submitted_many(self, items: list[tuple[int, list[str]]]) -> list[AppliedOrphan]:
+        """mark_submitted for many (job_id, refs) in one transaction."""
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
                 count_attempt: bool = False) -> None: ...
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 
-    def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None: ...
+    def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
+        """Apply a receipt durably. None: no part has that id (yet); the receipt is then stored
+        as an orphan, durably too, and applied when mark_submitted* stores that id."""
 
-    def record_receipts(self, items: list[tuple[str, str, str]]) -> list[ReceiptOutcome | None]: ...
+    def record_receipts(self, items: list[tuple[str, str, str]]) -> list[ReceiptOutcome | None]:
+        """record_receipt for many (ref, part_state, error), in order, in one transaction."""
+
+    def prune_orphans(self, max_age: float, limit: int = 1000) -> list[OrphanReceipt]:
+        """Delete (and return) orphan receipts older than max_age seconds: they matched nothing."""
 
     def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]: ...
 

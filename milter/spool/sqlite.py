@@ -22,9 +22,11 @@ from ..config import Config
 from .base import (
     FINAL_STATES,
     AddResult,
+    AppliedOrphan,
     Event,
     Job,
     NewJob,
+    OrphanReceipt,
     OutMail,
     ReceiptOutcome,
     SpoolError,
@@ -59,7 +61,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_at REAL,
     done_at REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs(not_before) WHERE state = 'queued';
+-- Claim takes due jobs oldest first: scan the queued ones in id order (jobs_due, an index
+-- on not_before, made claim scan every finished job too: replaced).
+DROP INDEX IF EXISTS jobs_due;
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs(id) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_recipient ON jobs(recipient, id) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(expires_at) WHERE state IN ('submitted', 'buffered');
 CREATE INDEX IF NOT EXISTS jobs_trans_ref ON jobs(account, trans_ref) WHERE trans_ref IS NOT NULL;
@@ -97,6 +102,18 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_at);
+-- Receipts whose message id matched no stored part yet (they came before the submit
+-- response was stored): kept here, acknowledged, and applied when a part with that id is
+-- stored (mark_submitted*); pruned after ORPHAN_MAX_AGE.
+CREATE TABLE IF NOT EXISTS orphan_receipts (
+    id INTEGER PRIMARY KEY,
+    ref TEXT NOT NULL,
+    part_state TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orphan_receipts_ref ON orphan_receipts(ref);
+CREATE INDEX IF NOT EXISTS orphan_receipts_at ON orphan_receipts(at);
 """
 
 JOB_COLUMNS = (
@@ -106,6 +123,7 @@ JOB_COLUMNS = (
 )
 WAKE_SLOTS = 8  # dispatchers on one spool that can be woken directly (more still poll)
 DEFAULT_VALIDITY = 48 * 3600.0
+ORPHAN_MAX_AGE = 3 * 86400.0  # an unmatched receipt older than this matched nothing: pruned
 # Which job states owe a notification mail under each Notify policy.
 NOTIFY_STATES = {
     "ALWAYS": ("delivered", "buffered", "failed", "expired"),
@@ -436,29 +454,48 @@ class SqliteSpool:
 
         return self._run(fn)
 
-    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> None:
-        def fn(db: sqlite3.Connection) -> None:
-            now = time.time()
-            db.execute(
-                "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
-                " last_error='' WHERE id=? AND state='queued'", (now, job_id))
-            db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
-                           [(job_id, i, normalize_ref(r)) for i, r in enumerate(refs)])
+    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> list[AppliedOrphan]:
+        return self.mark_submitted_many([(job_id, refs)])
 
-        self._run(fn)
+    def mark_submitted_many(self, items: list[tuple[int, list[str]]]) -> list[AppliedOrphan]:
+        """mark_submitted for many jobs in one transaction (the dispatcher's hot path): the jobs
+        become `submitted`, their parts get their message ids, and every orphan receipt for one
+        of those ids (it came before this) is applied and deleted, all in this transaction."""
+        if not items:
+            return []
 
-    def mark_submitted_many(self, items: list[tuple[int, list[str]]]) -> None:
-        """mark_submitted for many jobs in one transaction (the dispatcher's hot path)."""
-
-        def fn(db: sqlite3.Connection) -> None:
+        def fn(db: sqlite3.Connection) -> list[AppliedOrphan]:
             now = time.time()
             db.executemany(
                 "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
                 " last_error='' WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
+            refs = [(jid, i, normalize_ref(r)) for jid, rs in items for i, r in enumerate(rs)]
             db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
-                           [(jid, i, normalize_ref(r)) for jid, refs in items for i, r in enumerate(refs)])
+                           refs)
+            return self._apply_orphans(db, [r for _, _, r in refs], now)
 
-        self._run(fn)
+        return self._run(fn)
+
+    def _apply_orphans(self, db: sqlite3.Connection, refs: list[str], now: float) -> list[AppliedOrphan]:
+        """Apply (in arrival order) and delete the orphan receipts for parts just stored."""
+        if db.execute("SELECT 1 FROM orphan_receipts LIMIT 1").fetchone() is None:
+            return []  # the usual case: one cheap look, nothing to match
+        # Forms are symmetric: a receipt id R matches a part id P iff P is a form of R iff R is
+        # a form of P (refs_for_lookup), so look the orphans up by every form of the new ids.
+        forms = list({f for r in refs for f in refs_for_lookup(r)})
+        rows: list[sqlite3.Row] = []
+        for i in range(0, len(forms), 5000):
+            rows += db.execute("SELECT id, ref, part_state, error, at FROM orphan_receipts"
+                               " WHERE ref IN (SELECT value FROM json_each(?))",
+                               (json.dumps(forms[i:i + 5000]),)).fetchall()
+        if not rows:
+            return []
+        rows.sort(key=lambda r: r["id"])
+        outcomes = self._apply_receipts(db, [(r["ref"], r["part_state"], r["error"]) for r in rows], now,
+                                        keep_orphans=False)
+        db.executemany("DELETE FROM orphan_receipts WHERE id=?", [(r["id"],) for r in rows])
+        return [AppliedOrphan(OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"]), o)
+                for r, o in zip(rows, outcomes, strict=True) if o is not None]
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
                 count_attempt: bool = False) -> None:
@@ -503,40 +540,94 @@ class SqliteSpool:
                        (job_id, "url", state, now, now))
 
     def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
-        """Apply a delivery receipt for one part; returns None if no part has that id."""
-        return self._run(self._apply_receipt, ref, part_state, error)
+        """Apply a delivery receipt for one part. None: no part has that id (yet); the receipt
+        is then kept as an orphan (durably, in this transaction) and applied by mark_submitted*
+        when a part with that id is stored."""
+        return self.record_receipts([(ref, part_state, error)])[0]
 
     def record_receipts(self, items: list[tuple[str, str, str]]) -> list[ReceiptOutcome | None]:
         """record_receipt for many (ref, part_state, error) in one transaction, in order."""
-        return self._run(lambda db: [self._apply_receipt(db, *it) for it in items])
+        if not items:
+            return []
+        return self._run(lambda db: self._apply_receipts(db, items, time.time()))
 
-    def _apply_receipt(self, db: sqlite3.Connection, ref: str, part_state: str,
-                       error: str) -> ReceiptOutcome | None:
-        part = None
-        for form in refs_for_lookup(ref):  # the id as given first, then its other readings
-            part = db.execute("SELECT job_id, seq FROM parts WHERE ref=? LIMIT 1", (form,)).fetchone()
-            if part is not None:
-                break
-        if part is None:
-            return None
-        job_id = part["job_id"]
-        db.execute("UPDATE parts SET state=? WHERE job_id=? AND seq=?", (part_state, job_id, part["seq"]))
-        states = [r["state"] for r in db.execute("SELECT state FROM parts WHERE job_id=?", (job_id,))]
-        job = db.execute("SELECT state, parts FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if "failed" in states:
-            new = "failed"
-        elif "expired" in states:
-            new = "expired"
-        elif len(states) >= job["parts"] and all(s == "delivered" for s in states):
-            new = "delivered"
-        elif "buffered" in states:
-            new = "buffered"
-        else:
-            new = job["state"]
-        changed = False
-        if new != job["state"] and job["state"] not in FINAL_STATES:
-            changed = self._set_final(db, job_id, new, error, time.time())
-        return ReceiptOutcome(job_id, new if changed else job["state"], changed)
+    def _apply_receipts(self, db: sqlite3.Connection, items: list[tuple[str, str, str]], now: float,
+                        keep_orphans: bool = True) -> list[ReceiptOutcome | None]:
+        """Apply receipts in order with a handful of statements for the whole batch: find the
+        parts and their jobs in bulk, work out each job's state in memory receipt by receipt
+        (so a job still passes through every state, e.g. buffered then delivered, and owes the
+        same notifications as one receipt at a time), then write the parts back."""
+        lookups = [refs_for_lookup(ref) for ref, _, _ in items]
+        wanted = list({f for forms in lookups for f in forms})
+        where: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(wanted), 5000):
+            for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
+                                " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
+                where.setdefault(r[0], (r[1], r[2]))
+        # The jobs concerned: state, part count, and the state of each part.
+        jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}]
+        ids = list({v[0] for v in where.values()})
+        for i in range(0, len(ids), 5000):
+            chunk = json.dumps(ids[i:i + 5000])
+            for r in db.execute("SELECT id, state, parts FROM jobs WHERE id IN"
+                                " (SELECT value FROM json_each(?))", (chunk,)):
+                jobs[r[0]] = [r[1], r[2], {}]
+            for r in db.execute("SELECT job_id, seq, state FROM parts WHERE job_id IN"
+                                " (SELECT value FROM json_each(?))", (chunk,)):
+                if r[0] in jobs:
+                    jobs[r[0]][2][r[1]] = r[2]
+        out: list[ReceiptOutcome | None] = []
+        touched: dict[tuple[int, int], str] = {}
+        orphans: list[tuple[str, str, str, float]] = []
+        for (_, part_state, error), forms in zip(items, lookups, strict=True):
+            hit = next((where[f] for f in forms if f in where), None)  # the id as given first
+            job = jobs.get(hit[0]) if hit is not None else None
+            if hit is None or job is None:
+                orphans.append((forms[0], part_state, error, now))
+                out.append(None)
+                continue
+            job_id, seq = hit
+            job[2][seq] = touched[hit] = part_state
+            states = job[2].values()
+            if "failed" in states:
+                new = "failed"
+            elif "expired" in states:
+                new = "expired"
+            elif len(job[2]) >= job[1] and all(s == "delivered" for s in states):
+                new = "delivered"
+            elif "buffered" in states:
+                new = "buffered"
+            else:
+                new = job[0]
+            changed = False
+            if new != job[0] and job[0] not in FINAL_STATES:
+                changed = self._set_final(db, job_id, new, error, now)
+                if changed:
+                    job[0] = new
+            out.append(ReceiptOutcome(job_id, job[0], changed))
+        if touched:
+            db.executemany("UPDATE parts SET state=? WHERE job_id=? AND seq=?",
+                           [(st, jid, seq) for (jid, seq), st in touched.items()])
+        if orphans and keep_orphans:
+            db.executemany("INSERT INTO orphan_receipts(ref, part_state, error, at) VALUES (?,?,?,?)",
+                           orphans)
+        return out
+
+    def prune_orphans(self, max_age: float = ORPHAN_MAX_AGE, limit: int = 1000) -> list[OrphanReceipt]:
+        """Delete and return (oldest first) up to `limit` orphan receipts older than max_age s."""
+
+        def fn(db: sqlite3.Connection) -> list[OrphanReceipt]:
+            rows = db.execute(
+                "DELETE FROM orphan_receipts WHERE id IN (SELECT id FROM orphan_receipts WHERE at<?"
+                " ORDER BY id LIMIT ?) RETURNING id, ref, part_state, error, at",
+                (time.time() - max_age, limit)).fetchall()
+            rows.sort(key=lambda r: r["id"])
+            return [OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"]) for r in rows]
+
+        return self._run(fn)
+
+    def orphan_count(self) -> int:
+        return int(self._read("SELECT count(*) AS n FROM orphan_receipts")[0]["n"])
 
     def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]:
         """Extend this owner's leases on queued jobs; returns the ids whose lease was renewed

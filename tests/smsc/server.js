@@ -10,6 +10,10 @@
 //   --receipt-mode M     tlv (TLVs + text, default) | text (receipt text only)
 //   --receipt-delay MS   wait before sending each receipt (default 0)
 //   --receipt-first      send the receipt BEFORE the submit_sm_resp (the race a client must survive)
+//   --resp-delay MS      wait before sending each submit_sm_resp (with --receipt-first: the client
+//                        surely has the receipt long before it can store the message id)
+//   --stale-receipts N   on the next bind, first send N receipts for message ids never issued (a
+//                        backlog of stale receipts, as an SMSC resends after an outage)
 //   --no-receipts        never send receipts
 //   --enroute            send an ENROUTE receipt before the final one
 //   --throttle N         answer ESME_RTHROTTLED (0x58) to the next N submits
@@ -44,6 +48,7 @@ function parseArgs(argv) {
   const o = {
     port: Number(process.env.SMSC_PORT || 2775), system_id: 'gw', password: 'pw', log: '',
     hex_ids: false, receipt_mode: 'tlv', receipt_delay: 0, receipt_first: false, no_receipts: false,
+    resp_delay: 0, stale_receipts: 0,
     enroute: false, throttle: 0, qfull: 0, syserr: 0, fail_dest: [], undeliv: [], expired_dest: [],
     drop_after: -1, no_unbind_resp: false,
   };
@@ -196,6 +201,18 @@ const server = smpp.createServer((session) => {
     if (!bound.has(sid)) bound.set(sid, new Set());
     bound.get(sid).add(session);
     session.send(pdu.response({ system_id: 'SIMSMSC' }));
+    if (opt.stale_receipts > 0) {
+      // Ids from a range submit_sm_resp never uses (9e14.., 15 digits), in either form.
+      const stale = { dest_addr_ton: 1, dest_addr_npi: 1, destination_addr: '41790000000', source_addr_ton: 1,
+        source_addr_npi: 1, source_addr: '41760000000', body_hex: Buffer.from('stale').toString('hex') };
+      let pend = pendingReceipts.get(sid);
+      if (!pend) pendingReceipts.set(sid, (pend = new Map()));
+      for (let k = 0; k < opt.stale_receipts; k++) {
+        const rc = receiptFor(stale, 900000000000000 + k, 'DELIVRD');
+        pend.set(rc.key, rc);
+      }
+      opt.stale_receipts = 0;
+    }
     const pend = pendingReceipts.get(sid);
     if (pend) for (const rc of Array.from(pend.values())) deliver(session, sid, rc);
   });
@@ -241,12 +258,18 @@ const server = smpp.createServer((session) => {
     const wireId = opt.hex_ids ? id.toString(16) : String(id);
     rec.message_id = wireId;
     record(rec);
+    const respond = () => session.send(pdu.response({ message_id: wireId }));
     if (opt.receipt_first) {
       scheduleReceipts(systemId, sub, id);
-      session.send(pdu.response({ message_id: wireId }));
+      if (opt.resp_delay > 0) setTimeout(respond, opt.resp_delay);
+      else respond();
     } else {
-      session.send(pdu.response({ message_id: wireId }));
-      scheduleReceipts(systemId, sub, id);
+      if (opt.resp_delay > 0) {
+        setTimeout(() => { respond(); scheduleReceipts(systemId, sub, id); }, opt.resp_delay);
+      } else {
+        respond();
+        scheduleReceipts(systemId, sub, id);
+      }
     }
   });
 });
