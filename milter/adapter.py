@@ -17,18 +17,23 @@ python-libmilter parses the protocol; this module works around its known bugs
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import selectors
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import libmilter as lm
 
-from .gateway import Gateway, Message
+from .gateway import Commit, Gateway, Message, Outcome
 from .policy.refusal import INTERNAL_ERROR, Refusal
+from .spool.base import SpoolError
+from .spool.sqlite import AddRequest
 
 log = logging.getLogger("sms_milter.adapter")
 
@@ -37,6 +42,17 @@ PROTOCOL_FLAGS = (
     | lm.SMFIP_NR_CONN | lm.SMFIP_NR_MAIL | lm.SMFIP_NR_HDR | lm.SMFIP_NR_BODY
 )
 ACTIONS = lm.SMFIF_DELRCPT
+
+
+DEFERRED = lm.Deferred()  # "no reply now": libmilter sends nothing for it
+
+
+@dataclass
+class Pending:
+    msg: Message
+    commit: Commit
+    request: AddRequest
+    since: float
 
 
 def _packet(cmd: bytes, payload: bytes = b"") -> bytes:
@@ -79,6 +95,10 @@ class MilterSession(lm.MilterProtocol):
         self.client_ip: str | None = None
         self.msg = Message()
         self.in_message = False
+        self.pending: Pending | None = None
+        # Set by the server: queue a commit (returns its request) / withdraw a queued one.
+        self.commit: Callable[[Commit, MilterSession], AddRequest] | None = None
+        self.withdraw: Callable[[AddRequest], bool] | None = None
 
     # libmilter calls send() for every reply: collect them, the loop writes them at once.
     def send(self, msg: bytes) -> None:
@@ -153,43 +173,88 @@ class MilterSession(lm.MilterProtocol):
             self.msg.add_body(chunk, self.gateway.cfg.milter.max_message_bytes)
         self._guard("body", run, replies=False)
 
-    def eob(self, md: dict) -> bytes:
-        def run() -> bytes:
+    def eob(self, md: dict) -> bytes | lm.Deferred:
+        def run() -> bytes | lm.Deferred:
             self._macros(md)
-            outcome = self.gateway.end_of_message(self.msg)
-            if outcome.refusal:
-                return reply_packet(outcome.refusal)
-            if outcome.discard:
-                return lm.DISCARD
-            for raw in outcome.delete:
-                self.out.append(_packet(lm.SMFIR_DELRCPT, raw + b"\0"))
-            return lm.CONTINUE
+            decided = self.gateway.decide(self.msg)
+            if isinstance(decided, Outcome):
+                return self._packets(decided)
+            if self.commit is None:  # no event loop (tests, tools): wait here
+                return self._packets(self.gateway.end_of_message(self.msg))
+            self.pending = Pending(self.msg, decided, self.commit(decided, self), time.monotonic())
+            return DEFERRED  # the reply goes out when the spool has committed
         try:
             return self._guard("end of message", run) or lm.CONTINUE
         finally:
-            self.in_message = False
+            self.in_message = self.pending is not None
             self._new_message()
 
+    def _packets(self, outcome: Outcome) -> bytes:
+        if outcome.refusal:
+            return reply_packet(outcome.refusal)
+        if outcome.discard:
+            return lm.DISCARD
+        return b"".join(_packet(lm.SMFIR_DELRCPT, raw + b"\0") for raw in outcome.delete) + lm.CONTINUE
+
+    def committed(self) -> None:
+        """The spool answered for the pending message: queue the final reply."""
+        p, self.pending = self.pending, None
+        self.in_message = False
+        if p is None:
+            return
+        result = p.request.error if p.request.error is not None else p.request.result
+        assert result is not None
+        self.out.append(self._guard("end of message", lambda: self._packets(
+            self.gateway.committed(p.msg, p.commit, result))) or lm.TEMPFAIL)
+
     def abort(self) -> None:
+        # The MTA gave up on the message (its own timeout, or the client went away).
+        # A commit still queued is withdrawn; one already made stays (a resend is
+        # recognised by its idempotency key).
+        if self.pending is not None and self.withdraw is not None:
+            self.withdraw(self.pending.request)
+        self.pending = None
         self.in_message = False
         self._new_message()
 
     def close(self) -> None:
-        self.in_message = False
+        self.abort()
+
+
+class _Conn:
+    __slots__ = ("sock", "session", "outbuf", "last", "writing")
+
+    def __init__(self, sock: socket.socket, session: MilterSession):
+        self.sock = sock
+        self.session = session
+        self.outbuf = bytearray()
+        self.last = time.monotonic()
+        self.writing = False
 
 
 class Server:
-    """Accepts MTA connections, one thread each; stops promptly on request."""
+    """All MTA connections in one thread around a selector, as Postfix itself works.
+
+    A thread per connection spent most of its time handing the GIL around; here one
+    thread parses and decides, the spool's writer thread commits (grouping the messages
+    of concurrent sessions into one transaction) and reports back through a socketpair.
+    """
 
     def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0,
                  stopping: threading.Event | None = None):
         self.spec = spec
         self.gateway = gateway
+        self.spool = gateway.spool
         self.idle_timeout = idle_timeout
+        self.spool_timeout = gateway.cfg.milter.spool_timeout
         self.stopping = stopping or threading.Event()
-        self.sessions: dict[int, tuple[socket.socket, MilterSession]] = {}
-        self.lock = threading.Lock()
         self.sock = self._listen(spec)
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, _Conn] = {}
+        self.completed: collections.deque[AddRequest] = collections.deque()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
 
     def _listen(self, spec: str) -> socket.socket:
         if spec.startswith("unix:"):
@@ -210,100 +275,173 @@ class Server:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(info[4])
         s.listen(128)
-        s.settimeout(0.2)
+        s.setblocking(False)
         return s
 
+    # -- the spool's writer thread calls these -----------------------------------------------
+    def _commit(self, commit: Commit, session: MilterSession) -> AddRequest:
+        return self.spool.submit(AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails,
+                                            callback=self._done, context=session))
+
+    def _done(self, request: AddRequest) -> None:
+        self.completed.append(request)
+        try:
+            self.wake_w.send(b"!")
+        except OSError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    # -- the loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         log.info("listening on %s", self.spec)
+        self.sel.register(self.sock, selectors.EVENT_READ, "listen")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        draining_until: float | None = None
+        last_sweep = time.monotonic()
         try:
-            while not self.stopping.is_set():
-                try:
-                    conn, addr = self.sock.accept()
-                except TimeoutError:
-                    continue
-                except OSError as e:
-                    if self.stopping.is_set():
+            while True:
+                if self.stopping.is_set() and draining_until is None:
+                    self.sel.unregister(self.sock)
+                    self.sock.close()
+                    draining_until = time.monotonic() + 30.0
+                if draining_until is not None:
+                    for c in [c for c in self.conns.values() if not c.session.in_message]:
+                        self._close(c)  # idle between messages: close now
+                    if not self.conns or time.monotonic() > draining_until:
                         break
-                    log.warning("accept failed: %s", e)
-                    time.sleep(0.05)
-                    continue
-                t = threading.Thread(target=self._session, args=(conn, str(addr)), daemon=True)
-                t.start()
+                for key, mask in self.sel.select(0.2):
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._completions()
+                    elif mask & selectors.EVENT_READ:
+                        self._readable(key.data)
+                    if isinstance(key.data, _Conn) and mask & selectors.EVENT_WRITE:
+                        self._flush(key.data)
+                now = time.monotonic()
+                if now - last_sweep >= 0.1:
+                    last_sweep = now
+                    self._sweep(now)
         finally:
-            self.sock.close()
+            for c in list(self.conns.values()):
+                self._close(c)
+            if draining_until is None:
+                self.sock.close()
             if self.spec.startswith("unix:"):
                 try:
                     os.unlink(self.spec[5:])
                 except OSError:
                     pass
-        self._drain()
+            self.sel.close()
+            self.wake_r.close()
+            self.wake_w.close()
 
-    def _drain(self, limit: float = 30.0) -> None:
-        """Let sessions in the middle of a message finish it; close idle ones."""
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            with self.lock:
-                busy = [s for s in self.sessions.values() if s[1].in_message]
-                idle = [s for s in self.sessions.values() if not s[1].in_message]
-            for conn, _ in idle:
-                _shutdown(conn)
-            if not busy:
-                break
-            time.sleep(0.05)
-        with self.lock:
-            for conn, _ in self.sessions.values():
-                _shutdown(conn)
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = MilterSession(self.gateway, str(addr))
+            session.transport = sock
+            session.commit = self._commit
+            session.withdraw = self.spool.abandon
+            conn = _Conn(sock, session)
+            self.conns[sock.fileno()] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _session(self, conn: socket.socket, peer: str) -> None:
-        quickack = conn.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_QUICKACK")
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(self.idle_timeout)
-        session = MilterSession(self.gateway, peer)
-        session.transport = conn
-        with self.lock:
-            self.sessions[id(session)] = (conn, session)
+    def _readable(self, c: _Conn) -> None:
         try:
-            while True:
-                try:
-                    data = conn.recv(lm.MILTER_CHUNK_SIZE)
-                    if quickack:
-                        # Headers and body need no reply, so nothing of ours carries the ACK;
-                        # the MTA's Nagle would then wait ~40 ms for our delayed ACK.
-                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                except OSError:
-                    break
-                if not data:
-                    break
-                try:
-                    session.dataReceived(data)
-                except Exception:
-                    log.exception("protocol error from the MTA, closing the connection")
-                    session.out.append(lm.TEMPFAIL)
-                    _flush(conn, session)
-                    break
-                if not _flush(conn, session):
-                    break
-        finally:
-            with self.lock:
-                self.sessions.pop(id(session), None)
-            session.in_message = False
-            _shutdown(conn)
+            data = c.sock.recv(lm.MILTER_CHUNK_SIZE)
+            if data and c.sock.family != socket.AF_UNIX and hasattr(socket, "TCP_QUICKACK"):
+                # Headers and body need no reply, so nothing of ours carries the ACK;
+                # the MTA's Nagle would then wait ~40 ms for our delayed ACK.
+                c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(c)
+            return
+        c.last = time.monotonic()
+        try:
+            c.session.dataReceived(data)
+        except Exception:
+            log.exception("protocol error from the MTA, closing the connection")
+            c.session.out.append(lm.TEMPFAIL)
+            self._flush(c)
+            self._close(c)
+            return
+        self._flush(c)
+
+    def _completions(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while self.completed:
+            request = self.completed.popleft()
+            session = request.context
+            assert isinstance(session, MilterSession)
+            if session.pending is None or session.pending.request is not request:
+                continue  # aborted or closed meanwhile: the MTA expects no answer
+            session.committed()
+            conn = self.conns.get(session.transport.fileno()) if session.transport else None
+            if conn is not None:
+                self._flush(conn)
+
+    def _sweep(self, now: float) -> None:
+        for c in list(self.conns.values()):
+            p = c.session.pending
+            if p is not None and now - p.since > self.spool_timeout and self.spool.abandon(p.request):
+                log.error("%s: spool did not answer within %gs, answering 451", p.msg.queue_id or "NOQUEUE",
+                          self.spool_timeout)
+                p.request.error = SpoolError("timeout")
+                c.session.committed()
+                self._flush(c)
+            elif p is None and now - c.last > self.idle_timeout:
+                self._close(c)
+
+    def _flush(self, c: _Conn) -> None:
+        if c.session.out:
+            c.outbuf += b"".join(c.session.out)
+            c.session.out.clear()
+        if c.outbuf:
+            try:
+                sent = c.sock.send(c.outbuf)
+                del c.outbuf[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._close(c)
+                return
+        want = bool(c.outbuf)
+        if want != c.writing:
+            c.writing = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.sel.modify(c.sock, events, c)
+
+    def _close(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if fd >= 0:
+            self.conns.pop(fd, None)
+            try:
+                self.sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                pass
+        c.session.close()
+        c.session.transport = None
+        _shutdown(c.sock)
 
     def stop(self) -> None:
         self.stopping.set()
-
-
-def _flush(conn: socket.socket, session: MilterSession) -> bool:
-    if not session.out:
-        return True
-    data = b"".join(session.out)
-    session.out.clear()
-    try:
-        conn.sendall(data)
-        return True
-    except OSError:
-        return False
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .config import Account, Config, SenderRule
 from .policy import addresses, auth, content, smstext, subject
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
-from .spool.base import NewJob, OutMail, Spool, SpoolError
+from .spool.base import AddResult, NewJob, OutMail, Spool, SpoolError
 
 log = logging.getLogger("sms_milter.gateway")
 
@@ -82,6 +82,17 @@ def split_message(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """What the spool must commit, in one transaction, before the message may be accepted."""
+
+    key: str
+    key_ttl: float
+    jobs: list[NewJob]
+    mails: list[OutMail]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
 class Outcome:
     refusal: Refusal | None = None
     delete: tuple[bytes, ...] = ()  # recipients to remove from the message
@@ -125,7 +136,8 @@ class Gateway:
         return r
 
     # -- end of message -----------------------------------------------------------------
-    def end_of_message(self, msg: Message) -> Outcome:
+    def decide(self, msg: Message) -> Outcome | Commit:
+        """Everything but the spool: an Outcome (refusal, or nothing to do) or a Commit to make."""
         qid = msg.queue_id or "NOQUEUE"
         if not msg.sms:
             return Outcome()
@@ -139,16 +151,31 @@ class Gateway:
             return Outcome(refusal=decided)
         jobs, mails, notes = decided
         key, ttl = self._idempotency_key(msg)
-        try:
-            result = self.spool.add_message(key, jobs, key_ttl=ttl, timeout=self.cfg.milter.spool_timeout,
-                                            mails=mails)
-        except SpoolError as e:
-            log.error("%s: spool unavailable, answering 451: %s", qid, e)
+        return Commit(key=key, key_ttl=ttl, jobs=jobs, mails=mails, notes=notes)
+
+    def committed(self, msg: Message, commit: Commit, result: AddResult | SpoolError) -> Outcome:
+        """The Outcome once the spool answered: 250 with the SMS recipients removed, or 451."""
+        qid = msg.queue_id or "NOQUEUE"
+        if isinstance(result, SpoolError):
+            log.error("%s: spool unavailable, answering 451: %s", qid, result)
             return Outcome(refusal=SPOOL_UNAVAILABLE)
         ids = ",".join(str(i) for i in result.job_ids) or "-"
         what = "duplicate of an accepted message, nothing added" if result.duplicate else "accepted"
-        log.info("%s: %s: %d job(s) [%s] %s", qid, what, len(jobs), ids, "; ".join(notes))
+        log.info("%s: %s: %d job(s) [%s] %s", qid, what, len(commit.jobs), ids, "; ".join(commit.notes))
         return Outcome(delete=tuple(r.raw for r in msg.sms), discard=msg.others == 0)
+
+    def end_of_message(self, msg: Message) -> Outcome:
+        """decide, commit and wait: for callers that may block (the pipe transport)."""
+        decided = self.decide(msg)
+        if isinstance(decided, Outcome):
+            return decided
+        try:
+            result: AddResult | SpoolError = self.spool.add_message(
+                decided.key, decided.jobs, key_ttl=decided.key_ttl,
+                timeout=self.cfg.milter.spool_timeout, mails=decided.mails)
+        except SpoolError as e:
+            result = e
+        return self.committed(msg, decided, result)
 
     def _decide(self, msg: Message) -> Refusal | tuple[list[NewJob], list[OutMail], list[str]]:
         limit = self.cfg.milter.max_message_bytes
