@@ -61,12 +61,16 @@ class Engine:
         if not self._kick.is_set():
             self._kick.set()
 
+    def _wake(self) -> None:
+        if not self._kick.is_set():
+            self._kick.set()
+
     def kick(self) -> None:
         self._kick.set()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.provider.start(self._on_result, self._on_receipt, self._kick.set)
+        self.provider.start(self._on_result, self._on_receipt, self._wake)
         waker = threading.Thread(target=self._wake_loop, args=(stop,), name="spool-wake", daemon=True)
         waker.start()
         watch = threading.Thread(target=lambda: (stop.wait(), self._kick.set()), name="stop-watch",

@@ -28,6 +28,8 @@ def parse_receipt_text(text: str) -> dict[str, str]:
 
 def interpret(receipted_id: str | None, message_state: int | None, text: str) -> tuple[str, str, str] | None:
     """(ref, part_state, stat word + err) from a receipt's TLVs or text; None if it is not one."""
+    if receipted_id and message_state == 2:  # DELIVRD by the TLVs: the text has nothing more
+        return receipted_id, "delivered", "receipt stat:DELIVRD"
     fields = parse_receipt_text(text) if text else {}
     ref = receipted_id or fields.get("id", "")
     stat = MESSAGE_STATES.get(message_state or 0) or fields.get("stat", "").upper()

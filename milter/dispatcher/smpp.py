@@ -3,8 +3,11 @@
 Threads: `smpp-send` connects/binds (with backoff), sends submit_sm while the window and the
 rate allow, and keeps the link alive with enquire_link; `smpp-read` (one per connection)
 reads every PDU, answers enquire_link/unbind at once and hands submit_sm_resp results and
-delivery receipts to the engine. smpplib connects and makes the bind; the hot PDUs
-(submit_sm, submit_sm_resp, deliver_sm and their answers) are coded by hand in `pdus`.
+delivery receipts to the engine. The reader takes every PDU of one read at once (one lock,
+one wake-up of the engine) and refills the window it freed itself, without waking the
+sender (both send under the connection's write lock, so submits go out in order).
+smpplib connects and makes the bind; the hot PDUs (submit_sm, submit_sm_resp, deliver_sm
+and their answers) are coded by hand in `pdus`.
 
 Throttling (ESME_RTHROTTLED, ESME_RMSGQFUL) is not a job failure: the part is sent again
 from memory, in order, after a pause, and the bind's rate is halved (then recovers).
@@ -31,7 +34,7 @@ import smpplib.exceptions
 
 from ..config import SmppConfig
 from ..spool.base import Job
-from .pdus import Part, encode_submit_sm, job_parts, parse_deliver_sm
+from .pdus import HEADER, SUBMIT_SM, Part, job_parts, parse_deliver_sm, submit_sm_body
 from .provider import Receipt, ReceiptCallback, ResultCallback, SubmitResult
 from .receipts import interpret
 
@@ -76,6 +79,7 @@ def _pdu(command_id: int, seq: int, status: int = 0, body: bytes = b"") -> bytes
 class _JobState:
     job: Job
     parts: list[Part]
+    bodies: list[bytes]  # each part's submit_sm without the header
     refs: list[str | None]
     outstanding: int  # parts without a final answer (sent or not)
     error: str = ""
@@ -219,23 +223,26 @@ class SmppProvider:
             return max(0, limit - len(self._jobs))
 
     def submit(self, jobs: list[Job]) -> None:
+        ready: list[_JobState] = []
+        for job in jobs:  # encoded outside the lock: the reader and the sender go on meanwhile
+            try:
+                parts = job_parts(job)
+                bodies = [submit_sm_body(p) for p in parts]
+            except Exception as e:  # noqa: BLE001 (a job we cannot encode must not stop the bind)
+                self._on_result(SubmitResult(job.id, error=f"cannot encode the text: {e}"))
+                continue
+            if len(parts) != job.parts:
+                log.warning("job %d: text encodes to %d part(s), spool says %d", job.id, len(parts),
+                            job.parts)
+            ready.append(_JobState(job, parts, bodies, [None] * len(parts), len(parts)))
         with self._cond:
-            for job in jobs:
-                try:
-                    parts = job_parts(job)
-                except Exception as e:  # noqa: BLE001 (a job we cannot encode must not stop the bind)
-                    self._on_result(SubmitResult(job.id, error=f"cannot encode the text: {e}"))
-                    continue
-                if len(parts) != job.parts:
-                    log.warning("job %d: text encodes to %d part(s), spool says %d", job.id, len(parts),
-                                job.parts)
-                js = _JobState(job, parts, [None] * len(parts), len(parts))
+            for js in ready:
                 if self._stopping or self._conn is None:
-                    self._on_result(SubmitResult(job.id, error="not connected to the SMSC", temporary=True,
+                    self._on_result(SubmitResult(js.job.id, error="not connected to the SMSC", temporary=True,
                                                  count_attempt=False))
                     continue
-                self._jobs[job.id] = js
-                self._queue.extend((js, i) for i in range(len(parts)))
+                self._jobs[js.job.id] = js
+                self._queue.extend((js, i) for i in range(len(js.parts)))
             self._cond.notify_all()
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
@@ -392,12 +399,8 @@ class SmppProvider:
                 reader.start()
                 self._on_change()
                 continue
-            data, wait = self._next_batch(conn)
-            if data:
-                try:
-                    conn.send(data)
-                except OSError as e:
-                    self._lost(conn, f"send failed: {e}")
+            sent, wait = self._pump(conn)
+            if sent:
                 continue
             with self._cond:
                 if self._conn is conn and not self._closed:
@@ -409,8 +412,24 @@ class SmppProvider:
                     backoff = min(backoff * 2, self.cfg.reconnect_max) if short else self.cfg.reconnect_min
                     self._cond.wait_for(lambda: self._closed or self._stopping, delay)
 
-    def _next_batch(self, conn: _Conn) -> tuple[bytes, float]:
-        """Submits (and keep-alives) to send now, or how long to wait."""
+    def _pump(self, conn: _Conn, reader: bool = False) -> tuple[bool, float]:
+        """Send what may go now (from the sender or the reader); (anything sent, wait hint)."""
+        with conn.wlock:  # numbered and sent under one lock: submits leave in sequence order
+            data, wait = self._next_batch(conn, reader)
+            if not data:
+                return False, wait
+            try:
+                conn.sock.sendall(data)
+            except OSError as e:
+                err = e
+            else:
+                return True, wait
+        self._lost(conn, f"send failed: {err}")
+        return False, 0.0
+
+    def _next_batch(self, conn: _Conn, reader: bool = False) -> tuple[bytes, float]:
+        """Submits (and keep-alives) to send now, or how long to wait. From the reader, parts
+        held back by a pause or the rate wake the sender, which waits for them."""
         out: list[bytes] = []
         with self._cond:
             if self._conn is not conn or self._closed:
@@ -438,9 +457,10 @@ class SmppProvider:
                         heapq.heappop(self._retry)
                     else:
                         self._queue.popleft()
-                    self._seq = self._seq % 0x7FFFFFFF + 1
-                    self._inflight[self._seq] = (js, idx)
-                    out.append(encode_submit_sm(self._seq, js.parts[idx]))
+                    self._seq = seq = self._seq % 0x7FFFFFFF + 1
+                    self._inflight[seq] = (js, idx)
+                    body = js.bodies[idx]
+                    out.append(HEADER.pack(16 + len(body), SUBMIT_SM, 0, seq) + body)
             idle = now - self._last_tx
             if self._enquire_sent is not None:
                 if now - self._enquire_sent > max(10.0, self.cfg.enquire_link):
@@ -454,10 +474,12 @@ class SmppProvider:
                 self._last_tx = now
             else:
                 wait = min(wait, max(0.01, self.cfg.enquire_link - idle))
+            if reader and (self._retry or self._queue) and len(self._inflight) < self.cfg.window:
+                self._cond.notify_all()
         return b"".join(out), wait
 
     def _read_loop(self, conn: _Conn) -> None:
-        buf = bytearray()
+        buf = b""
         reason = "connection closed by the SMSC"
         going = True
         try:
@@ -469,17 +491,20 @@ class SmppProvider:
                     break
                 if not data:
                     break
-                buf += data
-                while going and len(buf) >= 16:
-                    n = int.from_bytes(buf[:4], "big")
+                buf = buf + data if buf else data
+                pdus: list[bytes] = []
+                pos, end = 0, len(buf)
+                while end - pos >= 16:
+                    n = int.from_bytes(buf[pos:pos + 4], "big")
                     if n < 16 or n > 65536:
                         raise ValueError(f"bad PDU length {n}")
-                    if len(buf) < n:
+                    if end - pos < n:
                         break
-                    raw = bytes(buf[:n])
-                    del buf[:n]
-                    if not self._handle(conn, raw):
-                        reason, going = "unbound by the SMSC", False
+                    pdus.append(buf[pos:pos + n])
+                    pos += n
+                buf = buf[pos:]
+                if pdus and not self._handle_all(conn, pdus):
+                    reason, going = "unbound by the SMSC", False
         except OSError as e:
             reason = f"connection failed: {e}"
         except Exception as e:  # noqa: BLE001 (any garbage from the peer ends this connection only)
@@ -489,15 +514,35 @@ class SmppProvider:
             reason = "unbound"
         self._lost(conn, reason)
 
-    def _handle(self, conn: _Conn, raw: bytes) -> bool:
-        """Act on one PDU; False when the connection is to end."""
-        _, cmd, status, seq = struct.unpack_from(">LLLL", raw)
-        if cmd == SUBMIT_SM_RESP or cmd == GENERIC_NACK:
-            message_id = raw[16:].split(b"\0", 1)[0].decode("ascii", "replace") if len(raw) > 16 else ""
-            self._submit_resp(seq, status, message_id)
-        elif cmd == DELIVER_SM:
-            self._deliver_sm(conn, raw, seq)
-        elif cmd == ENQUIRE_LINK:
+    def _handle_all(self, conn: _Conn, pdus: list[bytes]) -> bool:
+        """Act on the PDUs of one read; False when the connection is to end. Submit responses
+        first (one lock for all), then the receipts: a receipt never reaches the engine before
+        the result of a submit answered in the same read."""
+        resps: list[tuple[int, int, str]] = []
+        receipts: list[Receipt] = []
+        going = True
+        for raw in pdus:
+            _, cmd, status, seq = HEADER.unpack_from(raw)
+            if cmd == SUBMIT_SM_RESP or cmd == GENERIC_NACK:
+                message_id = raw[16:].split(b"\0", 1)[0].decode("ascii", "replace") if len(raw) > 16 else ""
+                resps.append((seq, status, message_id))
+            elif cmd == DELIVER_SM:
+                r = self._deliver_sm(conn, raw, seq)
+                if r is not None:
+                    receipts.append(r)
+            elif going and not self._handle(conn, cmd, status, seq):
+                going = False
+        if resps:
+            self._submit_resps(resps)
+            self._pump(conn, reader=True)  # refill the window these answers freed, from this thread
+            self._on_change()
+        for r in receipts:
+            self._on_receipt(r)
+        return going
+
+    def _handle(self, conn: _Conn, cmd: int, status: int, seq: int) -> bool:
+        """Act on one PDU other than submit_sm_resp / deliver_sm; False when the connection is to end."""
+        if cmd == ENQUIRE_LINK:
             conn.send(_pdu(ENQUIRE_LINK_RESP, seq))
         elif cmd == ENQUIRE_LINK_RESP:
             with self._cond:
@@ -514,42 +559,49 @@ class SmppProvider:
             log.debug("ignoring PDU 0x%08X seq %d", cmd, seq)
         return True
 
-    def _submit_resp(self, seq: int, status: int, message_id: str) -> None:
+    def _submit_resps(self, resps: list[tuple[int, int, str]]) -> None:
         with self._cond:
-            entry = self._inflight.pop(seq, None)
-            if entry is None:
-                log.warning("submit_sm_resp for unknown sequence %d (status 0x%X)", seq, status)
-                return
-            js, idx = entry
-            now = time.monotonic()
-            if status == 0 and message_id:
-                js.refs[idx] = message_id
-                self._pause = 0.05
-                self._part_done(js)
-            elif status in THROTTLE_STATUSES and not js.error and not self._stopping:
-                if self._rate.throttled(now):
-                    self._pause = min(self._pause * 2, 2.0)
-                    log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s",
-                                status_text(status), self._pause, self._rate.cap or 0)
-                self._pause_until = max(self._pause_until, now + self._pause)
-                heapq.heappush(self._retry, _Retry(js.job.id, idx, js))
-            else:
-                if status == 0:
-                    status = 0xFF  # ROK without a message id: cannot be tracked
-                throttled = status in THROTTLE_STATUSES
-                self._abort(js, status_text(status), temporary=status in TEMPORARY_STATUSES or throttled,
-                            count_attempt=not throttled)
-                self._part_done(js)
-            self._cond.notify_all()
-        self._on_change()
+            for seq, status, message_id in resps:
+                self._submit_resp(seq, status, message_id)
+            if self._stopping:
+                self._cond.notify_all()  # drain() waits for the window to empty
 
-    def _deliver_sm(self, conn: _Conn, raw: bytes, seq: int) -> None:
+    def _submit_resp(self, seq: int, status: int, message_id: str) -> None:
+        """One submit_sm_resp (caller holds the lock)."""
+        entry = self._inflight.pop(seq, None)
+        if entry is None:
+            log.warning("submit_sm_resp for unknown sequence %d (status 0x%X)", seq, status)
+            return
+        js, idx = entry
+        if status == 0 and message_id:
+            js.refs[idx] = message_id
+            self._pause = 0.05
+            self._part_done(js)
+            return
+        now = time.monotonic()
+        if status in THROTTLE_STATUSES and not js.error and not self._stopping:
+            if self._rate.throttled(now):
+                self._pause = min(self._pause * 2, 2.0)
+                log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s",
+                            status_text(status), self._pause, self._rate.cap or 0)
+            self._pause_until = max(self._pause_until, now + self._pause)
+            heapq.heappush(self._retry, _Retry(js.job.id, idx, js))
+        else:
+            if status == 0:
+                status = 0xFF  # ROK without a message id: cannot be tracked
+            throttled = status in THROTTLE_STATUSES
+            self._abort(js, status_text(status), temporary=status in TEMPORARY_STATUSES or throttled,
+                        count_attempt=not throttled)
+            self._part_done(js)
+
+    def _deliver_sm(self, conn: _Conn, raw: bytes, seq: int) -> Receipt | None:
+        """The receipt in a deliver_sm, or None (anything else is acknowledged here)."""
         try:
             pdu = parse_deliver_sm(raw)
         except ValueError as e:
             log.warning("unparsable deliver_sm seq %d acknowledged: %s", seq, e)
             conn.send(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
-            return
+            return None
         esm = pdu.esm_class
         text = pdu.short_message.decode("latin-1")
         found = interpret(pdu.receipted_message_id, pdu.message_state, text) if esm & 0x3C else None
@@ -557,9 +609,9 @@ class SmppProvider:
             log.info("deliver_sm seq %d (esm_class 0x%02X) is not a delivery receipt: acknowledged, ignored",
                      seq, esm)
             conn.send(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
-            return
+            return None
         ref, state, detail = found
-        self._on_receipt(Receipt(ref, state, detail, (conn.gen, seq)))
+        return Receipt(ref, state, detail, (conn.gen, seq))
 
     def _lost(self, conn: _Conn, reason: str) -> None:
         with self._cond:
