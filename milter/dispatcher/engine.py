@@ -213,16 +213,16 @@ class Engine:
             self._release(ids, delay, error, counted)
 
     def _log_applied(self, applied: list[AppliedOrphan]) -> None:
-        changed = False
+        notify = False
         for a in applied:
             o, rc = a.outcome, a.receipt
             self.stats["receipts"] += 1
-            changed = changed or o.changed
+            notify = notify or o.notify
             log.log(logging.INFO if o.changed else logging.DEBUG,
                     "job %d receipt for %s (came %.3fs before its message id was stored): %s (%s); "
                     "job %s %s", o.job_id, rc.ref, max(0.0, time.time() - rc.at), rc.part_state, rc.error,
                     "is now" if o.changed else "stays", o.state)
-        if changed:
+        if notify:
             self.on_events()
 
     def _release(self, ids: list[int], delay: float, error: str, counted: bool) -> None:
@@ -239,14 +239,14 @@ class Engine:
         """Store receipts (matched or as orphans) in one transaction, then acknowledge them all."""
         outcomes = self.spool.record_receipts(
             [(r.ref, r.state, "" if r.state == "delivered" else r.error) for r in receipts])
-        changed = False
+        notify = False
         orphans = 0
         for r, o in zip(receipts, outcomes, strict=True):
             if o is None:
                 orphans += 1
                 log.debug("receipt for %s (%s): no part has that message id yet; kept", r.ref, r.error)
             elif o.changed:
-                changed = True
+                notify = notify or o.notify
                 log.info("job %d receipt for %s: %s (%s); job is now %s", o.job_id, r.ref, r.state,
                          r.error, o.state)
             else:  # a part of a longer message, or an intermediate state: the job's line comes later
@@ -258,7 +258,7 @@ class Engine:
             log.info("%d receipt(s) for message ids not stored yet: kept in the spool until their "
                      "submit is stored", orphans)
         self.provider.ack_receipts(receipts)
-        if changed:
+        if notify:  # a notification is owed: the notifier looks now rather than at its next poll
             self.on_events()
 
     def _prune(self) -> bool:

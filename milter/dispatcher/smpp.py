@@ -480,17 +480,20 @@ class SmppProvider:
 
     def _read_loop(self, conn: _Conn) -> None:
         buf = b""
+        space = bytearray(262144)  # one buffer for every read (no large allocation per recv)
+        view = memoryview(space)
         reason = "connection closed by the SMSC"
         going = True
         try:
             while going:
                 try:
-                    data = conn.sock.recv(262144)
+                    got = conn.sock.recv_into(space)
                 except OSError as e:
                     reason = f"read failed: {e}"
                     break
-                if not data:
+                if not got:
                     break
+                data = bytes(view[:got])
                 buf = buf + data if buf else data
                 pdus: list[bytes] = []
                 pos, end = 0, len(buf)

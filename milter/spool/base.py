@@ -92,6 +92,7 @@ class ReceiptOutcome:
     job_id: int
     state: str  # job state after the receipt
     changed: bool
+    notify: bool = False  # the change owes a notification (an event was queued)
 
 
 @dataclass(frozen=True)

@@ -531,13 +531,20 @@ class SqliteSpool:
 
     def _add_events(self, db: sqlite3.Connection, job_id: int, state: str, notify: str, sender: str,
                     urls: str, now: float) -> None:
+        db.executemany("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)",
+                       self._events_for(job_id, state, notify, sender, urls, now))
+
+    @staticmethod
+    def _events_for(job_id: int, state: str, notify: str, sender: str, urls: str,
+                    now: float) -> list[tuple[int, str, str, float, float]]:
+        """The events (notification mail, URL callback) a job owes on reaching `state`."""
+        out = []
         if sender and state in NOTIFY_STATES.get(notify, NOTIFY_STATES[""]):
-            db.execute("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)",
-                       (job_id, "mail", state, now, now))
+            out.append((job_id, "mail", state, now, now))
         url_key = "failed" if state == "expired" else state
-        if url_key in json.loads(urls or "{}"):
-            db.execute("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)",
-                       (job_id, "url", state, now, now))
+        if urls and urls != "{}" and url_key in json.loads(urls):
+            out.append((job_id, "url", state, now, now))
+        return out
 
     def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
         """Apply a delivery receipt for one part. None: no part has that id (yet); the receipt
@@ -564,14 +571,14 @@ class SqliteSpool:
             for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
                                 " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
                 where.setdefault(r[0], (r[1], r[2]))
-        # The jobs concerned: state, part count, and the state of each part.
-        jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}]
+        # The jobs concerned: state, part count, what they owe on a change, each part's state.
+        jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}, notify, sender, urls]
         ids = list({v[0] for v in where.values()})
         for i in range(0, len(ids), 5000):
             chunk = json.dumps(ids[i:i + 5000])
-            for r in db.execute("SELECT id, state, parts FROM jobs WHERE id IN"
+            for r in db.execute("SELECT id, state, parts, notify, sender, urls FROM jobs WHERE id IN"
                                 " (SELECT value FROM json_each(?))", (chunk,)):
-                jobs[r[0]] = [r[1], r[2], {}]
+                jobs[r[0]] = [r[1], r[2], {}, r[3], r[4], r[5]]
             for r in db.execute("SELECT job_id, seq, state FROM parts WHERE job_id IN"
                                 " (SELECT value FROM json_each(?))", (chunk,)):
                 if r[0] in jobs:
@@ -579,6 +586,8 @@ class SqliteSpool:
         out: list[ReceiptOutcome | None] = []
         touched: dict[tuple[int, int], str] = {}
         orphans: list[tuple[str, str, str, float]] = []
+        finals: dict[int, list] = {}  # job id -> [state, last_error or None, done_at or None]
+        events: list[tuple[int, str, str, float, float]] = []
         for (_, part_state, error), forms in zip(items, lookups, strict=True):
             hit = next((where[f] for f in forms if f in where), None)  # the id as given first
             job = jobs.get(hit[0]) if hit is not None else None
@@ -599,15 +608,30 @@ class SqliteSpool:
                 new = "buffered"
             else:
                 new = job[0]
-            changed = False
-            if new != job[0] and job[0] not in FINAL_STATES:
-                changed = self._set_final(db, job_id, new, error, now)
-                if changed:
-                    job[0] = new
-            out.append(ReceiptOutcome(job_id, job[0], changed))
+            if new == job[0] or job[0] in FINAL_STATES:
+                out.append(ReceiptOutcome(job_id, job[0], False))
+                continue
+            # What _set_final does, for the whole batch at once (written below).
+            job[0] = new
+            f = finals.setdefault(job_id, [new, None, None])
+            f[0] = new
+            if error:
+                f[1] = error
+            if new in FINAL_STATES:
+                f[2] = now
+            owed = self._events_for(job_id, new, job[3], job[4], job[5], now)
+            events += owed
+            out.append(ReceiptOutcome(job_id, new, True, bool(owed)))
         if touched:
             db.executemany("UPDATE parts SET state=? WHERE job_id=? AND seq=?",
                            [(st, jid, seq) for (jid, seq), st in touched.items()])
+        if finals:
+            db.executemany(
+                "UPDATE jobs SET state=?, last_error=coalesce(?, last_error), done_at=coalesce(?, done_at),"
+                " lease_owner=NULL, lease_until=NULL WHERE id=?",
+                [(st, err, done, jid) for jid, (st, err, done) in finals.items()])
+        if events:
+            db.executemany("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)", events)
         if orphans and keep_orphans:
             db.executemany("INSERT INTO orphan_receipts(ref, part_state, error, at) VALUES (?,?,?,?)",
                            orphans)
