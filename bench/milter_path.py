@@ -354,12 +354,21 @@ def main() -> int:
             stack.callback(noop_pf.stop)
             noop_pf.start()
             ceiling_round(noop_pf, 100, a.sessions, a.size, "w2")
+        py_port = bed.free_port()
+        own(stack, Proc([sys.executable, str(Path(__file__).with_name("noop_py_milter.py")),
+                         f"inet:127.0.0.1:{py_port}"]))
+        poll(lambda: bed._port_listening(py_port), 10, "no-op Python milter listening")
+        py_pf = bed.Postfix(None, sink_port, f"inet:127.0.0.1:{py_port}", name=f"bnoopy{os.getpid()}")
+        stack.callback(py_pf.stop)
+        py_pf.start()
+        ceiling_round(py_pf, 100, a.sessions, a.size, "w3")
         # A short warm-up of both paths (first-time process starts, milter connections).
         baseline_round(b, 100, a.sessions, a.size, "w0")
         project_round(b, 100, a.sessions, a.size, "w1")
         base_rates: list[float] = []
         proj_rates: list[float] = []
         ceil_rates: list[float] = []
+        noop_rates: list[float] = []
         for i in range(1, rounds + 1):
             base_rates.append(baseline_round(b, n, a.sessions, a.size, f"b{i}"))
             say(f"round {i} baseline (Postfix alone, relay to smtp-sink): {base_rates[-1]:7.0f} msg/s")
@@ -368,6 +377,8 @@ def main() -> int:
             if noop_pf is not None:
                 ceil_rates.append(ceiling_round(noop_pf, n, a.sessions, a.size, f"c{i}"))
                 say(f"round {i} reference (Postfix + no-op C libmilter):    {ceil_rates[-1]:7.0f} msg/s")
+            noop_rates.append(ceiling_round(py_pf, n, a.sessions, a.size, f"n{i}"))
+            say(f"round {i} reference (Postfix + our adapter, no work): {noop_rates[-1]:7.0f} msg/s")
         base, proj = median(base_rates), median(proj_rates)
         ratio = proj / base
         if ceil_rates:
@@ -378,7 +389,12 @@ def main() -> int:
             f"{n} relayed (baseline) / {n} new spool jobs (project) per round")
         say(f"median baseline {base:.0f} msg/s, project {proj:.0f} msg/s, "
             f"ratio {ratio:.2f} (target >= {TARGET_RATIO}) {'OK' if ratio >= TARGET_RATIO else 'MISSED'}")
+        noop = median(noop_rates)
+        say(f"median reference {noop:.0f} msg/s: our adapter with no validation and no spool reaches "
+            f"{noop / base:.2f} of Postfix alone; validation + durable commit cost {1 - proj / noop:.0%} "
+            "of that")
         ceiling = {"noop_c_milter_msg_s": round(median(ceil_rates))} if ceil_rates else {}
+        ceiling["noop_adapter_msg_s"] = round(noop)
         result("milter_path", baseline_msg_s=round(base), project_msg_s=round(proj), ratio=round(ratio, 3),
                target_ratio=TARGET_RATIO, met=ratio >= TARGET_RATIO, messages=n, rounds=rounds, **ceiling)
         if a.profile:
