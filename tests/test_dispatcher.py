@@ -313,9 +313,12 @@ def test_kill9_mid_batch_then_restart_loses_nothing(tb, monkeypatch):
 def test_two_dispatchers_never_send_a_job_twice(tb):
     smsc = tb.start_smsc()
     n = 600
-    ids = tb.spool.add_jobs([job(f"+4179150{i:04d}", f"two {i}") for i in range(n)])
     cfg = tb.config(window=10)
     a, b = tb.dispatcher(cfg, "a"), tb.dispatcher(cfg, "b")
+    # Both bound before the jobs come: one alone could drain 600 jobs before the other starts.
+    wait_until(lambda: "bound to SMSC" in a.log() and "bound to SMSC" in b.log(), 15, "both binds",
+               detail=tb.detail)
+    ids = tb.spool.add_jobs([job(f"+4179150{i:04d}", f"two {i}") for i in range(n)])
     wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
     per_dest = Counter(r["destination_addr"] for r in smsc.submits())
     assert len(per_dest) == n and max(per_dest.values()) == 1

@@ -2,8 +2,8 @@
 
 One thread owns every spool write of the dispatch path and batches them: claim (with a
 lease) as many due jobs as the provider wants, hand them over, then per round one
-`mark_submitted_many` for all jobs whose parts were all accepted, one `record_receipts`
-for the receipts that came in, and releases/failures. A receipt is acknowledged to the
+transaction (`store_round`) that marks submitted every job whose parts were all accepted
+and records the receipts that came in, then releases/failures. A receipt is acknowledged to the
 SMSC only after it is stored. One whose message id is not (yet) in the spool (it came
 before its submit response was stored, however late that is) is stored too, as an orphan,
 in the same transaction; storing the part with that id applies it, in that transaction.
@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..config import Config
-from ..spool.base import AppliedOrphan, Job, SpoolError
+from ..spool.base import AppliedOrphan, Job, ReceiptOutcome, SpoolError
 from ..spool.sqlite import ORPHAN_MAX_AGE, SqliteSpool
 from .provider import Provider, Receipt, SubmitResult
 
@@ -164,53 +164,63 @@ class Engine:
         results = []
         while self._results:
             results.append(self._results.popleft())
-        try:
-            self._apply_results(results)
-        except SpoolError:
-            self._results.extendleft(reversed(results))
-            raise
         if final:
             n_receipts = len(self._receipts)
         receipts = [self._receipts.popleft() for _ in range(n_receipts)]
+        ok = [r for r in results if r.ok]
+        # One transaction for the round: jobs submitted, then receipts (one commit, one fsync).
+        try:
+            applied, outcomes = self.spool.store_round(
+                [(r.job_id, list(r.refs)) for r in ok],
+                [(r.ref, r.state, "" if r.state == "delivered" else r.error) for r in receipts])
+        except SpoolError:
+            self._results.extendleft(reversed(results))
+            self._receipts.extendleft(reversed(receipts))
+            raise
+        # Committed: now log, and acknowledge the receipts.
+        if ok:
+            self._submitted(ok, applied)
         if receipts:
+            self._receipts_stored(receipts, outcomes)
+        bad = [r for r in results if not r.ok]
+        if bad:
             try:
-                self._apply_receipts(receipts)
+                self._apply_failures(bad)
             except SpoolError:
-                self._receipts.extendleft(reversed(receipts))
+                self._results.extendleft(reversed(bad))
                 raise
         if self._receipts or self._results:
             self._kick.set()
 
-    def _apply_results(self, results: list[SubmitResult]) -> None:
-        ok = [r for r in results if r.ok]
-        if ok:
-            applied = self.spool.mark_submitted_many([(r.job_id, list(r.refs)) for r in ok])
-            jobs = self._jobs
-            for r in ok:
-                job = jobs.pop(r.job_id, None)
-                log.info("job %d submitted to %s: %d part(s), message id(s) %s", r.job_id,
-                         job.recipient if job else "?", len(r.refs), ",".join(r.refs))
-            self.stats["submitted"] += len(ok)
-            if applied:
-                self._log_applied(applied)
+    def _submitted(self, ok: list[SubmitResult], applied: list[AppliedOrphan]) -> None:
+        jobs = self._jobs
+        for r in ok:
+            job = jobs.pop(r.job_id, None)
+            log.info("job %d submitted to %s: %d part(s), message id(s) %s", r.job_id,
+                     job.recipient if job else "?", len(r.refs), ",".join(r.refs))
+        self.stats["submitted"] += len(ok)
+        if applied:
+            self._log_applied(applied)
+
+    def _apply_failures(self, results: list[SubmitResult]) -> None:
         releases: dict[tuple[float, str, bool], list[int]] = {}
         for r in results:
-            if r.ok:
-                continue
-            job = self._jobs.pop(r.job_id, None)
+            job = self._jobs.get(r.job_id)
             if r.temporary:
                 attempts = job.attempts if job else 1
                 delay = self._backoff(attempts) if r.count_attempt else 0.0
                 releases.setdefault((delay, r.error, r.count_attempt), []).append(r.job_id)
-                log.info("job %d not sent (%s): back to the queue%s", r.job_id, r.error,
-                         f", retry in {delay:.1f}s" if delay else "")
             else:
                 self.spool.fail(r.job_id, r.error)
+                self._jobs.pop(r.job_id, None)
                 self.stats["failed"] += 1
                 log.warning("job %d to %s failed: %s", r.job_id, job.recipient if job else "?", r.error)
                 self.on_events()
         for (delay, error, counted), ids in releases.items():
             self._release(ids, delay, error, counted)
+            for jid in ids:
+                log.info("job %d not sent (%s): back to the queue%s", jid, error,
+                         f", retry in {delay:.1f}s" if delay else "")
 
     def _log_applied(self, applied: list[AppliedOrphan]) -> None:
         notify = False
@@ -235,10 +245,8 @@ class Engine:
         s = self.cfg.smpp
         return min(s.reconnect_min * 2 ** max(attempts - 1, 0), max(10 * s.reconnect_max, 60.0))
 
-    def _apply_receipts(self, receipts: list[Receipt]) -> None:
-        """Store receipts (matched or as orphans) in one transaction, then acknowledge them all."""
-        outcomes = self.spool.record_receipts(
-            [(r.ref, r.state, "" if r.state == "delivered" else r.error) for r in receipts])
+    def _receipts_stored(self, receipts: list[Receipt], outcomes: list[ReceiptOutcome | None]) -> None:
+        """Receipts are stored (matched, or kept as orphans): log them, acknowledge them all."""
         notify = False
         orphans = 0
         for r, o in zip(receipts, outcomes, strict=True):

@@ -144,6 +144,10 @@ class Spool(Protocol):
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 
+    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, str, str]],
+                    ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
+        """mark_submitted_many(submitted) then record_receipts(receipts) in one transaction."""
+
     def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
         """Apply a receipt durably. None: no part has that id (yet); the receipt is then stored
         as an orphan, durably too, and applied when mark_submitted* stores that id."""

@@ -159,7 +159,8 @@ def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
         text=row["text"], parts=row["parts"], account=row["account"], device=row["device"],
         sender=row["sender"], subject=row["subject"], message_id=row["message_id"],
         notify=row["notify"], queue_id=row["queue_id"], trans_ref=row["trans_ref"],
-        flash=bool(row["flash"]), urls=json.loads(row["urls"] or "{}"), created_at=row["created_at"],
+        flash=bool(row["flash"]), urls=json.loads(row["urls"]) if row["urls"] not in ("{}", "", None) else {},
+        created_at=row["created_at"],
         not_before=row["not_before"], expires_at=row["expires_at"], attempts=row["attempts"],
         last_error=row["last_error"], submitted_at=row["submitted_at"], done_at=row["done_at"],
         provider_refs=tuple(refs),
@@ -463,18 +464,31 @@ class SqliteSpool:
         of those ids (it came before this) is applied and deleted, all in this transaction."""
         if not items:
             return []
+        return self._run(lambda db: self._mark_submitted(db, items, time.time()))
 
-        def fn(db: sqlite3.Connection) -> list[AppliedOrphan]:
+    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, str, str]],
+                    ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
+        """mark_submitted_many(submitted) then record_receipts(receipts), in one transaction
+        (the dispatcher's round: one commit, one fsync, for everything that came in)."""
+        if not submitted and not receipts:
+            return [], []
+
+        def fn(db: sqlite3.Connection) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
             now = time.time()
-            db.executemany(
-                "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
-                " last_error='' WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
-            refs = [(jid, i, normalize_ref(r)) for jid, rs in items for i, r in enumerate(rs)]
-            db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
-                           refs)
-            return self._apply_orphans(db, [r for _, _, r in refs], now)
+            applied = self._mark_submitted(db, submitted, now) if submitted else []
+            return applied, (self._apply_receipts(db, receipts, now) if receipts else [])
 
         return self._run(fn)
+
+    def _mark_submitted(self, db: sqlite3.Connection, items: list[tuple[int, list[str]]],
+                        now: float) -> list[AppliedOrphan]:
+        db.executemany(
+            "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
+            " last_error='' WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
+        refs = [(jid, i, normalize_ref(r)) for jid, rs in items for i, r in enumerate(rs)]
+        db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
+                       refs)
+        return self._apply_orphans(db, [r for _, _, r in refs], now)
 
     def _apply_orphans(self, db: sqlite3.Connection, refs: list[str], now: float) -> list[AppliedOrphan]:
         """Apply (in arrival order) and delete the orphan receipts for parts just stored."""
@@ -564,13 +578,20 @@ class SqliteSpool:
         parts and their jobs in bulk, work out each job's state in memory receipt by receipt
         (so a job still passes through every state, e.g. buffered then delivered, and owes the
         same notifications as one receipt at a time), then write the parts back."""
-        lookups = [refs_for_lookup(ref) for ref, _, _ in items]
-        wanted = list({f for forms in lookups for f in forms})
         where: dict[str, tuple[int, int]] = {}
-        for i in range(0, len(wanted), 5000):
-            for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
-                                " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
-                where.setdefault(r[0], (r[1], r[2]))
+
+        def find(forms: Iterable[str]) -> None:
+            wanted = list(forms)
+            for i in range(0, len(wanted), 5000):
+                for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
+                                    " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
+                    where.setdefault(r[0], (r[1], r[2]))
+
+        # The id as given first (the usual hit), the other readings only for the misses.
+        given = [normalize_ref(ref) for ref, _, _ in items]
+        find(set(given))
+        lookups: list[list[str]] = [[g] if g in where else refs_for_lookup(g) for g in given]
+        find({f for forms in lookups if len(forms) > 1 for f in forms[1:]})
         # The jobs concerned: state, part count, what they owe on a change, each part's state.
         jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}, notify, sender, urls]
         ids = list({v[0] for v in where.values()})
