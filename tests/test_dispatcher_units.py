@@ -214,3 +214,21 @@ def test_engine_acknowledges_an_early_receipt_only_once_stored_and_applies_it_la
     assert s.get(jid).state == "delivered" and len(prov.acked) == 2
     assert eng.stats["orphans"] == 1 and eng.stats["receipts"] == 2
     s.close()
+
+
+def test_fast_text_encoding_equals_smstext():
+    """pdus.encode_text's C fast paths give exactly smstext.encode's parts, at every boundary."""
+    import random
+
+    from sms_milter.dispatcher.pdus import encode_text
+    from sms_milter.policy.smstext import encode
+
+    rnd = random.Random(7)
+    alphabets = ["abc XYZ 019.,!?@£$_\n", "abc€[]^{}|~\\", "Привет ça é", "a😀b", "ç€", "ÄÖÜäöüß§¿¡"]
+    texts = ["", "x", "€", "😀"]
+    for n in (69, 70, 71, 133, 134, 135, 152, 153, 154, 159, 160, 161, 201, 305, 306, 307, 459, 460, 461):
+        for alphabet in alphabets:
+            texts.append("".join(rnd.choice(alphabet) for _ in range(n)))
+    for t in texts:
+        enc = encode(t)
+        assert encode_text(t) == (enc.data_coding, list(enc.parts)), t
