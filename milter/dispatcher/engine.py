@@ -3,10 +3,11 @@
 One thread owns every spool write of the dispatch path and batches them: claim (with a
 lease) as many due jobs as the provider wants, hand them over, then per round one
 transaction (`store_round`) that marks submitted every job whose parts were all accepted
-and records the receipts that came in, then releases/failures. A receipt is acknowledged to the
-SMSC only after it is stored. One whose message id is not (yet) in the spool (it came
-before its submit response was stored, however late that is) is stored too, as an orphan,
-in the same transaction; storing the part with that id applies it, in that transaction.
+and records the receipts that came in, then releases/failures. A receipt is acknowledged
+to the SMSC only after it is stored. One whose message id is not (yet) in the spool (it
+came before its submit response was stored, however late that is) is stored too, as an
+orphan, in the same transaction; storing the part with that id applies it, in that
+transaction.
 Orphans that matched nothing for ORPHAN_MAX_AGE are pruned and logged once. Leases of jobs
 in flight are renewed; a killed dispatcher's jobs come back when its leases run out and are
 sent again (at-least-once). Jobs whose receipt never comes expire at their validity end.
