@@ -55,9 +55,11 @@ def _setup_logging(verbose: bool, command: str) -> None:
         else:
             root.addHandler(logging.NullHandler())
         return
+    # Under systemd the journal stamps every line itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(name)s[%(process)d]: %(levelname)s %(message)s",
+        format=stamp + "%(name)s[%(process)d]: %(levelname)s %(message)s",
     )
 
 

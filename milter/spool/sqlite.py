@@ -213,6 +213,8 @@ class SqliteSpool:
         self._wake_rx: socket.socket | None = None
         digest = hashlib.sha256(self.path.encode()).hexdigest()[:24]
         self._wake_names = [f"\0sms-milter-{digest}-{i}".encode() for i in range(WAKE_SLOTS)]
+        self._wake_live: list[bytes] = []
+        self._wake_probe_at = 0.0
 
     # -- plumbing ----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -403,11 +405,24 @@ class SqliteSpool:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             s.setblocking(False)
             self._wake_tx = s
-        for name in self._wake_names:
+        now = time.monotonic()
+        # Every slot now and then (a dispatcher may have started); in between only the
+        # slots where a dispatcher listened last time: a wake-up per commit stays cheap.
+        if now >= self._wake_probe_at:
+            self._wake_probe_at = now + 1.0
+            names = self._wake_names
+            self._wake_live = []
+        else:
+            names = self._wake_live
+        for name in names:
             try:
                 self._wake_tx.sendto(b"!", name)
+            except BlockingIOError:
+                pass  # its buffer is full: it is awake anyway
             except OSError:
-                pass  # nobody bound there, or its buffer is full: it is awake anyway
+                continue  # nobody listens there
+            if names is self._wake_names:
+                self._wake_live.append(name)
 
     def wait_for_work(self, timeout: float) -> None:
         if self._wake_rx is None:
