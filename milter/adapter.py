@@ -226,7 +226,7 @@ class MilterSession(lm.MilterProtocol):
 
 
 class _Conn:
-    __slots__ = ("sock", "session", "outbuf", "last", "writing")
+    __slots__ = ("sock", "session", "outbuf", "last", "writing", "quickack")
 
     def __init__(self, sock: socket.socket, session: MilterSession):
         self.sock = sock
@@ -234,6 +234,7 @@ class _Conn:
         self.outbuf = bytearray()
         self.last = time.monotonic()
         self.writing = False
+        self.quickack = sock.family != socket.AF_UNIX and hasattr(socket, "TCP_QUICKACK")
 
 
 class Server:
@@ -362,10 +363,6 @@ class Server:
     def _readable(self, c: _Conn) -> None:
         try:
             data = c.sock.recv(lm.MILTER_CHUNK_SIZE)
-            if data and c.sock.family != socket.AF_UNIX and hasattr(socket, "TCP_QUICKACK"):
-                # Headers and body need no reply, so nothing of ours carries the ACK;
-                # the MTA's Nagle would then wait ~40 ms for our delayed ACK.
-                c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -382,6 +379,13 @@ class Server:
             self._flush(c)
             self._close(c)
             return
+        if not c.session.out and c.quickack:
+            # Headers and body need no reply, so nothing of ours carries the ACK; the
+            # MTA's Nagle would then wait ~40 ms for our delayed ACK. (A reply carries it.)
+            try:
+                c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                pass
         self._flush(c)
 
     def _completions(self) -> None:
