@@ -220,15 +220,8 @@ def _extract_simple(raw: bytes) -> MessageText | Refusal | None:
     if not subject_b.isascii() or b"=?" in subject_b or (mid_b is not None and not mid_b.isascii()):
         return None
     charset = m.group(1).decode() if m is not None and m.group(1) else None
-    body = _decode(raw[sep + 4:], charset, "text part")
-    if isinstance(body, Refusal):
-        return body
-    body = body.replace("\r\n", "\n").replace("\r", "\n").rstrip()
-    problem = _markup_problem(body)
-    if problem:
-        return problem
     message_id = mid_b.decode().strip() or None if mid_b is not None else None
-    return MessageText(subject=subject_b.decode().strip(), body=body, message_id=message_id)
+    return _plain_text(raw[sep + 4:], charset, subject_b.decode(), message_id)
 
 
 def extract_text(raw: bytes) -> MessageText | Refusal:
@@ -282,7 +275,13 @@ def _extract(msg: Message) -> MessageText | Refusal:
     if isinstance(charset, tuple):  # RFC 2231 form
         charset = charset[2]
     charset = str(charset).strip() if charset is not None else None
-    body = _decode(data, charset or None, "text part")
+    return _plain_text(data, charset or None, subject, message_id)
+
+
+def _plain_text(data: bytes, charset: str | None, subject: str, message_id: str | None
+                ) -> MessageText | Refusal:
+    """The decoded text part, line ends normalised, refused if it holds markup."""
+    body = _decode(data, charset, "text part")
     if isinstance(body, Refusal):
         return body
     body = body.replace("\r\n", "\n").replace("\r", "\n").rstrip()
