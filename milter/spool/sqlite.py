@@ -294,13 +294,14 @@ class SqliteSpool:
 
     def submit(self, req: AddRequest) -> AddRequest:
         """Queue a commit without waiting (the milter's event loop); see AddRequest."""
-        if self._writer is None:
+        self._queue.put(req)  # first: a writer that fails to start answers what is queued
+        writer = self._writer
+        if writer is None or not writer.is_alive():
             with self._state_lock:
-                if self._writer is None:
+                if self._writer is writer:  # (re)start it: the first commit, or after a failure
                     self._writer = threading.Thread(target=self._writer_loop, name="spool-writer",
                                                     daemon=True)
                     self._writer.start()
-        self._queue.put(req)
         return req
 
     def abandon(self, req: AddRequest) -> bool:
@@ -312,7 +313,21 @@ class SqliteSpool:
             return True
 
     def _writer_loop(self) -> None:
-        db = self._connect()  # the writer's own connection
+        try:
+            db = self._connect()  # the writer's own connection
+        except SpoolError as e:
+            # Answer what is waiting now (451 at once, not after spool_timeout); the next
+            # commit starts a new writer, which tries to open the spool again.
+            while True:
+                try:
+                    r = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if r is not None:
+                    with self._state_lock:
+                        r.taken = True
+                    r.error = e
+                    r._finish()
         try:
             while True:
                 first = self._queue.get()
