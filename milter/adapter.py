@@ -4,9 +4,9 @@ python-libmilter parses the protocol; this module works around its known bugs
 (FIELD-NOTES) and the costs around it, in one place:
 
 - one event-loop thread serves every MTA connection (a thread per connection spent
-  its time handing the GIL around); end of message hands its commit to the spool's
-  writer thread, which groups concurrent sessions' messages into one transaction and
-  reports back through a socketpair; the reply goes out only after the commit;
+  its time handing the GIL around); the messages that end in one loop iteration are
+  committed together in one transaction (one fsync), and each reply goes out only
+  after that commit;
 - replies are buffered and written once per packet batch, TCP_NODELAY on every
   accepted socket, and TCP_QUICKACK after every read: headers and body are negotiated
   as "no reply", so nothing of ours would carry the ACK and Postfix's Nagle would wait
@@ -21,7 +21,6 @@ python-libmilter parses the protocol; this module works around its known bugs
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import selectors
@@ -36,8 +35,7 @@ import libmilter as lm
 
 from .gateway import Commit, Gateway, Message, Outcome
 from .policy.refusal import INTERNAL_ERROR, Refusal
-from .spool.base import SpoolError
-from .spool.sqlite import AddRequest
+from .spool.base import AddRequest
 
 log = logging.getLogger("sms_milter.adapter")
 
@@ -240,9 +238,9 @@ class _Conn:
 class Server:
     """All MTA connections in one thread around a selector, as Postfix itself works.
 
-    A thread per connection spent most of its time handing the GIL around; here one
-    thread parses and decides, the spool's writer thread commits (grouping the messages
-    of concurrent sessions into one transaction) and reports back through a socketpair.
+    A thread per connection spent most of its time handing the GIL around. Here one
+    thread parses, decides and, once per loop iteration, commits every message that
+    ended in it in one transaction, then writes their replies.
     """
 
     def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0,
@@ -251,15 +249,11 @@ class Server:
         self.gateway = gateway
         self.spool = gateway.spool
         self.idle_timeout = idle_timeout
-        self.spool_timeout = gateway.cfg.milter.spool_timeout
         self.stopping = stopping or threading.Event()
         self.sock = self._listen(spec)
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
-        self.completed: collections.deque[AddRequest] = collections.deque()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
+        self.to_commit: list[AddRequest] = []
 
     def _listen(self, spec: str) -> socket.socket:
         if spec.startswith("unix:"):
@@ -283,23 +277,36 @@ class Server:
         s.setblocking(False)
         return s
 
-    # -- the spool's writer thread calls these -----------------------------------------------
+    # -- commits ---------------------------------------------------------------------------------
     def _commit(self, commit: Commit, session: MilterSession) -> AddRequest:
-        return self.spool.submit(AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails,
-                                            callback=self._done, context=session))
+        request = AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails, context=session)
+        self.to_commit.append(request)  # committed with the others at the end of this iteration
+        return request
 
-    def _done(self, request: AddRequest) -> None:
-        self.completed.append(request)
-        try:
-            self.wake_w.send(b"!")
-        except OSError:
-            pass  # the pipe is full: the loop is awake anyway
+    def _withdraw(self, request: AddRequest) -> bool:
+        if request in self.to_commit:
+            self.to_commit.remove(request)
+            return True
+        return False
+
+    def _commit_round(self) -> None:
+        """One transaction for every message that ended in this loop iteration, then their replies."""
+        batch, self.to_commit = self.to_commit, []
+        self.spool.commit_now(batch)
+        for request in batch:
+            session = request.context
+            assert isinstance(session, MilterSession)
+            if session.pending is None or session.pending.request is not request:
+                continue  # aborted or closed meanwhile: the MTA expects no answer
+            session.committed()
+            conn = self.conns.get(session.transport.fileno()) if session.transport else None
+            if conn is not None:
+                self._flush(conn)
 
     # -- the loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         log.info("listening on %s", self.spec)
         self.sel.register(self.sock, selectors.EVENT_READ, "listen")
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         draining_until: float | None = None
         last_sweep = time.monotonic()
         try:
@@ -316,12 +323,12 @@ class Server:
                 for key, mask in self.sel.select(0.2):
                     if key.data == "listen":
                         self._accept()
-                    elif key.data == "wake":
-                        self._completions()
                     elif mask & selectors.EVENT_READ:
                         self._readable(key.data)
                     if isinstance(key.data, _Conn) and mask & selectors.EVENT_WRITE:
                         self._flush(key.data)
+                if self.to_commit:
+                    self._commit_round()
                 now = time.monotonic()
                 if now - last_sweep >= 0.1:
                     last_sweep = now
@@ -337,8 +344,6 @@ class Server:
                 except OSError:
                     pass
             self.sel.close()
-            self.wake_r.close()
-            self.wake_w.close()
 
     def _accept(self) -> None:
         while True:
@@ -355,7 +360,7 @@ class Server:
             session = MilterSession(self.gateway, str(addr))
             session.transport = sock
             session.commit = self._commit
-            session.withdraw = self.spool.abandon
+            session.withdraw = self._withdraw
             conn = _Conn(sock, session)
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, conn)
@@ -388,33 +393,9 @@ class Server:
                 pass
         self._flush(c)
 
-    def _completions(self) -> None:
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while self.completed:
-            request = self.completed.popleft()
-            session = request.context
-            assert isinstance(session, MilterSession)
-            if session.pending is None or session.pending.request is not request:
-                continue  # aborted or closed meanwhile: the MTA expects no answer
-            session.committed()
-            conn = self.conns.get(session.transport.fileno()) if session.transport else None
-            if conn is not None:
-                self._flush(conn)
-
     def _sweep(self, now: float) -> None:
         for c in list(self.conns.values()):
-            p = c.session.pending
-            if p is not None and now - p.since > self.spool_timeout and self.spool.abandon(p.request):
-                log.error("%s: spool did not answer within %gs, answering 451", p.msg.queue_id or "NOQUEUE",
-                          self.spool_timeout)
-                p.request.error = SpoolError("timeout")
-                c.session.committed()
-                self._flush(c)
-            elif p is None and now - c.last > self.idle_timeout:
+            if c.session.pending is None and now - c.last > self.idle_timeout:
                 self._close(c)
 
     def _flush(self, c: _Conn) -> None:

@@ -75,6 +75,22 @@ class AddResult:
     duplicate: bool  # True: the same message was spooled before; nothing new was added
 
 
+class AddRequest:
+    """One message's commit: what to write, then its result or error."""
+
+    __slots__ = ("key", "jobs", "mails", "key_ttl", "result", "error", "context")
+
+    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail],
+                 context: object = None):
+        self.key = key
+        self.jobs = jobs
+        self.mails = mails
+        self.key_ttl = key_ttl
+        self.result: AddResult | None = None
+        self.error: SpoolError | None = None
+        self.context = context  # the caller's (the milter's session)
+
+
 @dataclass(frozen=True)
 class Event:
     """A status change that owes the outside world a notification (mail or URL call)."""
@@ -123,6 +139,10 @@ class Spool(Protocol):
         `key` identifies the message: a second call with the same key within `key_ttl`
         seconds adds nothing and returns the first call's job ids with duplicate=True.
         """
+
+    def commit_now(self, batch: list[AddRequest]) -> None:
+        """Commit several messages in one transaction; each request gets its result, or all
+        get the same SpoolError. Messages already spooled under their key add nothing."""
 
     def wake(self) -> None:
         """Tell any waiting dispatcher that new work is there (best effort)."""

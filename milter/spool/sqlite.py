@@ -1,26 +1,26 @@
 """The SQLite spool: one file, WAL, synchronous=FULL.
 
-Writers from the milter go through one writer thread that groups the commits of
-concurrent SMTP sessions into one transaction (one fsync for many messages); each
-caller still returns only after its own jobs are durable. The dispatcher's calls are
-short transactions on their own connection. Open a spool after fork, never before.
+The milter commits in its event-loop thread: every message that ended in one loop
+iteration goes into one transaction (one fsync for many concurrent SMTP sessions), and
+each session gets its reply only after that commit. The dispatcher's calls are short
+transactions on their own connection. Open a spool after fork, never before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import Config
 from .base import (
     FINAL_STATES,
+    AddRequest,
     AddResult,
     AppliedOrphan,
     Event,
@@ -167,37 +167,6 @@ def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
     )
 
 
-class AddRequest:
-    """One message's commit, queued for the writer thread.
-
-    `callback(request)` (if given) runs in the writer thread once `result` or `error` is
-    set; `done` is set then too. Until the writer has taken it, `abandon()` withdraws it
-    (nothing gets written); once taken, its outcome is final and will be reported.
-    """
-
-    __slots__ = ("key", "jobs", "mails", "key_ttl", "done", "result", "error", "taken", "abandoned",
-                 "callback", "context")
-
-    def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail],
-                 callback: Callable[[AddRequest], None] | None = None, context: object = None):
-        self.key = key
-        self.jobs = jobs
-        self.mails = mails
-        self.key_ttl = key_ttl
-        self.done = threading.Event()
-        self.result: AddResult | None = None
-        self.error: SpoolError | None = None
-        self.taken = False
-        self.abandoned = False
-        self.callback = callback
-        self.context = context
-
-    def _finish(self) -> None:
-        self.done.set()
-        if self.callback is not None:
-            self.callback(self)
-
-
 class SqliteSpool:
     def __init__(self, path: str | Path, busy_timeout: float = 5.0, validity: float = DEFAULT_VALIDITY):
         self.path = str(Path(path).resolve())
@@ -206,9 +175,8 @@ class SqliteSpool:
         self._lock = threading.Lock()  # guards self._db (dispatcher/CLI calls)
         self._db = self._connect()
         self._init_schema()
-        self._queue: queue.Queue[AddRequest | None] = queue.Queue()
-        self._state_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
+        self._commit_lock = threading.Lock()  # guards self._commit_db
+        self._commit_db: sqlite3.Connection | None = None
         self._wake_tx: socket.socket | None = None
         self._wake_rx: socket.socket | None = None
         digest = hashlib.sha256(self.path.encode()).hexdigest()[:24]
@@ -268,10 +236,10 @@ class SqliteSpool:
                 raise SpoolError(f"spool read failed: {e}") from None
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=10)
-            self._writer = None
+        with self._commit_lock:
+            if self._commit_db is not None:
+                self._commit_db.close()
+                self._commit_db = None
         for s in (self._wake_tx, self._wake_rx):
             if s is not None:
                 s.close()
@@ -281,76 +249,29 @@ class SqliteSpool:
     # -- milter side: grouped commits --------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
                     timeout: float = 5.0, mails: list[OutMail] | None = None) -> AddResult:
-        req = self.submit(AddRequest(key, jobs, key_ttl, mails or []))
-        if not req.done.wait(timeout):
-            if self.abandon(req):
-                raise SpoolError(f"spool did not answer within {timeout:g}s")
-            # The writer is inside the transaction holding it; its outcome is what counts.
-            req.done.wait()
+        """One message, committed now (a lock held past the spool's busy timeout: SpoolError)."""
+        req = AddRequest(key, jobs, key_ttl, mails or [])
+        self.commit_now([req])
         if req.error is not None:
             raise req.error
         assert req.result is not None
         return req.result
 
-    def submit(self, req: AddRequest) -> AddRequest:
-        """Queue a commit without waiting (the milter's event loop); see AddRequest."""
-        self._queue.put(req)  # first: a writer that fails to start answers what is queued
-        writer = self._writer
-        if writer is None or not writer.is_alive():
-            with self._state_lock:
-                if self._writer is writer:  # (re)start it: the first commit, or after a failure
-                    self._writer = threading.Thread(target=self._writer_loop, name="spool-writer",
-                                                    daemon=True)
-                    self._writer.start()
-        return req
-
-    def abandon(self, req: AddRequest) -> bool:
-        """Withdraw a queued commit the writer has not taken yet: True if nothing will be written."""
-        with self._state_lock:
-            if req.taken:
-                return False
-            req.abandoned = True
-            return True
-
-    def _writer_loop(self) -> None:
-        try:
-            db = self._connect()  # the writer's own connection
-        except SpoolError as e:
-            # Answer what is waiting now (451 at once, not after spool_timeout); the next
-            # commit starts a new writer, which tries to open the spool again.
-            while True:
+    def commit_now(self, batch: list[AddRequest]) -> None:
+        """Commit these messages in one transaction in the calling thread; each request gets
+        its result, or all get the same error. The milter calls this from its event loop
+        once per loop iteration: no hand-off to another thread, whose GIL holds would stall
+        every session the loop serves (measured: 0.56-0.73 of Postfix alone with a writer
+        thread, 0.70-0.81 inline, alternating in the same run)."""
+        with self._commit_lock:
+            if self._commit_db is None:
                 try:
-                    r = self._queue.get_nowait()
-                except queue.Empty:
-                    return
-                if r is not None:
-                    with self._state_lock:
-                        r.taken = True
-                    r.error = e
-                    r._finish()
-        try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch = [first]
-                while len(batch) < 256:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        self._queue.put(None)
-                        break
-                    batch.append(nxt)
-                with self._state_lock:
-                    batch = [r for r in batch if not r.abandoned]
+                    self._commit_db = self._connect()
+                except SpoolError as e:
                     for r in batch:
-                        r.taken = True
-                if batch:
-                    self._commit_batch(db, batch)
-        finally:
-            db.close()
+                        r.error = e
+                    return  # the next commit tries to open the spool again
+            self._commit_batch(self._commit_db, batch)
 
     def _commit_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> None:
         try:
@@ -359,12 +280,10 @@ class SqliteSpool:
             err = e if isinstance(e, SpoolError) else SpoolError(str(e))
             for r in batch:
                 r.error = err
-                r._finish()
             return
-        self.wake()
         for r, res in zip(batch, results, strict=True):
             r.result = res
-            r._finish()
+        self.wake()
 
     def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> list[AddResult]:
         now = time.time()
