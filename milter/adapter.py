@@ -4,9 +4,9 @@ python-libmilter parses the protocol; this module works around its known bugs
 (FIELD-NOTES) and the costs around it, in one place:
 
 - one event-loop thread serves every MTA connection (a thread per connection spent
-  its time handing the GIL around); the messages that end in one loop iteration go to
-  the spool's committer thread together (one transaction, one fsync, off the loop),
-  and each reply goes out only after that commit;
+  its time handing the GIL around); the messages that end in one loop iteration are
+  committed together in one transaction (one fsync), and each reply goes out only
+  after that commit;
 - replies are buffered and written once per packet batch, TCP_NODELAY on every
   accepted socket, and TCP_QUICKACK after every read: headers and body are negotiated
   as "no reply", so nothing of ours would carry the ACK and Postfix's Nagle would wait
@@ -21,7 +21,6 @@ python-libmilter parses the protocol; this module works around its known bugs
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import selectors
@@ -295,9 +294,8 @@ class Server:
     """All MTA connections in one thread around a selector, as Postfix itself works.
 
     A thread per connection spent most of its time handing the GIL around. Here one
-    thread parses and decides; once per loop iteration it hands the messages that ended
-    to the spool's committer thread (one transaction and fsync for them, and for any
-    that arrive meanwhile) and writes their replies when it reports back.
+    thread parses, decides and, once per loop iteration, commits every message that
+    ended in it in one transaction, then writes their replies.
     """
 
     def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0,
@@ -311,10 +309,6 @@ class Server:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
         self.to_commit: list[AddRequest] = []
-        self.committed_batches: collections.deque[list[AddRequest]] = collections.deque()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
 
     def _listen(self, spec: str) -> socket.socket:
         if spec.startswith("unix:"):
@@ -351,40 +345,23 @@ class Server:
         return False
 
     def _commit_round(self) -> None:
-        """Hand every message that ended in this loop iteration to the spool's committer."""
+        """One transaction for every message that ended in this loop iteration, then their replies."""
         batch, self.to_commit = self.to_commit, []
-        self.spool.commit_async(batch, self._committed)
-
-    def _committed(self, batch: list[AddRequest]) -> None:
-        # The committer thread: queue the batch for the loop and wake it.
-        self.committed_batches.append(batch)
-        try:
-            self.wake_w.send(b"!")
-        except OSError:
-            pass  # the pipe is full: the loop is awake anyway
-
-    def _completions(self) -> None:
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while self.committed_batches:
-            for request in self.committed_batches.popleft():
-                session = request.context
-                assert isinstance(session, MilterSession)
-                if session.pending is None or session.pending.request is not request:
-                    continue  # aborted or closed meanwhile: the MTA expects no answer
-                session.committed()
-                conn = self.conns.get(session.transport.fileno()) if session.transport else None
-                if conn is not None:
-                    self._flush(conn)
+        self.spool.commit_now(batch)
+        for request in batch:
+            session = request.context
+            assert isinstance(session, MilterSession)
+            if session.pending is None or session.pending.request is not request:
+                continue  # aborted or closed meanwhile: the MTA expects no answer
+            session.committed()
+            conn = self.conns.get(session.transport.fileno()) if session.transport else None
+            if conn is not None:
+                self._flush(conn)
 
     # -- the loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         log.info("listening on %s", self.spec)
         self.sel.register(self.sock, selectors.EVENT_READ, "listen")
-        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         draining_until: float | None = None
         last_sweep = time.monotonic()
         try:
@@ -401,8 +378,6 @@ class Server:
                 for key, mask in self.sel.select(0.2):
                     if key.data == "listen":
                         self._accept()
-                    elif key.data == "wake":
-                        self._completions()
                     elif mask & selectors.EVENT_READ:
                         self._readable(key.data)
                     if isinstance(key.data, _Conn) and mask & selectors.EVENT_WRITE:
@@ -424,8 +399,6 @@ class Server:
                 except OSError:
                     pass
             self.sel.close()
-            self.wake_r.close()
-            self.wake_w.close()
 
     def _accept(self) -> None:
         while True:

@@ -7,7 +7,6 @@ hosts implements the same methods later. Nothing outside `spool/` knows SQL.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -140,9 +139,6 @@ class Spool(Protocol):
         `key` identifies the message: a second call with the same key within `key_ttl`
         seconds adds nothing and returns the first call's job ids with duplicate=True.
         """
-
-    def commit_async(self, batch: list[AddRequest], done: Callable[[list[AddRequest]], None]) -> None:
-        """commit_now in the spool's own thread; done(batch) runs there afterwards."""
 
     def commit_now(self, batch: list[AddRequest]) -> None:
         """Commit several messages in one transaction; each request gets its result, or all

@@ -1,9 +1,8 @@
 """The SQLite spool: one file, WAL, synchronous=FULL.
 
-The milter's event loop hands over, once per loop iteration, every message that ended
-in it; the committer thread writes them in one transaction (batches that arrive during
-a commit's fsync join the next one), and each session gets its reply only after that
-commit. The dispatcher's calls are short
+The milter commits in its event-loop thread: every message that ended in one loop
+iteration goes into one transaction (one fsync for many concurrent SMTP sessions), and
+each session gets its reply only after that commit. The dispatcher's calls are short
 transactions on their own connection. Open a spool after fork, never before.
 """
 
@@ -15,7 +14,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import Config
@@ -178,10 +177,6 @@ class SqliteSpool:
         self._init_schema()
         self._commit_lock = threading.Lock()  # guards self._commit_db
         self._commit_db: sqlite3.Connection | None = None
-        self._committer: threading.Thread | None = None
-        self._committer_cv = threading.Condition()
-        self._committer_items: list[tuple[list[AddRequest], Callable[[list[AddRequest]], None]]] = []
-        self._committer_stop = False
         self._wake_tx: socket.socket | None = None
         self._wake_rx: socket.socket | None = None
         digest = hashlib.sha256(self.path.encode()).hexdigest()[:24]
@@ -241,11 +236,6 @@ class SqliteSpool:
                 raise SpoolError(f"spool read failed: {e}") from None
 
     def close(self) -> None:
-        with self._committer_cv:
-            self._committer_stop = True
-            self._committer_cv.notify()
-        if self._committer is not None:
-            self._committer.join(timeout=30)
         with self._commit_lock:
             if self._commit_db is not None:
                 self._commit_db.close()
@@ -266,36 +256,6 @@ class SqliteSpool:
             raise req.error
         assert req.result is not None
         return req.result
-
-    def commit_async(self, batch: list[AddRequest], done: Callable[[list[AddRequest]], None]) -> None:
-        """Commit in the committer thread; `done(batch)` runs there once every request has
-        its result or error. Batches handed over while a commit is running (its fsync) are
-        merged into the next transaction: group commit without holding up the caller."""
-        with self._committer_cv:
-            self._committer_items.append((batch, done))
-            if self._committer is None or not self._committer.is_alive():
-                self._committer = threading.Thread(target=self._committer_loop, name="spool-commit",
-                                                   daemon=True)
-                self._committer.start()
-            self._committer_cv.notify()
-
-    def _committer_loop(self) -> None:
-        while True:
-            with self._committer_cv:
-                while not self._committer_items and not self._committer_stop:
-                    self._committer_cv.wait()
-                items, self._committer_items = self._committer_items, []
-                if not items:
-                    return  # stopping, nothing left
-            batch = [r for b, _ in items for r in b]
-            try:
-                self.commit_now(batch)
-            except Exception as e:  # never leave a caller without an answer
-                for r in batch:
-                    if r.result is None and r.error is None:
-                        r.error = SpoolError(f"spool commit failed: {e}")
-            for b, done in items:
-                done(b)
 
     def commit_now(self, batch: list[AddRequest]) -> None:
         """Commit these messages in one transaction in the calling thread; each request gets
