@@ -59,7 +59,6 @@ class Pending:
     msg: Message
     commit: Commit
     request: AddRequest
-    since: float
 
 
 def _packet(cmd: bytes, payload: bytes = b"") -> bytes:
@@ -238,7 +237,7 @@ class MilterSession(lm.MilterProtocol):
                 return self._packets(decided)
             if self.commit is None:  # no event loop (tests, tools): wait here
                 return self._packets(self.gateway.end_of_message(self.msg))
-            self.pending = Pending(self.msg, decided, self.commit(decided, self), time.monotonic())
+            self.pending = Pending(self.msg, decided, self.commit(decided, self))
             return DEFERRED  # the reply goes out when the spool has committed
         try:
             return self._guard("end of message", run) or lm.CONTINUE
