@@ -171,8 +171,7 @@ class Gateway:
             return decided
         try:
             result: AddResult | SpoolError = self.spool.add_message(
-                decided.key, decided.jobs, key_ttl=decided.key_ttl,
-                timeout=self.cfg.milter.spool_timeout, mails=decided.mails)
+                decided.key, decided.jobs, key_ttl=decided.key_ttl, mails=decided.mails)
         except SpoolError as e:
             result = e
         return self.committed(msg, decided, result)

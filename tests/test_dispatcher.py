@@ -450,7 +450,7 @@ def test_url_callbacks_and_outbox(tb, nsink):
             job("+41791620002", "cb", trans_ref="T 2", urls={"failed": f"{base}/bad"}),
         ])
         reply = b"From: sms-gateway@example.com\r\nTo: xml@client.example\r\nSubject: reply\r\n\r\n<xml/>\r\n"
-        tb.spool.add_message(None, [], 0, 5.0, mails=[OutMail("xmlreply@client.example", reply)])
+        tb.spool.add_message(None, [], 0, mails=[OutMail("xmlreply@client.example", reply)])
         tb.dispatcher()
         wait_states(tb.spool, ids, timeout=20, detail=tb.detail)
         wait_until(lambda: len(hits) >= 2, 10, "two URL callbacks", detail=tb.detail)

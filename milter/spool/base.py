@@ -133,11 +133,13 @@ class AppliedOrphan:
 class Spool(Protocol):
     # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
-                    timeout: float, mails: list[OutMail] | None = None) -> AddResult:
+                    mails: list[OutMail] | None = None) -> AddResult:
         """Commit all jobs (and mails) of one message durably in one transaction, or raise SpoolError.
 
         `key` identifies the message: a second call with the same key within `key_ttl`
         seconds adds nothing and returns the first call's job ids with duplicate=True.
+        A lock held by someone else is waited for at most the spool's busy timeout
+        (milter.spool_timeout).
         """
 
     def commit_now(self, batch: list[AddRequest]) -> None:

@@ -248,7 +248,7 @@ class SqliteSpool:
 
     # -- milter side: grouped commits --------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
-                    timeout: float = 5.0, mails: list[OutMail] | None = None) -> AddResult:
+                    mails: list[OutMail] | None = None) -> AddResult:
         """One message, committed now (a lock held past the spool's busy timeout: SpoolError)."""
         req = AddRequest(key, jobs, key_ttl, mails or [])
         self.commit_now([req])

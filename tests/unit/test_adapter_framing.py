@@ -45,7 +45,7 @@ STREAM = (
 
 
 class InstantSpool:
-    def add_message(self, key, jobs, key_ttl=0.0, timeout=5.0, mails=None) -> AddResult:
+    def add_message(self, key, jobs, key_ttl=0.0, mails=None) -> AddResult:
         return AddResult(tuple(range(1, len(jobs) + 1)), False)
 
 

@@ -118,7 +118,7 @@ def test_send_text_sms_ok(spool) -> None:
 
 def test_send_jobs_commit_with_reply(spool) -> None:
     out = send(spool, "0041791234567")
-    res = spool.add_message("k1", out.jobs, 60, 5.0, mails=[out.reply])
+    res = spool.add_message("k1", out.jobs, 60, mails=[out.reply])
     assert len(res.job_ids) == 1
     assert spool.due_outbox(10)[0][1].rcpt == SENDER
 
@@ -268,7 +268,7 @@ def test_not_enough_credits_5(spool) -> None:
     kw = {"userkey": "CAP1", "password": "pw"}
     out = send(spool, "0041791234567", "0041797654321", text="x" * 200, **kw)  # 4 parts of 5
     assert code_of(out) == 1
-    spool.add_message("k", out.jobs, 60, 5.0)
+    spool.add_message("k", out.jobs, 60)
     out = send(spool, "0041791234567", "0041797654321", **kw)  # 2 more: only 1 left
     assert code_of(out) == 5 and out.jobs == []
     assert value(reply_xml(out), "ErrorDescription") == (
@@ -341,7 +341,7 @@ def test_show_credits_counts_spooled_parts(spool) -> None:
     raw = mail(request("ShowCredits", userkey="CAP1", password="pw"))
     assert value(reply_xml(run(spool, raw)), "Credits") == "5"
     spool.add_message("k", [NewJob(recipient="+41791234567", originator="X", text="t", parts=2,
-                                   account="capped")], 60, 5.0)
+                                   account="capped")], 60)
     assert value(reply_xml(run(spool, raw)), "Credits") == "3"
 
 
@@ -367,7 +367,7 @@ def test_inquire_missing_trans_ref_23(spool) -> None:
 
 def test_inquire_reports_states(spool) -> None:
     sent = send(spool, "0041791234567", "0041797654321", "0041790000002")
-    ids = spool.add_message("k", sent.jobs, 60, 5.0).job_ids
+    ids = spool.add_message("k", sent.jobs, 60).job_ids
     spool.fail(ids[1], "receipt stat:UNDELIV err:206")
     spool.mark_submitted(ids[2], "x", ["abc"])
     spool.record_receipt("abc", "delivered")
@@ -387,7 +387,7 @@ def test_inquire_reports_states(spool) -> None:
 
 def test_inquire_dates_use_timezone(spool) -> None:
     sent = send(spool, "0041791234567")
-    spool.add_message("k", sent.jobs, 60, 5.0)
+    spool.add_message("k", sent.jobs, 60)
     job = spool.list_jobs()[0]
     import time
     expect = time.strftime("%d%m%Y%H%M%S", time.gmtime(int(job.created_at) + 3600))
@@ -397,7 +397,7 @@ def test_inquire_dates_use_timezone(spool) -> None:
 
 def test_inquire_only_own_account(spool) -> None:
     sent = send(spool, "0041791234567")
-    spool.add_message("k", sent.jobs, 60, 5.0)
+    spool.add_message("k", sent.jobs, 60)
     out = run(spool, mail(request("InquireDeliveryNotifications", "<TransRefNumber>ref1</TransRefNumber>",
                                   userkey="CAP1", password="pw")))
     assert "DeliveryNotification" not in reply_xml(out)
@@ -407,7 +407,7 @@ def test_reply_non_latin1_uses_references(spool) -> None:
     sent = run(spool, mail(request("SendTextSMS", "<Recipient><PhoneNumber>0041791234567</PhoneNumber>"
                                    "<TransRefNumber>&#937;-&#228;</TransRefNumber></Recipient>"
                                    "<MessageData>x</MessageData>")))
-    spool.add_message("k", sent.jobs, 60, 5.0)
+    spool.add_message("k", sent.jobs, 60)
     inquiry = request("InquireDeliveryNotifications", "<TransRefNumber>&#937;-&#228;</TransRefNumber>")
     out = run(spool, mail(inquiry))
     assert out.reply is not None
