@@ -650,17 +650,10 @@ class Milter:
         """SIGTERM; assert the process exits within `timeout`. Returns its exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-                raise AssertionError(f"sms-milter did not exit within {timeout:g}s of SIGTERM\n"
-                                     f"--- {self.logfile} tail:\n{tail(self.logfile)}") from None
-        rc = self.proc.returncode
-        _live_milters.discard(self)
-        return rc
+        try:
+            return terminate(self.proc, timeout, "sms-milter", self.logfile)
+        finally:
+            _live_milters.discard(self)
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -701,6 +694,21 @@ def hash_password_or_none(password: str) -> str | None:
     except ImportError:
         return None
     return hash_password(password)
+
+
+def terminate(proc: subprocess.Popen, timeout: float, what: str, logfile: Path) -> int:
+    """SIGTERM; the exit code. A process still running after `timeout` is killed (-9) and
+    the test fails with the tail of its log."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"{what} did not exit within {timeout:g}s of SIGTERM\n"
+                                 f"--- {logfile} tail:\n{tail(logfile)}") from None
+    return proc.returncode
 
 
 def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port: int = 2775,  # noqa: A002

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bed import free_port, tail, wait_until, write_config
+from bed import free_port, tail, terminate, wait_until, write_config
 from sms_milter.spool.base import FINAL_STATES, Job, NewJob
 from sms_milter.spool.sqlite import SqliteSpool
 
@@ -163,17 +162,10 @@ class DispatcherProc:
     def stop(self, timeout: float = 15) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"dispatcher did not stop on SIGTERM\n{self.log_tail()}") from None
-        rc = self.proc.returncode
-        self.proc = None
-        return rc
+        try:
+            return terminate(self.proc, timeout, "dispatcher", self.logfile)
+        finally:
+            self.proc = None
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
