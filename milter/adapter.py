@@ -1,21 +1,28 @@
 """The milter protocol adapter: the only module that talks to the MTA's sockets.
 
-python-libmilter parses the protocol; this module works around its known bugs
-(FIELD-NOTES) and the costs around it, in one place:
+The milter protocol (version 6, as Postfix and Sendmail speak it) is parsed here:
+python-libmilter's constants name the commands, but its session object and per-command
+parsers are not used. Profiled on the milter_path benchmark they were the largest part of
+the milter's CPU time per message (an object of some thirty attributes per connection,
+every macro packet turned into a dict, debug strings built for every packet); this
+module does only what the gateway needs and keeps the library's fixes listed in
+FIELD-NOTES:
 
-- one event-loop thread serves every MTA connection (a thread per connection spent
-  its time handing the GIL around); the messages that end in one loop iteration are
-  committed together in one transaction (one fsync), and each reply goes out only
-  after that commit;
-- replies are buffered and written once per packet batch, TCP_NODELAY on every
-  accepted socket, and TCP_QUICKACK after every read: headers and body are negotiated
-  as "no reply", so nothing of ours would carry the ACK and Postfix's Nagle would wait
+- one event-loop thread (epoll) serves every MTA connection; the messages that end
+  close together are committed in one transaction (one fsync; see `Server`), and each
+  reply goes out only after that commit;
+- replies are written once per read, TCP_NODELAY on every accepted socket, and
+  TCP_QUICKACK after every read we do not answer: headers and body are negotiated as
+  "no reply", so nothing of ours would carry the ACK and Postfix's Nagle would wait
   ~40 ms a message for our delayed ACK;
 - a custom reply is the SMFIR_REPLYCODE packet alone (never followed by a second
   REJECT, which Postfix would take as its answer to the next MAIL FROM);
-- macros are collected per connection and per message (the library keeps the last);
-- callbacks we do not need are negotiated away (HELO, DATA, unknown commands);
-- an exception in a callback becomes 451 4.3.0, never a dropped connection;
+- macros are read per command (connect: the client; MAIL, RCPT, end of message: the
+  queue id), never carried over from another stage;
+- callbacks we do not need are negotiated away (HELO, DATA, unknown commands), and an
+  MTA that sends them anyway gets CONTINUE;
+- an exception in the gateway becomes 451 4.3.0, never a dropped connection; bytes that
+  are no milter protocol get a TEMPFAIL and the connection is closed;
 - SIGTERM: stop accepting at once, let sessions in the middle of a message finish it,
   remove a unix socket on exit; `inet6:`/IPv6 addresses get a real IPv6 socket.
 """
@@ -23,14 +30,13 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import libmilter as lm
 
@@ -45,25 +51,28 @@ PROTOCOL_FLAGS = (
     | lm.SMFIP_NR_CONN | lm.SMFIP_NR_MAIL | lm.SMFIP_NR_HDR | lm.SMFIP_NR_BODY
 )
 ACTIONS = lm.SMFIF_DELRCPT
-
+# The longest a finished message's commit waits for messages still open on other
+# connections to share its transaction (group commit, as PostgreSQL's commit_delay).
+COMMIT_DELAY = 0.002
+# A packet longer than this is no milter protocol (Postfix's body chunks are < 64 KB).
+MAX_PACKET = 1 << 20
+READ_SIZE = 65536
 
 _UINT32 = struct.Struct("!I")
-# Commands whose macros we read: connect (client), MAIL/RCPT/end of message (queue id).
-_MACROS_USED = frozenset((lm.SMFIC_CONNECT, lm.SMFIC_MAIL, lm.SMFIC_RCPT, lm.SMFIC_BODYEOB))
-_NEGOTIATION = {kind: lm.optCBs[name] for kind, name in lm.protoMap.items()}
-DEFERRED = lm.Deferred()  # "no reply now": libmilter sends nothing for it
+_OPTNEG = struct.Struct("!III")
+CONTINUE, ACCEPT, DISCARD, TEMPFAIL = lm.CONTINUE, lm.ACCEPT, lm.DISCARD, lm.TEMPFAIL
+# Commands we negotiated away: the flag that says "not sent", the one that says "no reply".
+_OPTIONAL = {lm.SMFIC_HELO: (lm.SMFIP_NOHELO, lm.SMFIP_NR_HELO),
+             lm.SMFIC_DATA: (lm.SMFIP_NODATA, lm.SMFIP_NR_DATA),
+             lm.SMFIC_UNKNOWN: (lm.SMFIP_NOUNKNOWN, lm.SMFIP_NR_UNKN)}
 
 
-@dataclass
-class Pending:
-    msg: Message
-    commit: Commit
-    request: AddRequest
+class ProtocolError(Exception):
+    """The MTA sent something that is not the milter protocol."""
 
 
 def _packet(cmd: bytes, payload: bytes = b"") -> bytes:
-    body = cmd + payload
-    return lm.pack_uint32(len(body)) + body
+    return _UINT32.pack(len(cmd) + len(payload)) + cmd + payload
 
 
 def reply_packet(r: Refusal) -> bytes:
@@ -76,6 +85,12 @@ def reply_packet(r: Refusal) -> bytes:
     return _packet(lm.SMFIR_REPLYCODE, f"{r.code} {r.xcode} {text}".encode() + b"\0")
 
 
+def macros(packet: bytes) -> dict[bytes, bytes]:
+    """A macro packet (`D`, stage, name NUL value NUL ...) as {name: value}, braces dropped."""
+    items = packet[2:].split(b"\0")
+    return {items[i].strip(b"{}"): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
 def _addr(raw: bytes) -> str:
     first = raw.split(b"\0", 1)[0].strip()
     if first.startswith(b"<") and first.endswith(b">"):
@@ -83,174 +98,195 @@ def _addr(raw: bytes) -> str:
     return first.decode("utf-8", "replace")
 
 
-def _decode(md: dict, key: bytes) -> str | None:
-    v = md.get(key)
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else None
+class MilterSession:
+    """One MTA connection (one SMTP session, possibly several messages).
 
+    `feed()` takes the bytes the MTA sent and leaves our replies in `out`; the server does
+    the socket work. A message's end is answered at once (refusal, nothing to do) or,
+    when the spool must commit first, through `commit` and later `committed()`.
+    """
 
-class MilterSession(lm.MilterProtocol):
-    """One MTA connection (one SMTP session, possibly several messages)."""
+    __slots__ = ("gateway", "peer", "out", "rest", "protos", "macro", "client_ip", "msg", "in_message",
+                 "pending", "commit", "withdraw", "closed", "sock", "outbuf", "last", "writing",
+                 "quickack")
 
-    def __init__(self, gateway: Gateway, peer: str):
-        super().__init__(opts=ACTIONS, protos=PROTOCOL_FLAGS)
-        self.protos = PROTOCOL_FLAGS  # ignore the base class's per-callback defaults
+    def __init__(self, gateway: Gateway, peer: str = ""):
         self.gateway = gateway
         self.peer = peer
         self.out: list[bytes] = []
-        self.conn_macros: dict[bytes, bytes] = {}
+        self.rest = b""  # an incomplete packet from the last read
+        self.protos = PROTOCOL_FLAGS  # narrowed to what the MTA offers at negotiation
+        self.macro = b""  # the last macro packet; it belongs to the command that follows it
         self.client_ip: str | None = None
         self.msg = Message()
-        self.in_message = False
-        self.pending: Pending | None = None
-        self._inbuf = bytearray()
+        self.in_message = False  # between MAIL FROM and our answer to its end
+        # (msg, commit, request) while the spool commits the ended message
+        self.pending: tuple[Message, Commit, AddRequest] | None = None
         # Set by the server: queue a commit (returns its request) / withdraw a queued one.
         self.commit: Callable[[Commit, MilterSession], AddRequest] | None = None
         self.withdraw: Callable[[AddRequest], bool] | None = None
+        self.closed = False
+        # The server's per-connection state.
+        self.sock: socket.socket | None = None
+        self.outbuf = b""
+        self.last = 0.0
+        self.writing = False
+        self.quickack = False
 
-    # libmilter calls send() for every reply: collect them, the loop writes them at once.
-    def send(self, msg: bytes) -> None:
-        self.out.append(msg)
-
-    # libmilter's framing loop builds `%r` debug strings of every buffer and command list
-    # (the body included) even with debugging off, and parses the macro packet of every
-    # command; after the spool, it was the milter's largest cost. These two keep its
-    # semantics (macro pairing, no-callback/no-reply negotiation, Deferred) and still use
-    # its per-command parsers (_connect, _rcpt, _header, ...) and its negotiation.
-    def dataReceived(self, buf: bytes) -> None:  # noqa: N802 (library name)
-        inbuf = self._inbuf
-        inbuf += buf
-        cmds = []
-        pos, end = 0, len(inbuf)
+    def feed(self, data: bytes) -> None:
+        """Handle every whole packet in what was read; keep an incomplete one for the next read."""
+        if self.rest:
+            data = self.rest + data
+        pos, end = 0, len(data)
         while end - pos >= 4:
-            size = _UINT32.unpack_from(inbuf, pos)[0]
-            if end - pos - 4 < size:
+            size = _UINT32.unpack_from(data, pos)[0]
+            if not 0 < size <= MAX_PACKET:
+                raise ProtocolError(f"a packet of {size} bytes")
+            stop = pos + 4 + size
+            if stop > end:
                 break
-            cmds.append(bytes(inbuf[pos + 4:pos + 4 + size]))
-            pos += 4 + size
-        del inbuf[:pos]
-        if cmds:
-            self._procCmdAndData(cmds)
+            self.command(data[pos + 4:stop])
+            pos = stop
+        self.rest = data[pos:]
 
-    def _procCmdAndData(self, cmds: list[bytes]) -> None:  # noqa: N802 (library name)
-        for cmd in cmds:
-            kind = cmd[:1]
-            if kind == lm.SMFIC_MACRO:
-                self._lastMacro = cmd
-                continue
-            if kind == lm.SMFIC_OPTNEG:
-                self.send(self._negotiate(cmd))
-                continue
-            if kind == lm.SMFIC_ABORT:
-                self._abort()
-                continue
-            if kind in (lm.SMFIC_QUIT, lm.SMFIC_QUIT_NC):
-                self._close()
-                continue
-            handler = self._MACMAP.get(kind)
-            if handler is None:
-                raise lm.UnsupportedError(f"unsupported milter command {kind!r}")
-            last = self._lastMacro
-            macro = last if kind in _MACROS_USED and last is not None and last[1:2] == kind else None
-            no_call, no_reply = _NEGOTIATION.get(kind, (0, 0))
-            if self.protos & no_call:
-                continue
-            reply = handler(macro, [cmd])
-            if self.protos & no_reply:
-                continue
-            if not isinstance(reply, lm.Deferred):
-                self.send(reply or lm.CONTINUE)
+    def command(self, cmd: bytes) -> None:
+        handler = _HANDLERS.get(cmd[:1])
+        if handler is None:
+            self._optional(cmd)
+            return
+        handler(self, cmd)
 
-    def log(self, msg: str) -> None:
-        log.debug("libmilter: %s", msg)
+    def _stage_macros(self, stage: bytes) -> dict[bytes, bytes]:
+        m = self.macro
+        self.macro = b""
+        return macros(m) if m[1:2] == stage else {}
 
-    def _new_message(self) -> None:
-        self.msg = Message(client_ip=self.client_ip)
-
-    def _guard(self, what: str, fn: Callable[[], bytes | None], replies: bool = True) -> bytes | None:
-        try:
-            return fn()
-        except Exception:
-            log.exception("%s: internal error in %s", self.msg.queue_id or "NOQUEUE", what)
-            if replies:
-                self._new_message()
-                return reply_packet(INTERNAL_ERROR)
-            self.msg.failed = INTERNAL_ERROR
-            return None
-
-    def _macros(self, md: dict) -> None:
-        qid = _decode(md, b"i")
+    def _queue_id(self, md: dict[bytes, bytes]) -> None:
+        qid = md.get(b"i")
         if qid:
-            self.msg.queue_id = qid
+            self.msg.queue_id = qid.decode("ascii", "replace")
 
-    # -- callbacks -------------------------------------------------------------------------
-    def connect(self, hostname: bytes, family: bytes, ip: bytes, port: int, md: dict) -> bytes:
-        def run() -> None:
-            self.conn_macros.update(md)
-            addr = ip.decode("ascii", "replace") if family in (b"4", b"6") else None
-            if addr and addr.lower().startswith("ipv6:"):
-                addr = addr[5:]
-            self.client_ip = addr or _decode(self.conn_macros, b"{client_addr}")
-            self._new_message()
-        self._guard("connect", run, replies=False)
-        return lm.CONTINUE
+    def _internal_error(self, what: str) -> None:
+        log.exception("%s: internal error in %s", self.msg.queue_id or "NOQUEUE", what)
 
-    def mailFrom(self, frAddr: bytes, md: dict) -> bytes:  # noqa: N802 (library name)
-        def run() -> None:
-            self._new_message()
-            self.in_message = True
-            self.msg.sender = _addr(frAddr)
-            self._macros(md)
-        self._guard("MAIL FROM", run, replies=False)
-        return lm.CONTINUE
+    # -- the commands --------------------------------------------------------------------
+    def _on_macro(self, cmd: bytes) -> None:
+        self.macro = cmd
 
-    def rcpt(self, recip: bytes, md: dict) -> bytes:
-        def run() -> bytes:
-            self._macros(md)
-            raw = recip.split(b"\0", 1)[0]
-            refusal = self.gateway.rcpt(self.msg, raw, _addr(recip))
-            return reply_packet(refusal) if refusal else lm.CONTINUE
-        return self._guard("RCPT TO", run) or lm.CONTINUE
+    def _on_optneg(self, cmd: bytes) -> None:
+        if len(cmd) < 13:
+            raise ProtocolError("a short option negotiation")
+        version, actions, protos = _OPTNEG.unpack_from(cmd, 1)
+        self.protos = PROTOCOL_FLAGS & protos
+        self.out.append(_packet(lm.SMFIC_OPTNEG, _OPTNEG.pack(version, ACTIONS & actions, self.protos)))
 
-    def header(self, key: bytes, val: bytes, md: dict) -> None:
-        def run() -> None:
-            self._macros(md)
-            if self.msg.sms:
-                self.msg.headers.append((key, val))
-                self.msg.size += len(key) + len(val) + 4  # "Key: value\r\n"
-        self._guard("header", run, replies=False)
-
-    def eoh(self, md: dict) -> bytes:
-        self._macros(md)
-        # Mail with no SMS recipient needs nothing more from us: let it go untouched.
-        return lm.CONTINUE if self.msg.sms else lm.ACCEPT
-
-    def body(self, chunk: bytes, md: dict) -> None:
-        def run() -> None:
-            self.msg.add_body(chunk, self.gateway.cfg.milter.max_message_bytes)
-        self._guard("body", run, replies=False)
-
-    def eob(self, md: dict) -> bytes | lm.Deferred:
-        def run() -> bytes | lm.Deferred:
-            self._macros(md)
-            decided = self.gateway.decide(self.msg)
-            if isinstance(decided, Outcome):
-                return self._packets(decided)
-            if self.commit is None:  # no event loop (tests, tools): wait here
-                return self._packets(self.gateway.end_of_message(self.msg))
-            self.pending = Pending(self.msg, decided, self.commit(decided, self))
-            return DEFERRED  # the reply goes out when the spool has committed
+    def _on_connect(self, cmd: bytes) -> None:
+        md = self._stage_macros(lm.SMFIC_CONNECT)
         try:
-            return self._guard("end of message", run) or lm.CONTINUE
-        finally:
-            self.in_message = self.pending is not None
-            self._new_message()
+            _host, _, rest = cmd[1:].partition(b"\0")
+            family = rest[:1]
+            addr = rest[3:].split(b"\0", 1)[0].decode("ascii", "replace") if family in (b"4", b"6") else ""
+            if addr.lower().startswith("ipv6:"):
+                addr = addr[5:]
+            client = md.get(b"client_addr")
+            self.client_ip = addr or (client.decode("ascii", "replace") if client else None)
+        except Exception:
+            self._internal_error("connect")
+        if not self.protos & lm.SMFIP_NR_CONN:
+            self.out.append(CONTINUE)
 
+    def _on_mail(self, cmd: bytes) -> None:
+        md = self._stage_macros(lm.SMFIC_MAIL)
+        self.msg = msg = Message(client_ip=self.client_ip)
+        self.in_message = True
+        try:
+            self._queue_id(md)
+            msg.sender = _addr(md.get(b"mail_addr") or cmd[1:])
+        except Exception:
+            self._internal_error("MAIL FROM")
+            msg.failed = INTERNAL_ERROR
+        if not self.protos & lm.SMFIP_NR_MAIL:
+            self.out.append(CONTINUE)
+
+    def _on_rcpt(self, cmd: bytes) -> None:
+        md = self._stage_macros(lm.SMFIC_RCPT)
+        try:
+            self._queue_id(md)
+            raw = cmd[1:].split(b"\0", 1)[0]
+            refusal = self.gateway.rcpt(self.msg, raw, _addr(raw))
+            self.out.append(reply_packet(refusal) if refusal else CONTINUE)
+        except Exception:
+            self._internal_error("RCPT TO")
+            self.out.append(reply_packet(INTERNAL_ERROR))
+
+    def _on_header(self, cmd: bytes) -> None:
+        msg = self.msg
+        if msg.sms:
+            key, _, rest = cmd[1:].partition(b"\0")
+            val = rest.split(b"\0", 1)[0]
+            msg.headers.append((key, val))
+            msg.size += len(key) + len(val) + 4  # "Key: value\r\n"
+        if not self.protos & lm.SMFIP_NR_HDR:
+            self.out.append(CONTINUE)
+
+    def _on_eoh(self, cmd: bytes) -> None:
+        self.macro = b""
+        # Mail with no SMS recipient needs nothing more from us: let it go untouched.
+        self.out.append(CONTINUE if self.msg.sms else ACCEPT)
+
+    def _on_body(self, cmd: bytes) -> None:
+        msg = self.msg
+        if msg.sms:
+            msg.add_body(cmd[1:], self.gateway.cfg.milter.max_message_bytes)
+        if not self.protos & lm.SMFIP_NR_BODY:
+            self.out.append(CONTINUE)
+
+    def _on_eob(self, cmd: bytes) -> None:
+        md = self._stage_macros(lm.SMFIC_BODYEOB)
+        msg = self.msg
+        self.in_message = False
+        try:
+            self._queue_id(md)
+            decided = self.gateway.decide(msg)
+            if isinstance(decided, Outcome):
+                self.out.append(self._packets(decided))
+            elif self.commit is None:  # no event loop (tests, tools): commit and wait here
+                self.out.append(self._packets(self.gateway.end_of_message(msg)))
+            else:
+                self.pending = (msg, decided, self.commit(decided, self))
+                self.in_message = True  # the answer goes out when the spool has committed
+        except Exception:
+            self._internal_error("end of message")
+            self.out.append(reply_packet(INTERNAL_ERROR))
+
+    def _on_abort(self, cmd: bytes) -> None:
+        self.abort()
+
+    def _on_quit(self, cmd: bytes) -> None:
+        self.close()
+
+    def _on_quit_nc(self, cmd: bytes) -> None:
+        # A new SMTP session on the same connection: forget this one's client.
+        self.abort()
+        self.client_ip = None
+
+    def _optional(self, cmd: bytes) -> None:
+        """HELO, DATA, unknown SMTP commands: negotiated away, CONTINUE if they come anyway."""
+        flags = _OPTIONAL.get(cmd[:1])
+        if flags is None:
+            raise ProtocolError(f"unknown milter command {cmd[:1]!r}")
+        self.macro = b""
+        no_call, no_reply = flags
+        if not self.protos & (no_call | no_reply):
+            self.out.append(CONTINUE)
+
+    # -- answers -----------------------------------------------------------------------------
     def _packets(self, outcome: Outcome) -> bytes:
         if outcome.refusal:
             return reply_packet(outcome.refusal)
         if outcome.discard:
-            return lm.DISCARD
-        return b"".join(_packet(lm.SMFIR_DELRCPT, raw + b"\0") for raw in outcome.delete) + lm.CONTINUE
+            return DISCARD
+        return b"".join(_packet(lm.SMFIR_DELRCPT, raw + b"\0") for raw in outcome.delete) + CONTINUE
 
     def committed(self) -> None:
         """The spool answered for the pending message: queue the final reply."""
@@ -258,56 +294,71 @@ class MilterSession(lm.MilterProtocol):
         self.in_message = False
         if p is None:
             return
-        result = p.request.error if p.request.error is not None else p.request.result
+        msg, commit, request = p
+        result = request.error if request.error is not None else request.result
         assert result is not None
-        self.out.append(self._guard("end of message", lambda: self._packets(
-            self.gateway.committed(p.msg, p.commit, result))) or lm.TEMPFAIL)
+        try:
+            self.out.append(self._packets(self.gateway.committed(msg, commit, result)))
+        except Exception:
+            self._internal_error("end of message")
+            self.out.append(TEMPFAIL)
 
     def abort(self) -> None:
         # The MTA gave up on the message (its own timeout, or the client went away).
         # A commit still queued is withdrawn; one already made stays (a resend is
         # recognised by its idempotency key).
         if self.pending is not None and self.withdraw is not None:
-            self.withdraw(self.pending.request)
+            self.withdraw(self.pending[2])
         self.pending = None
         self.in_message = False
-        self._new_message()
+        self.macro = b""
 
     def close(self) -> None:
         self.abort()
+        self.closed = True
 
 
-class _Conn:
-    __slots__ = ("sock", "session", "outbuf", "last", "writing", "quickack")
-
-    def __init__(self, sock: socket.socket, session: MilterSession):
-        self.sock = sock
-        self.session = session
-        self.outbuf = bytearray()
-        self.last = time.monotonic()
-        self.writing = False
-        self.quickack = sock.family != socket.AF_UNIX and hasattr(socket, "TCP_QUICKACK")
+_HANDLERS: dict[bytes, Callable[[MilterSession, bytes], None]] = {
+    lm.SMFIC_MACRO: MilterSession._on_macro,
+    lm.SMFIC_HEADER: MilterSession._on_header,
+    lm.SMFIC_BODY: MilterSession._on_body,
+    lm.SMFIC_RCPT: MilterSession._on_rcpt,
+    lm.SMFIC_MAIL: MilterSession._on_mail,
+    lm.SMFIC_EOH: MilterSession._on_eoh,
+    lm.SMFIC_BODYEOB: MilterSession._on_eob,
+    lm.SMFIC_CONNECT: MilterSession._on_connect,
+    lm.SMFIC_OPTNEG: MilterSession._on_optneg,
+    lm.SMFIC_ABORT: MilterSession._on_abort,
+    lm.SMFIC_QUIT: MilterSession._on_quit,
+    lm.SMFIC_QUIT_NC: MilterSession._on_quit_nc,
+}
 
 
 class Server:
-    """All MTA connections in one thread around a selector, as Postfix itself works.
+    """All MTA connections in one thread around epoll, as Postfix itself works.
 
     A thread per connection spent most of its time handing the GIL around. Here one
-    thread parses, decides and, once per loop iteration, commits every message that
-    ended in it in one transaction, then writes their replies.
+    thread parses and decides; a message whose end needs a spool commit waits up to
+    `commit_delay` for messages still open on other connections, so that one
+    transaction (one fsync) serves them all (measured on the milter_path benchmark:
+    3-4 messages a commit instead of 1-2, and a fifth less CPU a message), then the
+    replies go out. A lone message is committed at once.
     """
 
     def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0,
-                 stopping: threading.Event | None = None):
+                 stopping: threading.Event | None = None, commit_delay: float = COMMIT_DELAY):
         self.spec = spec
         self.gateway = gateway
         self.spool = gateway.spool
         self.idle_timeout = idle_timeout
         self.stopping = stopping or threading.Event()
         self.sock = self._listen(spec)
-        self.sel = selectors.DefaultSelector()
-        self.conns: dict[int, _Conn] = {}
+        self.tcp = self.sock.family != socket.AF_UNIX
+        self.poll = select.epoll()
+        self.conns: dict[int, MilterSession] = {}
         self.to_commit: list[AddRequest] = []
+        self.commit_delay = commit_delay
+        self.commit_due = 0.0  # when the oldest queued commit must be made at the latest
 
     def _listen(self, spec: str) -> socket.socket:
         if spec.startswith("unix:"):
@@ -334,7 +385,9 @@ class Server:
     # -- commits ---------------------------------------------------------------------------------
     def _commit(self, commit: Commit, session: MilterSession) -> AddRequest:
         request = AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails, context=session)
-        self.to_commit.append(request)  # committed with the others at the end of this iteration
+        if not self.to_commit:
+            self.commit_due = time.monotonic() + self.commit_delay
+        self.to_commit.append(request)
         return request
 
     def _withdraw(self, request: AddRequest) -> bool:
@@ -343,53 +396,68 @@ class Server:
             return True
         return False
 
+    def _others_busy(self) -> bool:
+        """Is a message still open on a connection whose end has not been queued?"""
+        for s in self.conns.values():
+            if s.in_message and s.pending is None:
+                return True
+        return False
+
     def _commit_round(self) -> None:
-        """One transaction for every message that ended in this loop iteration, then their replies."""
+        """One transaction for every queued message, then their replies."""
         batch, self.to_commit = self.to_commit, []
         self.spool.commit_now(batch)
         for request in batch:
             session = request.context
             assert isinstance(session, MilterSession)
-            if session.pending is None or session.pending.request is not request:
+            if session.pending is None or session.pending[2] is not request:
                 continue  # aborted or closed meanwhile: the MTA expects no answer
             session.committed()
-            conn = self.conns.get(session.transport.fileno()) if session.transport else None
-            if conn is not None:
-                self._flush(conn)
+            if session.sock is not None:
+                self._flush(session)
 
     # -- the loop ------------------------------------------------------------------------------
     def serve(self) -> None:
         log.info("listening on %s", self.spec)
-        self.sel.register(self.sock, selectors.EVENT_READ, "listen")
+        listen_fd = self.sock.fileno()
+        self.poll.register(listen_fd, select.EPOLLIN)
         draining_until: float | None = None
         last_sweep = time.monotonic()
+        conns = self.conns
         try:
             while True:
                 if self.stopping.is_set() and draining_until is None:
-                    self.sel.unregister(self.sock)
+                    self.poll.unregister(listen_fd)
                     self.sock.close()
                     draining_until = time.monotonic() + 30.0
                 if draining_until is not None:
-                    for c in [c for c in self.conns.values() if not c.session.in_message]:
-                        self._close(c)  # idle between messages: close now
-                    if not self.conns or time.monotonic() > draining_until:
+                    for s in [s for s in conns.values() if not s.in_message]:
+                        self._close(s)  # idle between messages: close now
+                    if not conns or time.monotonic() > draining_until:
                         break
-                for key, mask in self.sel.select(0.2):
-                    if key.data == "listen":
-                        self._accept()
-                    elif mask & selectors.EVENT_READ:
-                        self._readable(key.data)
-                    if isinstance(key.data, _Conn) and mask & selectors.EVENT_WRITE:
-                        self._flush(key.data)
+                timeout = 0.2
                 if self.to_commit:
+                    timeout = max(0.0, self.commit_due - time.monotonic())
+                for fd, events in self.poll.poll(timeout):
+                    if fd == listen_fd:
+                        self._accept()
+                        continue
+                    session = conns.get(fd)
+                    if session is None:
+                        continue
+                    if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                        self._readable(session)
+                    if events & select.EPOLLOUT and session.sock is not None:
+                        self._flush(session)
+                if self.to_commit and (time.monotonic() >= self.commit_due or not self._others_busy()):
                     self._commit_round()
                 now = time.monotonic()
                 if now - last_sweep >= 0.1:
                     last_sweep = now
                     self._sweep(now)
         finally:
-            for c in list(self.conns.values()):
-                self._close(c)
+            for s in list(conns.values()):
+                self._close(s)
             if draining_until is None:
                 self.sock.close()
             if self.spec.startswith("unix:"):
@@ -397,7 +465,7 @@ class Server:
                     os.unlink(self.spec[5:])
                 except OSError:
                     pass
-            self.sel.close()
+            self.poll.close()
 
     def _accept(self) -> None:
         while True:
@@ -409,79 +477,94 @@ class Server:
                 log.warning("accept failed: %s", e)
                 return
             sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if self.tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = MilterSession(self.gateway, str(addr))
-            session.transport = sock
+            session.sock = sock
+            session.last = time.monotonic()
+            session.quickack = self.tcp and hasattr(socket, "TCP_QUICKACK")
             session.commit = self._commit
             session.withdraw = self._withdraw
-            conn = _Conn(sock, session)
-            self.conns[sock.fileno()] = conn
-            self.sel.register(sock, selectors.EVENT_READ, conn)
+            fd = sock.fileno()
+            self.conns[fd] = session
+            self.poll.register(fd, select.EPOLLIN)
 
-    def _readable(self, c: _Conn) -> None:
+    def _readable(self, s: MilterSession) -> None:
+        sock = s.sock
+        assert sock is not None
         try:
-            data = c.sock.recv(lm.MILTER_CHUNK_SIZE)
+            data = sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self._close(c)
+            self._close(s)
             return
-        c.last = time.monotonic()
+        s.last = time.monotonic()
         try:
-            c.session.dataReceived(data)
-        except Exception:
-            log.exception("protocol error from the MTA, closing the connection")
-            c.session.out.append(lm.TEMPFAIL)
-            self._flush(c)
-            self._close(c)
+            s.feed(data)
+        except Exception as e:
+            if isinstance(e, ProtocolError):
+                log.warning("protocol error from the MTA (%s), closing the connection", e)
+            else:
+                log.exception("protocol error from the MTA, closing the connection")
+            s.out.append(TEMPFAIL)
+            self._flush(s)
+            self._close(s)
             return
-        if not c.session.out and c.quickack:
+        replied = bool(s.out)
+        if replied:
+            self._flush(s)
+        if s.closed:
+            self._close(s)  # QUIT: no need to wait for the MTA to hang up
+        elif not replied and s.quickack:
             # Headers and body need no reply, so nothing of ours carries the ACK; the
             # MTA's Nagle would then wait ~40 ms for our delayed ACK. (A reply carries it.)
             try:
-                c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
             except OSError:
                 pass
-        self._flush(c)
 
     def _sweep(self, now: float) -> None:
-        for c in list(self.conns.values()):
-            if c.session.pending is None and now - c.last > self.idle_timeout:
-                self._close(c)
+        for s in list(self.conns.values()):
+            if s.pending is None and now - s.last > self.idle_timeout:
+                self._close(s)
 
-    def _flush(self, c: _Conn) -> None:
-        if c.session.out:
-            c.outbuf += b"".join(c.session.out)
-            c.session.out.clear()
-        if c.outbuf:
+    def _flush(self, s: MilterSession) -> None:
+        sock = s.sock
+        if sock is None:
+            return
+        if s.out:
+            s.outbuf += s.out[0] if len(s.out) == 1 else b"".join(s.out)
+            s.out.clear()
+        if s.outbuf:
             try:
-                sent = c.sock.send(c.outbuf)
-                del c.outbuf[:sent]
+                sent = sock.send(s.outbuf)
+                s.outbuf = s.outbuf[sent:]
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
-                self._close(c)
+                self._close(s)
                 return
-        want = bool(c.outbuf)
-        if want != c.writing:
-            c.writing = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            self.sel.modify(c.sock, events, c)
+        want = bool(s.outbuf)
+        if want != s.writing:
+            s.writing = want
+            self.poll.modify(sock.fileno(), select.EPOLLIN | (select.EPOLLOUT if want else 0))
 
-    def _close(self, c: _Conn) -> None:
-        fd = c.sock.fileno()
+    def _close(self, s: MilterSession) -> None:
+        sock, s.sock = s.sock, None
+        s.close()
+        if sock is None:
+            return
+        fd = sock.fileno()
         if fd >= 0:
             self.conns.pop(fd, None)
             try:
-                self.sel.unregister(c.sock)
-            except (KeyError, ValueError):
+                self.poll.unregister(fd)
+            except (KeyError, ValueError, OSError):
                 pass
-        c.session.close()
-        c.session.transport = None
-        _shutdown(c.sock)
+        _shutdown(sock)
 
     def stop(self) -> None:
         self.stopping.set()
