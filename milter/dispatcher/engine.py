@@ -29,7 +29,8 @@ from .provider import Provider, Receipt, SubmitResult
 log = logging.getLogger("sms_milter.dispatcher")
 
 CLAIM_MAX = 500  # jobs per claim transaction
-PRUNE_EVERY = 300.0  # seconds between looks for orphan receipts too old to match anything
+KEYS_PRUNED_AT_ONCE = 5000  # expired idempotency keys deleted in one transaction
+PRUNE_EVERY = 300.0  # seconds between looks for old orphan receipts and expired idempotency keys
 
 
 class Engine:
@@ -271,13 +272,15 @@ class Engine:
             self.on_events()
 
     def _prune(self) -> bool:
-        """Drop orphan receipts too old to match anything, logging each once; True if more remain."""
+        """Drop orphan receipts too old to match anything (logging each once) and expired
+        idempotency keys; True if more may remain."""
         gone = self.spool.prune_orphans(self.orphan_max_age)
         now = time.time()
         for o in gone:
             log.warning("receipt for unknown message id %s (%s %s) matched no job in %.1f h: dropped",
                         o.ref, o.part_state, o.error, (now - o.at) / 3600)
-        return len(gone) >= 1000
+        keys = self.spool.prune_message_keys(KEYS_PRUNED_AT_ONCE)
+        return len(gone) >= 1000 or keys >= KEYS_PRUNED_AT_ONCE
 
     def _expire(self) -> None:
         ids = self.spool.expire_due()

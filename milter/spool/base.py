@@ -180,6 +180,10 @@ class Spool(Protocol):
     def prune_orphans(self, max_age: float, limit: int = 1000) -> list[OrphanReceipt]:
         """Delete (and return) orphan receipts older than max_age seconds: they matched nothing."""
 
+    def prune_message_keys(self, limit: int = 5000) -> int:
+        """Delete up to `limit` expired idempotency keys; how many. (The lookup ignores expired
+        keys anyway: this only gives the space back.)"""
+
     def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]: ...
 
     def expire_due(self) -> list[int]: ...

@@ -81,6 +81,8 @@ CREATE TABLE IF NOT EXISTS messages (
     job_ids TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
+-- Expired keys are pruned by the dispatcher (prune_message_keys), a range at a time.
+CREATE INDEX IF NOT EXISTS messages_expiry ON messages(expires_at);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     job_id INTEGER NOT NULL,
@@ -287,31 +289,36 @@ class SqliteSpool:
 
     def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> list[AddResult]:
         now = time.time()
+        keys = list({r.key for r in batch if r.key is not None})
+        known: dict[str, AddResult] = {}
+        for i in range(0, len(keys), 500):  # SQLite allows 999 parameters in a statement
+            chunk = keys[i:i + 500]
+            rows = db.execute(f"SELECT key, job_ids FROM messages WHERE expires_at>? AND key IN "
+                              f"({','.join('?' * len(chunk))})", (now, *chunk))
+            for row in rows:
+                known[row[0]] = AddResult(tuple(json.loads(row[1])), True)
         out: list[AddResult] = []
-        seen: dict[str, AddResult] = {}
         for r in batch:
-            if r.key is not None:
-                if r.key in seen:
-                    out.append(AddResult(seen[r.key].job_ids, True))
-                    continue
-                row = db.execute("SELECT job_ids FROM messages WHERE key=? AND expires_at>?",
-                                 (r.key, now)).fetchone()
-                if row is not None:
-                    out.append(AddResult(tuple(json.loads(row["job_ids"])), True))
-                    continue
+            if r.key is not None and r.key in known:
+                out.append(known[r.key])
+                continue
             ids = tuple(self._insert_job(db, j, now) for j in r.jobs)
-            db.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at) VALUES (?,?,?,?)",
-                           [(m.rcpt, m.content, now, now) for m in r.mails])
+            if r.mails:
+                db.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at) VALUES (?,?,?,?)",
+                               [(m.rcpt, m.content, now, now) for m in r.mails])
+            res = AddResult(ids, False)
             if r.key is not None:
                 db.execute("INSERT OR REPLACE INTO messages(key, job_ids, expires_at) VALUES (?,?,?)",
                            (r.key, json.dumps(ids), now + r.key_ttl))
-            res = AddResult(ids, False)
-            if r.key is not None:
-                seen[r.key] = res
+                known[r.key] = AddResult(ids, True)  # the same message again in this batch
             out.append(res)
-        if int(now) % 64 == 0:  # now and then: forget expired message keys
-            db.execute("DELETE FROM messages WHERE expires_at<=?", (now,))
         return out
+
+    def prune_message_keys(self, limit: int = 5000) -> int:
+        """Delete up to `limit` expired idempotency keys (they no longer match anything); how many."""
+        return self._run(lambda db: db.execute(
+            "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages WHERE expires_at<=? "
+            "ORDER BY expires_at LIMIT ?)", (time.time(), limit)).rowcount)
 
     def _insert_job(self, db: sqlite3.Connection, j: NewJob, now: float) -> int:
         not_before = j.not_before if j.not_before is not None else now
@@ -321,7 +328,8 @@ class SqliteSpool:
             "message_id, notify, queue_id, trans_ref, flash, urls, deferred, created_at, not_before, "
             "expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (j.recipient, j.originator, j.text, j.parts, j.account, j.device, j.sender, j.subject,
-             j.message_id, j.notify, j.queue_id, j.trans_ref, int(j.flash), json.dumps(j.urls),
+             j.message_id, j.notify, j.queue_id, j.trans_ref, int(j.flash),
+             json.dumps(j.urls) if j.urls else "{}",
              int(j.not_before is not None and j.not_before > now), now, not_before, expires),
         )
         return int(cur.lastrowid or 0)

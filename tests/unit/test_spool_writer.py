@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sms_milter.spool.base import NewJob, SpoolError
+from sms_milter.spool.base import AddRequest, NewJob, SpoolError
 from sms_milter.spool.sqlite import SqliteSpool
 
 
@@ -45,6 +45,31 @@ def test_same_key_adds_nothing_within_its_ttl(tmp_path: Path) -> None:
     short = spool.add_message("short", [job(2)], key_ttl=0.0)
     time.sleep(0.01)
     assert spool.add_message("short", [job(2)], key_ttl=0.0).job_ids != short.job_ids  # expired
+
+
+def test_one_commit_for_many_messages_dedupes_within_it_and_against_the_spool(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    before = spool.add_message("old", [job(1)], key_ttl=60)
+    batch = [AddRequest(k, [job(n)], 60.0, []) for n, k in enumerate(["a", "old", "a", None, None], 2)]
+    spool.commit_now(batch)
+    a, old, a_again, anon1, anon2 = (r.result for r in batch)
+    assert (old.job_ids, old.duplicate) == (before.job_ids, True)
+    assert (a_again.job_ids, a_again.duplicate, a.duplicate) == (a.job_ids, True, False)
+    assert not anon1.duplicate and not anon2.duplicate and anon1.job_ids != anon2.job_ids
+    assert len(spool.list_jobs()) == 4  # old, a and the two without a key
+
+
+def test_expired_keys_are_pruned_a_batch_at_a_time(tmp_path: Path) -> None:
+    spool = SqliteSpool(tmp_path / "s.db")
+    for n in range(5):
+        spool.add_message(f"gone-{n}", [job(n)], key_ttl=0.0)
+    kept = spool.add_message("kept", [job(9)], key_ttl=60)
+    time.sleep(0.01)
+    assert spool.prune_message_keys(limit=3) == 3
+    assert spool.prune_message_keys(limit=3) == 2
+    assert spool.prune_message_keys(limit=3) == 0
+    assert spool.add_message("kept", [job(9)], key_ttl=60).job_ids == kept.job_ids  # still known
+    assert len(spool.list_jobs()) == 6  # pruning keys never touches jobs
 
 
 def test_a_writer_that_cannot_open_the_spool_answers_at_once_and_recovers(tmp_path: Path) -> None:
