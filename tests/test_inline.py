@@ -332,6 +332,43 @@ def test_sms_only_mail_is_not_relayed(gw):
     assert gw.sink.matching(lambda m: m.subject == token) == []
 
 
+def test_unix_socket_milter(tmp_path, sink, notify_sink):
+    """The milter on a unix socket (the cheaper transport when Postfix runs on the same host):
+    SMS recipient spooled and removed, the mail recipient relayed; the socket is gone after
+    SIGTERM. The socket is 0660: Postfix gets in through its group, as `usermod -aG` gives it."""
+    import grp
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    rundir = Path(tempfile.mkdtemp(prefix="sms-milter-run-"))  # pytest's tmp is 0700: smtpd can't reach it
+    os.chmod(rundir, 0o755)
+    path = rundir / "milter.sock"
+    config = bed.write_config(tmp_path, 1, notify_sink.port, extra={"milter": {"socket": f"unix:{path}"}})
+    milter = bed.Milter(config, tmp_path / "milter.log").start()
+    postfix = None
+    try:
+        assert oct(path.stat().st_mode & 0o777) == "0o660"
+        os.chown(path, -1, grp.getgrnam("postfix").gr_gid)
+        postfix = bed.Postfix(None, sink.port, f"unix:{path}").start()
+        num, e164 = bed.unique_number()
+        token = bed.unique("unixsock")
+        msg = bed.make_message(token, "over a unix socket")
+        r = bed.smtp_send(postfix.port, ACME, [sms(num), RELAY], msg)
+        assert_data(r)
+        (job,) = [j for j in bed.queue_list(config) if j["recipient"] == e164]
+        assert job["text"] == "over a unix socket"
+        got = sink.wait_for(lambda m: m.subject == token)
+        assert [m.rcpt_tos for m in got] == [[RELAY]]
+    finally:
+        if postfix is not None:
+            postfix.stop()
+        assert milter.stop() == 0
+    assert not path.exists()
+    shutil.rmtree(rundir)
+
+
 def test_rejected_message_then_valid_one_in_same_session(gw):
     """python-libmilter's double reply would make Postfix answer the next MAIL FROM with it."""
     n1, _ = bed.unique_number()
