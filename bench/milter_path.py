@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import grp
 import io
 import os
 import pstats
@@ -35,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +74,6 @@ class Bed:
     plain: bed.Postfix  # no milter
     milter_pf: bed.Postfix  # smtpd_milters = the sms-milter
     milter: bed.Milter
-    milter_port: int
     config: Path
     spool: Path
 
@@ -164,6 +165,22 @@ def project_round(b: Bed, n: int, sessions: int, size: int, tag: str) -> float:
         say(f"  (milter CPU {1000 * cpu / n:.2f} ms/msg, {100 * cpu / elapsed:.0f}% of one core; "
             f"jobs of {pmin}-{pmax} SMS parts each)")
     return n / elapsed
+
+
+def let_postfix_in(spec: str) -> None:
+    """A unix socket, 0660 with Postfix's group: Postfix gets in through its group, as
+    `usermod -aG sms-milter postfix` lets it in production."""
+    if spec.startswith("unix:"):
+        os.chown(spec[5:], -1, grp.getgrnam("postfix").gr_gid)
+        os.chmod(spec[5:], 0o660)
+
+
+def reference_socket(kind: str, path: Path) -> tuple[str, Callable[[], bool]]:
+    """A reference milter's socket of the same kind as the project's, and its 'listening' test."""
+    if kind == "unix":
+        return f"unix:{path}", lambda: bed._unix_listening(str(path))
+    port = bed.free_port()
+    return f"inet:127.0.0.1:{port}", lambda: bed._port_listening(port)
 
 
 def build_noop_milter(work: Path) -> Path | None:
@@ -290,7 +307,8 @@ def profiled_round(b: Bed, n: int, sessions: int, size: int, work: Path, profile
               str(b.config)], stdout=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log.close()
     try:
-        poll(lambda: bed._port_listening(b.milter_port), 20, "the profiled milter listening", alive=[p])
+        poll(b.milter.listening, 20, "the profiled milter listening", alive=[p])
+        let_postfix_in(b.milter.socket_spec)
         rate = project_round(b, n, sessions, size, "prof")
     finally:
         p.stop(30)
@@ -308,6 +326,8 @@ def main() -> int:
     ap.add_argument("--messages", type=int, help="messages per round (default 5000, --quick 1000)")
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024, help="message size for smtp-source -l")
+    ap.add_argument("--socket", choices=("inet", "unix"), default="inet",
+                    help="how Postfix reaches the sms-milter (default inet, the configuration's default)")
     ap.add_argument("--profile", action="store_true", help="one more project round, profiled")
     ap.add_argument("--profiler", choices=("auto", "py-spy", "cprofile"), default="auto")
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
@@ -319,14 +339,20 @@ def main() -> int:
         profiler = "py-spy" if shutil.which("py-spy") else "cprofile"
 
     banner("milter_path: smtp-source -> Postfix (-> sms-milter -> spool)")
-    say(f"{rounds} round(s) each of {n} messages x {a.size} bytes, {a.sessions} sessions")
+    say(f"{rounds} round(s) each of {n} messages x {a.size} bytes, {a.sessions} sessions, "
+        f"sms-milter on an {a.socket} socket")
     with cleanup_on_exit() as stack:
         work = workdir(stack, "milter-path")
         sink_port, milter_port = bed.free_port(), bed.free_port()
         spool = work / "spool.sqlite3"
         # 1 KB of smtp-source text is ~1,000 GSM-7 characters: 7 SMS parts; allow 10.
-        config = bed.write_config(work, milter_port, bed.free_port(), spool_path=spool,
-                                  extra={"accounts": {"acme": {"max_parts": 10}}})
+        extra: dict = {"accounts": {"acme": {"max_parts": 10}}}
+        milter_spec = f"inet:127.0.0.1:{milter_port}"
+        if a.socket == "unix":
+            os.chmod(work, 0o755)  # smtpd (user postfix) must reach the socket
+            milter_spec = f"unix:{work}/milter.sock"
+            extra["milter"] = {"socket": milter_spec}
+        config = bed.write_config(work, milter_port, bed.free_port(), spool_path=spool, extra=extra)
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         sink_err = open(work / "smtp-sink.err", "wb")  # noqa: SIM115
         stack.callback(sink_err.close)
@@ -336,30 +362,34 @@ def main() -> int:
         milter = bed.Milter(config, work / "milter.log")
         stack.callback(milter.kill9)
         milter.start()
+        let_postfix_in(milter_spec)
         plain = bed.Postfix(None, sink_port, None, name=f"bplain{os.getpid()}")
         stack.callback(plain.stop)
         plain.start()
-        mpf = bed.Postfix(None, sink_port, f"inet:127.0.0.1:{milter_port}", name=f"bmilter{os.getpid()}")
+        mpf = bed.Postfix(None, sink_port, milter_spec, name=f"bmilter{os.getpid()}")
         stack.callback(mpf.stop)
         mpf.start()
-        b = Bed(sink, plain, mpf, milter, milter_port, config, spool)
+        b = Bed(sink, plain, mpf, milter, config, spool)
         noop = build_noop_milter(work)
         noop_pf = None
         if noop is None:
             say("no-op C milter not built (needs gcc and libmilter-dev): reference rounds skipped")
         else:
-            noop_port = bed.free_port()
-            own(stack, Proc([str(noop), f"inet:{noop_port}@127.0.0.1"]))
-            poll(lambda: bed._port_listening(noop_port), 10, "no-op milter listening")
-            noop_pf = bed.Postfix(None, sink_port, f"inet:127.0.0.1:{noop_port}", name=f"bnoop{os.getpid()}")
+            noop_spec, noop_listening = reference_socket(a.socket, work / "noop-c.sock")
+            # libmilter's own spelling: inet:PORT@HOST
+            c_spec = noop_spec if a.socket == "unix" else f"inet:{noop_spec.rsplit(':', 1)[1]}@127.0.0.1"
+            own(stack, Proc([str(noop), c_spec]))
+            poll(noop_listening, 10, "no-op milter listening")
+            let_postfix_in(noop_spec)
+            noop_pf = bed.Postfix(None, sink_port, noop_spec, name=f"bnoop{os.getpid()}")
             stack.callback(noop_pf.stop)
             noop_pf.start()
             ceiling_round(noop_pf, 100, a.sessions, a.size, "w2")
-        py_port = bed.free_port()
-        own(stack, Proc([sys.executable, str(Path(__file__).with_name("noop_py_milter.py")),
-                         f"inet:127.0.0.1:{py_port}"]))
-        poll(lambda: bed._port_listening(py_port), 10, "no-op Python milter listening")
-        py_pf = bed.Postfix(None, sink_port, f"inet:127.0.0.1:{py_port}", name=f"bnoopy{os.getpid()}")
+        py_spec, py_listening = reference_socket(a.socket, work / "noop-py.sock")
+        own(stack, Proc([sys.executable, str(Path(__file__).with_name("noop_py_milter.py")), py_spec]))
+        poll(py_listening, 10, "no-op Python milter listening")
+        let_postfix_in(py_spec)
+        py_pf = bed.Postfix(None, sink_port, py_spec, name=f"bnoopy{os.getpid()}")
         stack.callback(py_pf.stop)
         py_pf.start()
         ceiling_round(py_pf, 100, a.sessions, a.size, "w3")
