@@ -163,3 +163,53 @@ def test_quit_closes_and_quit_nc_starts_a_new_session(gateway: Gateway) -> None:
     assert not session.closed and session.client_ip is None
     session.feed(pkt(b"Q"))
     assert session.closed
+
+
+def packets(stream: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(stream):
+        size = struct.unpack_from("!I", stream, pos)[0]
+        out.append(stream[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    return out
+
+
+COMMANDS = b"ABCDEHKLMNOQRTU"
+
+
+def garble(rnd: random.Random) -> bytes:
+    """STREAM with well-framed packets whose contents are cut, changed or invented, or with
+    its bytes changed, lost or added regardless of the framing."""
+    cmds = packets(STREAM)
+    for _ in range(rnd.randint(1, 6)):
+        i = rnd.randrange(len(cmds))
+        what = rnd.random()
+        if what < 0.3:
+            cmds[i] = cmds[i][:rnd.randint(1, max(1, len(cmds[i]) - 1))]  # a packet cut short
+        elif what < 0.5:
+            cmds[i] = bytes([rnd.choice(COMMANDS)]) + cmds[i][1:]  # another command's letter
+        elif what < 0.7:
+            cmds.insert(i, bytes([rnd.choice(COMMANDS)]) + rnd.randbytes(rnd.randint(0, 30)))
+        elif what < 0.85:
+            cmds[i] = cmds[i].replace(b"\0", b"", rnd.randint(1, 3))  # NULs lost
+        else:
+            cmds[i] = cmds[i] + b"\0" * rnd.randint(1, 3)  # NULs added
+    data = bytearray(b"".join(pkt(c[:1], c[1:]) for c in cmds))
+    if rnd.random() < 0.3:
+        at = rnd.randrange(len(data))
+        data[at:at + rnd.randint(0, 8)] = rnd.randbytes(rnd.randint(0, 8))
+    return bytes(data)
+
+
+def test_garbled_input_is_answered_or_a_protocol_error_never_a_crash(gateway: Gateway) -> None:
+    """Whatever bytes an MTA (or something else on the port) sends, the session either answers
+    or raises ProtocolError (the server then answers TEMPFAIL and closes): no other exception."""
+    for seed in range(400):
+        session = MilterSession(gateway, "test")
+        try:
+            session.feed(garble(random.Random(seed)))
+        except ProtocolError:
+            pass
+        except Exception as e:
+            raise AssertionError(f"seed {seed}: {e!r}") from e
+        assert all(isinstance(r, bytes) and len(r) >= 5 for r in session.out), seed
