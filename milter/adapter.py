@@ -106,13 +106,12 @@ class MilterSession:
     when the spool must commit first, through `commit` and later `committed()`.
     """
 
-    __slots__ = ("gateway", "peer", "out", "rest", "protos", "macro", "client_ip", "msg", "in_message",
+    __slots__ = ("gateway", "out", "rest", "protos", "macro", "client_ip", "msg", "in_message",
                  "pending", "commit", "withdraw", "closed", "sock", "outbuf", "last", "writing",
                  "quickack")
 
-    def __init__(self, gateway: Gateway, peer: str = ""):
+    def __init__(self, gateway: Gateway):
         self.gateway = gateway
-        self.peer = peer
         self.out: list[bytes] = []
         self.rest = b""  # an incomplete packet from the last read
         self.protos = PROTOCOL_FLAGS  # narrowed to what the MTA offers at negotiation
@@ -471,7 +470,7 @@ class Server:
     def _accept(self) -> None:
         while True:
             try:
-                sock, addr = self.sock.accept()
+                sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -480,7 +479,7 @@ class Server:
             sock.setblocking(False)
             if self.tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = MilterSession(self.gateway, str(addr))
+            session = MilterSession(self.gateway)
             session.sock = sock
             session.last = time.monotonic()
             session.quickack = self.tcp and hasattr(socket, "TCP_QUICKACK")

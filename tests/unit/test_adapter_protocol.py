@@ -65,7 +65,7 @@ def gateway(tmp_path: Path) -> Gateway:
 
 
 def replies(gateway: Gateway, stream: bytes, cuts: list[int] = ()) -> list[bytes]:  # type: ignore[assignment]
-    session = MilterSession(gateway, "test")
+    session = MilterSession(gateway)
     bounds = [0, *sorted(cuts), len(stream)]
     for a, b in zip(bounds, bounds[1:], strict=False):
         if b > a:
@@ -127,14 +127,14 @@ def test_negotiated_away_commands_get_continue_if_the_mta_sends_them_anyway(gate
     struct.pack("!I", 1 << 30) + b"O",  # a gigabyte "packet": garbage, not a reason to buffer
 ])
 def test_what_is_no_milter_protocol_is_a_protocol_error(gateway: Gateway, bad: bytes) -> None:
-    session = MilterSession(gateway, "test")
+    session = MilterSession(gateway)
     session.feed(OPTNEG)
     with pytest.raises(ProtocolError):
         session.feed(bad)
 
 
 def test_macros_are_read_only_for_the_command_they_precede(gateway: Gateway) -> None:
-    session = MilterSession(gateway, "test")
+    session = MilterSession(gateway)
     session.feed(OPTNEG + CONNECT + macro(b"R", i="RCPTQID")
                  + macro(b"M", **{"{mail_addr}": "c4ca423@client.example"}) + pkt(b"M", b"<x@y>\0"))
     assert session.msg.sender == "c4ca423@client.example"  # Postfix's parsed address wins
@@ -158,7 +158,7 @@ def test_an_internal_error_at_rcpt_is_a_451_for_that_recipient_only(gateway: Gat
 
 
 def test_quit_closes_and_quit_nc_starts_a_new_session(gateway: Gateway) -> None:
-    session = MilterSession(gateway, "test")
+    session = MilterSession(gateway)
     session.feed(OPTNEG + CONNECT + pkt(b"K"))
     assert not session.closed and session.client_ip is None
     session.feed(pkt(b"Q"))
@@ -205,7 +205,7 @@ def test_garbled_input_is_answered_or_a_protocol_error_never_a_crash(gateway: Ga
     """Whatever bytes an MTA (or something else on the port) sends, the session either answers
     or raises ProtocolError (the server then answers TEMPFAIL and closes): no other exception."""
     for seed in range(400):
-        session = MilterSession(gateway, "test")
+        session = MilterSession(gateway)
         try:
             session.feed(garble(random.Random(seed)))
         except ProtocolError:
