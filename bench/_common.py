@@ -79,6 +79,19 @@ class BenchAbort(Exception):
     """A verification failed: the figures would be meaningless."""
 
 
+def run(main: Callable[[], int], name: str) -> None:
+    """A benchmark script's entry point: exit 1 with one line on a failed verification, 130
+    on Ctrl-C (cleanup_on_exit has stopped everything either way)."""
+    try:
+        sys.exit(main())
+    except BenchAbort as e:
+        print(f"{name}: FAILED VERIFICATION: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 @contextlib.contextmanager
 def cleanup_on_exit() -> Iterator[contextlib.ExitStack]:
     """An ExitStack that also runs on SIGTERM/SIGHUP (turned into KeyboardInterrupt) and Ctrl-C."""

@@ -40,6 +40,7 @@ from _common import (  # noqa: E402
     own,
     poll,
     result,
+    run,
     say,
     spool_query,
     spool_states,
@@ -199,11 +200,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchAbort as e:
-        print(f"dispatcher_drain: FAILED VERIFICATION: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("dispatcher_drain: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run(main, "dispatcher_drain")

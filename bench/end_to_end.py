@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     percentile,
     poll,
     result,
+    run,
     say,
     spool_states,
     start_dispatcher,
@@ -256,11 +257,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchAbort as e:
-        print(f"end_to_end: FAILED VERIFICATION: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("end_to_end: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run(main, "end_to_end")

@@ -40,6 +40,7 @@ from _common import (  # noqa: E402
     poll,
     proc_status,
     result,
+    run,
     say,
     spool_max_id,
     spool_states,
@@ -277,11 +278,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchAbort as e:
-        print(f"footprint: FAILED VERIFICATION: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("footprint: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run(main, "footprint")

@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     own,
     poll,
     result,
+    run,
     say,
     spool_max_id,
     spool_query,
@@ -448,11 +449,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchAbort as e:
-        print(f"milter_path: FAILED VERIFICATION: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("milter_path: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run(main, "milter_path")
