@@ -176,12 +176,20 @@ def let_postfix_in(spec: str) -> None:
         os.chmod(spec[5:], 0o660)
 
 
-def reference_socket(kind: str, path: Path) -> tuple[str, Callable[[], bool]]:
-    """A reference milter's socket of the same kind as the project's, and its 'listening' test."""
-    if kind == "unix":
-        return f"unix:{path}", lambda: bed._unix_listening(str(path))
+def reference_postfix(stack: contextlib.ExitStack, argv: Callable[[str], list[str]], kind: str, path: Path,
+                      sink_port: int, name: str, what: str) -> bed.Postfix:
+    """A reference milter (argv(its socket spec in Postfix's spelling)) on a socket of the
+    same kind as the project's, and a private Postfix that uses it."""
     port = bed.free_port()
-    return f"inet:127.0.0.1:{port}", lambda: bed._port_listening(port)
+    spec = f"unix:{path}" if kind == "unix" else f"inet:127.0.0.1:{port}"
+    own(stack, Proc(argv(spec)))
+    poll(lambda: bed._unix_listening(str(path)) if kind == "unix" else bed._port_listening(port), 10,
+         f"{what} listening")
+    let_postfix_in(spec)
+    pf = bed.Postfix(None, sink_port, spec, name=f"{name}{os.getpid()}")
+    stack.callback(pf.stop)
+    pf.start()
+    return pf
 
 
 def build_noop_milter(work: Path) -> Path | None:
@@ -376,23 +384,15 @@ def main() -> int:
         if noop is None:
             say("no-op C milter not built (needs gcc and libmilter-dev): reference rounds skipped")
         else:
-            noop_spec, noop_listening = reference_socket(a.socket, work / "noop-c.sock")
-            # libmilter's own spelling: inet:PORT@HOST
-            c_spec = noop_spec if a.socket == "unix" else f"inet:{noop_spec.rsplit(':', 1)[1]}@127.0.0.1"
-            own(stack, Proc([str(noop), c_spec]))
-            poll(noop_listening, 10, "no-op milter listening")
-            let_postfix_in(noop_spec)
-            noop_pf = bed.Postfix(None, sink_port, noop_spec, name=f"bnoop{os.getpid()}")
-            stack.callback(noop_pf.stop)
-            noop_pf.start()
+            # libmilter's own spelling of an inet socket: inet:PORT@HOST
+            noop_pf = reference_postfix(
+                stack, lambda spec: [str(noop), spec if spec.startswith("unix:")
+                                     else f"inet:{spec.rsplit(':', 1)[1]}@127.0.0.1"],
+                a.socket, work / "noop-c.sock", sink_port, "bnoop", "no-op C milter")
             ceiling_round(noop_pf, 100, a.sessions, a.size, "w2")
-        py_spec, py_listening = reference_socket(a.socket, work / "noop-py.sock")
-        own(stack, Proc([sys.executable, str(Path(__file__).with_name("noop_py_milter.py")), py_spec]))
-        poll(py_listening, 10, "no-op Python milter listening")
-        let_postfix_in(py_spec)
-        py_pf = bed.Postfix(None, sink_port, py_spec, name=f"bnoopy{os.getpid()}")
-        stack.callback(py_pf.stop)
-        py_pf.start()
+        py_pf = reference_postfix(
+            stack, lambda spec: [sys.executable, str(Path(__file__).with_name("noop_py_milter.py")), spec],
+            a.socket, work / "noop-py.sock", sink_port, "bnoopy", "no-op Python milter")
         ceiling_round(py_pf, 100, a.sessions, a.size, "w3")
         # A short warm-up of both paths (first-time process starts, milter connections).
         baseline_round(b, 100, a.sessions, a.size, "w0")
