@@ -18,6 +18,15 @@ class SpoolError(Exception):
     """The spool cannot take or give work right now (locked, unwritable, gone)."""
 
 
+class SpoolDataError(SpoolError):
+    """One message's data cannot be stored (the spool itself is fine): a 5xx for that
+    message alone; `what` names the value (never the value itself)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} cannot be stored")
+        self.what = what
+
+
 @dataclass(frozen=True)
 class NewJob:
     """One SMS to one recipient, as the milter (or xml@) decided it."""
@@ -78,7 +87,7 @@ class AddResult:
 class AddRequest:
     """One message's commit: what to write, then its result or error."""
 
-    __slots__ = ("key", "jobs", "mails", "key_ttl", "result", "error", "context")
+    __slots__ = ("key", "jobs", "mails", "key_ttl", "result", "error", "context", "deadline")
 
     def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail],
                  context: object = None):
@@ -89,6 +98,7 @@ class AddRequest:
         self.result: AddResult | None = None
         self.error: SpoolError | None = None
         self.context = context  # the caller's (the milter's session)
+        self.deadline = 0.0  # monotonic: not committed after this (the caller answered 451)
 
 
 @dataclass(frozen=True)
@@ -145,6 +155,12 @@ class Spool(Protocol):
     def commit_now(self, batch: list[AddRequest]) -> None:
         """Commit several messages in one transaction; each request gets its result, or all
         get the same SpoolError. Messages already spooled under their key add nothing."""
+
+    def try_commit(self, batch: list[AddRequest]) -> bool:
+        """commit_now without ever waiting for a lock: False (nothing written, no request
+        answered) if another process holds the spool's write lock; True once every request
+        has its result or error. One message whose data cannot be stored gets a
+        SpoolDataError and the others still commit."""
 
     def wake(self) -> None:
         """Tell any waiting dispatcher that new work is there (best effort)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import socket
 import sqlite3
 import threading
@@ -29,8 +31,11 @@ from .base import (
     OrphanReceipt,
     OutMail,
     ReceiptOutcome,
+    SpoolDataError,
     SpoolError,
 )
+
+log = logging.getLogger("sms_milter.spool")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -155,6 +160,45 @@ def refs_for_lookup(ref: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
+# A message's own values that SQLite cannot store (text that is no valid Unicode, a number
+# out of range, a constraint): that message is refused, its neighbours in the batch commit.
+_DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, TypeError,
+                OverflowError)
+_FIELD_NAMES = {"message_id": "the Message-ID header", "subject": "the Subject header",
+                "sender": "the envelope sender", "text": "the SMS text", "originator": "the originator",
+                "queue_id": "the queue id", "recipient": "the recipient", "account": "the account name",
+                "trans_ref": "the TransRefNumber", "device": "the device"}
+
+
+def _busy(e: BaseException) -> bool:
+    """Is this SQLite error "another connection holds the lock" (retry later)?"""
+    if not isinstance(e, sqlite3.OperationalError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    text = str(e)
+    return "locked" in text or "busy" in text
+
+
+def _unstorable(r: AddRequest, e: BaseException) -> str:
+    """Name the value of this request that SQLite refused (never the value itself)."""
+    for j in r.jobs:
+        for name, label in _FIELD_NAMES.items():
+            value = getattr(j, name)
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeError:
+                    return f"{label} (it is not valid text)"
+    for m in r.mails:
+        try:
+            m.rcpt.encode("utf-8")
+        except UnicodeError:
+            return "the reply address (it is not valid text)"
+    return f"the message ({type(e).__name__})"
+
+
 def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
     return Job(
         id=row["id"], state=row["state"], recipient=row["recipient"], originator=row["originator"],
@@ -179,6 +223,7 @@ class SqliteSpool:
         self._init_schema()
         self._commit_lock = threading.Lock()  # guards self._commit_db
         self._commit_db: sqlite3.Connection | None = None
+        self._commit_ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._wake_tx: socket.socket | None = None
         self._wake_rx: socket.socket | None = None
         digest = hashlib.sha256(self.path.encode()).hexdigest()[:24]
@@ -187,15 +232,16 @@ class SqliteSpool:
         self._wake_probe_at = 0.0
 
     # -- plumbing ----------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout: float | None = None) -> sqlite3.Connection:
+        timeout = self.busy_timeout if busy_timeout is None else busy_timeout
         try:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+            db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                  check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
-            db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+            db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         except (sqlite3.Error, OSError) as e:
             raise SpoolError(f"cannot open spool {self.path}: {e}") from None
         return db
@@ -260,34 +306,126 @@ class SqliteSpool:
         return req.result
 
     def commit_now(self, batch: list[AddRequest]) -> None:
-        """Commit these messages in one transaction in the calling thread; each request gets
-        its result, or all get the same error. The milter calls this from its event loop
-        once per loop iteration: no hand-off to another thread, whose GIL holds would stall
-        every session the loop serves (measured: 0.56-0.73 of Postfix alone with a writer
-        thread, 0.70-0.81 inline, alternating in the same run)."""
+        """Commit these messages in one transaction in the calling thread, waiting for a lock
+        held by another process at most the busy timeout (for callers that may block: the
+        pipe transport, tools, tests). The milter's event loop never calls this: it calls
+        try_commit() and retries on later loop turns until each message's deadline."""
+        give_up = time.monotonic() + self.busy_timeout
+        pause = 0.002
+        while not self.try_commit(batch):
+            if time.monotonic() >= give_up:
+                err = SpoolError(f"spool {self.path} stayed locked by another process for "
+                                 f"{self.busy_timeout:g} s")
+                for r in batch:
+                    r.error = err
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def try_commit(self, batch: list[AddRequest]) -> bool:
+        """One transaction for these messages, or False at once if another process holds the
+        write lock (nothing written, no request answered: try again later).
+
+        The commit connection never waits (busy_timeout 0): the milter's event loop calls
+        this and must never stall. Before each commit the spool file's identity is compared
+        with the one opened (an fstat-cheap stat): a spool deleted or replaced under us
+        gets 451 (never a 250 into a deleted inode) and is reopened once the path exists.
+        Each message is isolated in a SAVEPOINT: one whose data cannot be stored gets a
+        SpoolDataError and the others commit; a failure of the spool itself fails all."""
         with self._commit_lock:
-            if self._commit_db is None:
+            db = self._commit_db
+            moved = self._moved() if db is not None else None
+            if moved is not None:
+                self._drop_commit_db()
+                log.error("%s; answering 451 until it is back", moved)
+                return self._fail_all(batch, SpoolError(moved))
+            if db is None:
                 try:
-                    self._commit_db = self._connect()
+                    db = self._open_commit_db()
                 except SpoolError as e:
-                    for r in batch:
-                        r.error = e
-                    return  # the next commit tries to open the spool again
-            self._commit_batch(self._commit_db, batch)
-
-    def _commit_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> None:
-        try:
-            results = self._tx(db, self._insert_batch, batch)
-        except Exception as e:  # the whole group failed: every caller gets the error
-            err = e if isinstance(e, SpoolError) else SpoolError(str(e))
-            for r in batch:
-                r.error = err
-            return
+                    return self._fail_all(batch, e)  # the next commit tries to open it again
+                if db is None:
+                    return False  # busy while initialising: try again
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                if _busy(e):
+                    return False
+                return self._fail_all(batch, SpoolError(f"spool busy or unwritable: {e}"))
+            try:
+                results = self._insert_batch(db, batch)
+                db.execute("COMMIT")
+            except Exception as e:  # the spool itself failed: every message gets the error
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if _busy(e):
+                    return False
+                err = e if isinstance(e, SpoolError) else SpoolError(f"spool write failed: {e}")
+                return self._fail_all(batch, err)
         for r, res in zip(batch, results, strict=True):
-            r.result = res
+            if isinstance(res, SpoolError):
+                r.error = res
+            else:
+                r.result = res
         self.wake()
+        return True
 
-    def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> list[AddResult]:
+    @staticmethod
+    def _fail_all(batch: list[AddRequest], err: SpoolError) -> bool:
+        for r in batch:
+            r.error = err
+        return True
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _moved(self) -> str | None:
+        """Why the commit connection's file is no longer the spool at self.path, or None."""
+        now = self._identity()
+        if now is None:
+            return f"spool file {self.path} was deleted under the running milter"
+        if now != self._commit_ident:
+            return f"spool file {self.path} was replaced under the running milter"
+        return None
+
+    def _drop_commit_db(self) -> None:
+        if self._commit_db is not None:
+            try:
+                self._commit_db.close()
+            except sqlite3.Error:
+                pass
+        self._commit_db = None
+
+    def _open_commit_db(self) -> sqlite3.Connection | None:
+        """The commit connection (busy_timeout 0); None if the schema could not be checked
+        because another process holds the lock. A spool path that does not exist is not
+        created here (it was deleted: an operator's business): SpoolError until it is back."""
+        if self._identity() is None:
+            raise SpoolError(f"cannot open spool {self.path}: the file does not exist")
+        db = self._connect(busy_timeout=0.0)
+        try:
+            db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            db.close()
+            if _busy(e):
+                return None
+            raise SpoolError(f"cannot initialise spool {self.path}: {e}") from None
+        ident = self._identity()
+        if ident is None:
+            db.close()
+            raise SpoolError(f"cannot open spool {self.path}: the file does not exist")
+        if self._commit_ident is not None and ident != self._commit_ident:
+            log.warning("spool file %s reopened (it had been replaced or recreated)", self.path)
+        self._commit_db, self._commit_ident = db, ident
+        return db
+
+    def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> list[AddResult | SpoolError]:
         now = time.time()
         keys = list({r.key for r in batch if r.key is not None})
         known: dict[str, AddResult] = {}
@@ -297,21 +435,29 @@ class SqliteSpool:
                               f"({','.join('?' * len(chunk))})", (now, *chunk))
             for row in rows:
                 known[row[0]] = AddResult(tuple(json.loads(row[1])), True)
-        out: list[AddResult] = []
+        out: list[AddResult | SpoolError] = []
         for r in batch:
             if r.key is not None and r.key in known:
                 out.append(known[r.key])
                 continue
-            ids = tuple(self._insert_job(db, j, now) for j in r.jobs)
-            if r.mails:
-                db.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at) VALUES (?,?,?,?)",
-                               [(m.rcpt, m.content, now, now) for m in r.mails])
-            res = AddResult(ids, False)
+            db.execute("SAVEPOINT msg")
+            try:
+                ids = tuple(self._insert_job(db, j, now) for j in r.jobs)
+                if r.mails:
+                    db.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at) VALUES (?,?,?,?)",
+                                   [(m.rcpt, m.content, now, now) for m in r.mails])
+                if r.key is not None:
+                    db.execute("INSERT OR REPLACE INTO messages(key, job_ids, expires_at) VALUES (?,?,?)",
+                               (r.key, json.dumps(ids), now + r.key_ttl))
+            except _DATA_ERRORS as e:  # this message's values, not the spool: it alone fails
+                db.execute("ROLLBACK TO msg")
+                db.execute("RELEASE msg")
+                out.append(SpoolDataError(_unstorable(r, e)))
+                continue
+            db.execute("RELEASE msg")
             if r.key is not None:
-                db.execute("INSERT OR REPLACE INTO messages(key, job_ids, expires_at) VALUES (?,?,?)",
-                           (r.key, json.dumps(ids), now + r.key_ttl))
                 known[r.key] = AddResult(ids, True)  # the same message again in this batch
-            out.append(res)
+            out.append(AddResult(ids, False))
         return out
 
     def prune_message_keys(self, limit: int = 5000) -> int:

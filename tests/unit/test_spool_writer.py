@@ -98,3 +98,73 @@ def test_a_locked_spool_times_out_without_writing(tmp_path: Path) -> None:
     other.execute("ROLLBACK")
     assert spool.list_jobs() == []
     assert spool.add_message("k", [job(1)], key_ttl=60).duplicate is False
+
+
+# --- issue 9: one message's failure stays its own; never wait; a spool moved under us
+
+
+def test_a_message_whose_values_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
+    """Item 1: a value SQLite refuses (a lone surrogate from an 8-bit header) inside a group
+    commit refuses that message only, naming the header; its neighbours commit."""
+    from dataclasses import replace
+
+    from sms_milter.spool.base import SpoolDataError
+
+    spool = SqliteSpool(tmp_path / "s.db")
+    bad = replace(job(7), message_id="<ab\udcd6cd@x>")
+    batch = [AddRequest(f"k{n}", [job(n), job(n + 100)], 60.0, []) for n in range(5)]
+    batch.insert(2, AddRequest("bad", [job(6), bad], 60.0, []))
+    assert spool.try_commit(batch) is True
+    assert isinstance(batch[2].error, SpoolDataError)
+    assert "Message-ID" in batch[2].error.what and "\udcd6" not in str(batch[2].error)
+    good = [r for i, r in enumerate(batch) if i != 2]
+    assert all(r.error is None and r.result is not None and not r.result.duplicate for r in good)
+    texts = sorted(j.text for j in spool.list_jobs())
+    assert texts == sorted(f"text {n}" for k in range(5) for n in (k, k + 100))  # none of "bad"'s
+    again = AddRequest("bad", [job(6)], 60.0, [])  # its key was not recorded either
+    spool.commit_now([again])
+    assert again.result is not None and not again.result.duplicate
+
+
+def test_try_commit_never_waits_for_a_lock(tmp_path: Path) -> None:
+    """Item 10: another process holding the write lock makes try_commit return False at once
+    (nothing written); after the release the same batch commits."""
+    import sqlite3
+
+    spool = SqliteSpool(tmp_path / "s.db", busy_timeout=5)
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    batch = [AddRequest("k", [job(1)], 60.0, [])]
+    started = time.monotonic()
+    for _ in range(3):
+        assert spool.try_commit(batch) is False
+    assert time.monotonic() - started < 0.5  # not the 5 s busy timeout
+    assert batch[0].result is None and batch[0].error is None
+    other.execute("ROLLBACK")
+    assert spool.try_commit(batch) is True and batch[0].result is not None
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_spool_file_deleted_or_replaced_is_detected_before_a_commit(tmp_path: Path, how: str) -> None:
+    """Item 7: never a 250 into a deleted inode: the commit after the file went away fails
+    (451 for the milter), nothing is created at the path; once a spool is back at the path
+    the next commit reopens it and writes there."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    spool = SqliteSpool(path)
+    spool.add_message("first", [job(1)], key_ttl=60)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    if how == "replaced":
+        SqliteSpool(path).close()  # a fresh (or restored) spool at the same path
+    with pytest.raises(SpoolError, match=f"was {how}"):
+        spool.add_message("second", [job(2)], key_ttl=60)
+    if how == "deleted":
+        with pytest.raises(SpoolError, match="does not exist"):
+            spool.add_message("second", [job(2)], key_ttl=60)
+        assert not path.exists()  # not silently recreated
+        SqliteSpool(path).close()  # the operator restores a spool
+    assert not spool.add_message("second", [job(2)], key_ttl=60).duplicate
+    rows = sqlite3.connect(path).execute("SELECT text FROM jobs").fetchall()
+    assert rows == [("text 2",)]  # in the file at the path, not in the deleted inode
