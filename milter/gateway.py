@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from .config import Account, Config, SenderRule
 from .policy import addresses, auth, content, smstext, subject
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
-from .spool.base import AddResult, NewJob, OutMail, Spool, SpoolError
+from .spool.base import AddResult, NewJob, OutMail, Spool, SpoolDataError, SpoolError
 
 log = logging.getLogger("sms_milter.gateway")
 
@@ -29,6 +29,13 @@ class SmsRecipient:
     target: addresses.SmsTarget
     account: Account | None = None  # known at RCPT for <number>@ addresses
     rule: SenderRule | None = None
+    duplicate: bool = False  # the same target again in this message: deleted, no job of its own
+
+    @property
+    def target_key(self) -> tuple[str, str, str]:
+        """One SMS per (number, device) per message, one textsms@/xml@ handling per domain."""
+        t = self.target
+        return (t.number or t.kind, t.device, "" if t.number else t.domain.name)
 
 
 @dataclass
@@ -44,6 +51,7 @@ class Message:
     body: bytearray = field(default_factory=bytearray)
     size: int = 0
     failed: Refusal | None = None  # an error in a no-reply callback, reported at the end
+    targets: set[tuple[str, str, str]] = field(default_factory=set)  # SmsRecipient.target_key seen
 
     def add_body(self, chunk: bytes, limit: int) -> None:
         self.size += len(chunk)
@@ -122,12 +130,19 @@ class Gateway:
         if isinstance(found, Refusal):
             return self._refused(msg, found, address)
         rcpt = SmsRecipient(raw=raw, address=address, target=found)
+        if rcpt.target_key in msg.targets:
+            # The same number (other case, trailing dot, 00 or dashes) or the same textsms@/
+            # xml@ again: one SMS, but every raw form is still deleted from the message.
+            rcpt.duplicate = True
+            msg.sms.append(rcpt)
+            return None
         if found.kind == "number":
             allow_domain = found.domain.style == "telemessage"
             who = auth.authorize_sender(msg.sender, msg.client_ip, self.cfg.accounts, allow_domain)
             if isinstance(who, Refusal):
                 return self._refused(msg, who, address)
             rcpt.account, rcpt.rule = who
+        msg.targets.add(rcpt.target_key)
         msg.sms.append(rcpt)
         return None
 
@@ -156,6 +171,11 @@ class Gateway:
     def committed(self, msg: Message, commit: Commit, result: AddResult | SpoolError) -> Outcome:
         """The Outcome once the spool answered: 250 with the SMS recipients removed, or 451."""
         qid = msg.queue_id or "NOQUEUE"
+        if isinstance(result, SpoolDataError):  # this message's own values: a 5xx for it alone
+            refusal = Refusal("550", "5.6.0", f"The message cannot be stored: {result.what}; write it as "
+                                              "plain ASCII or UTF-8 text.")
+            log.info("%s: refused: %s", qid, refusal)
+            return Outcome(refusal=refusal)
         if isinstance(result, SpoolError):
             log.error("%s: spool unavailable, answering 451: %s", qid, result)
             return Outcome(refusal=SPOOL_UNAVAILABLE)
@@ -187,8 +207,9 @@ class Gateway:
         jobs: list[NewJob] = []
         mails: list[OutMail] = []
         notes: list[str] = []
-        text_rcpts = [r for r in msg.sms if r.target.kind != "xml"]
-        for r in msg.sms:
+        unique = [r for r in msg.sms if not r.duplicate]
+        text_rcpts = [r for r in unique if r.target.kind != "xml"]
+        for r in unique:
             if r.target.kind == "xml":
                 from .xmlapi import handler  # xml@ is rare: import on first use
 
@@ -205,15 +226,23 @@ class Gateway:
         text = content.extract_text(raw)
         if isinstance(text, Refusal):
             return text
+        memo: dict[tuple, Refusal | dict] = {}
+        seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= for it are one SMS
         for r in text_rcpts:
-            made = self._jobs_for(msg, r, text)
+            made = self._jobs_for(msg, r, text, memo)
             if isinstance(made, Refusal):
                 return made
-            jobs += made
-            notes.append(f"{r.target.kind} for account {made[0].account}" if made else r.target.kind)
+            fresh = [j for j in made if (j.recipient, j.device) not in seen]
+            seen.update((j.recipient, j.device) for j in fresh)
+            jobs += fresh
+            if made:
+                notes.append(f"{r.target.kind} for account {made[0].account}")
+            else:
+                notes.append(r.target.kind)
         return jobs, mails, notes
 
-    def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText) -> Refusal | list[NewJob]:
+    def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText,
+                  memo: dict[tuple, Refusal | dict]) -> Refusal | list[NewJob]:
         style = r.target.domain.style
         common = dict(sender=msg.sender, message_id=mt.message_id or "", queue_id=msg.queue_id,
                       device=r.target.device)
@@ -221,6 +250,18 @@ class Gateway:
             return self._textsms_jobs(msg, mt, common)
         account, rule = r.account, r.rule
         assert account is not None and r.target.number is not None
+        # Everything but the number is the same for every recipient of one account, rule and
+        # style: worked out once per message (per recipient it was O(recipients x text)).
+        key = (style, account.name, id(rule))
+        fields = memo.get(key)
+        if fields is None:
+            fields = memo[key] = self._number_job_fields(mt, style, account, rule)
+        if isinstance(fields, Refusal):
+            return fields
+        return [NewJob(recipient=r.target.number, **fields, **common)]
+
+    def _number_job_fields(self, mt: content.MessageText, style: str, account: Account,
+                           rule: SenderRule | None) -> Refusal | dict:
         if style == "telemessage":
             text = content.render_template(account.template, mt.subject, mt.body)
             originator, notify = account.originator, account.notify
@@ -243,9 +284,8 @@ class Gateway:
         problem = _sms_text_problem(text, parts, account)
         if problem:
             return problem
-        return [NewJob(recipient=r.target.number, originator=addresses.normalize_originator(originator),
-                       text=text, parts=parts, account=account.name, subject=subj, notify=notify,
-                       **common)]
+        return dict(originator=addresses.normalize_originator(originator), text=text, parts=parts,
+                    account=account.name, subject=subj, notify=notify)
 
     def _textsms_jobs(self, msg: Message, mt: content.MessageText, common: dict) -> Refusal | list[NewJob]:
         fields = subject.parse_subject(mt.subject)
@@ -271,15 +311,20 @@ class Gateway:
             return problem
         notify = fields.notify if fields.notify is not None else account.notify
         jobs = []
+        numbers: set[str] = set()
+        orig = addresses.normalize_originator(originator)
+        subj = subject.strip_credentials(mt.subject)  # once: per recipient it was quadratic
         for value in dict.fromkeys(fields.recipients):
             number = addresses.parse_number(value)
             if number is None:
                 return Refusal("550", "5.1.1", f"Recipient={value} in the Subject is not a valid "
                                                "international phone number; write it as 00<country code>"
                                                "<number>.")
-            jobs.append(NewJob(recipient=number, originator=addresses.normalize_originator(originator),
-                               text=mt.body, parts=parts, account=account.name,
-                               subject=subject.strip_credentials(mt.subject), notify=notify, **common))
+            if number in numbers:  # R=0041..., R=+41... and R=0041-... are one SMS
+                continue
+            numbers.add(number)
+            jobs.append(NewJob(recipient=number, originator=orig, text=mt.body, parts=parts,
+                               account=account.name, subject=subj, notify=notify, **common))
         return jobs
 
     @staticmethod

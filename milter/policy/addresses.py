@@ -82,23 +82,53 @@ def _invalid_number(address: str, digits: str) -> Refusal:
                    f"Recipient {address}: {digits} is not a valid international phone number.")
 
 
-def classify_recipient(address: str, domains: Mapping[str, Domain]) -> SmsTarget | Refusal | None:
-    """What an envelope recipient means: an SMS target, a refusal, or None (not an SMS address)."""
-    local, at, dom_part = address.strip().rpartition("@")
-    if not at or not local:
-        return None
-    host = dom_part.lower().rstrip(".")
-    label: str | None = None
-    domain = domains.get(host)
-    if domain is None:
-        first, dot, rest = host.partition(".")
-        parent = domains.get(rest) if dot else None
-        if parent is None or parent.style != "telemessage":
+def _sms_domain(host: str, domains: Mapping[str, Domain]) -> tuple[Domain, str] | None:
+    """The configured SMS domain that `host` is or ends in (the longest), with the labels
+    in front of it ('' for the domain itself); one dictionary look-up per label."""
+    rest = host
+    while rest:
+        domain = domains.get(rest)
+        if domain is not None:
+            return domain, host[:len(host) - len(rest)].rstrip(".")
+        _, dot, rest = rest.partition(".")
+        if not dot:
             return None
-        domain, label = parent, dom_part.partition(".")[0]  # the device label as written
+    return None
+
+
+def classify_recipient(address: str, domains: Mapping[str, Domain]) -> SmsTarget | Refusal | None:
+    """What an envelope recipient means: an SMS target, a refusal, or None (not an SMS address).
+
+    Any address whose domain is, or ends in, a configured SMS domain (in any case, with
+    trailing dots) is an SMS address: it is valid or refused here, never passed on as mail.
+    """
+    local, at, dom_part = address.strip().rpartition("@")
+    if not at:
+        return None
+    host = dom_part.strip().lower().rstrip(".")
+    found = _sms_domain(host, domains) if host else None
+    if found is None:
+        return None
+    domain, prefix = found
+    if not local:
+        return Refusal("550", "5.1.3", f"Recipient {address} has no local part; use "
+                                       f"{_usage(domain)}.")
+    label: str | None = None
+    if prefix:
+        wrote = dom_part.strip().rstrip(".")
+        label = wrote[:len(wrote) - len(domain.name)].rstrip(".")  # the labels as written
+        if domain.style != "telemessage" or "." in prefix:
+            return Refusal("550", "5.1.2", f"Recipient {address}: {host} is not an SMS domain of this "
+                                           f"gateway; use {_usage(domain)}.")
     if domain.style == "telemessage":
         return _telemessage(address, local, label, domain)
     return _aspsms(address, local, domain)
+
+
+def _usage(domain: Domain) -> str:
+    if domain.style == "telemessage":
+        return f"<international number>@[<Device>.]{domain.name}"
+    return f"00<international number>@{domain.name}, textsms@{domain.name} or xml@{domain.name}"
 
 
 def _aspsms(address: str, local: str, domain: Domain) -> SmsTarget | Refusal:

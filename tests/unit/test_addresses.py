@@ -47,8 +47,26 @@ def test_normalize_and_wire() -> None:
 
 def test_not_sms_domain() -> None:
     assert classify_recipient("joe@example.com", DOMAINS) is None
-    assert classify_recipient("0041791234567@other.sms.example.com", DOMAINS) is None
+    assert classify_recipient("joe@notsms.example.com", DOMAINS) is None  # a suffix, not a label
+    assert classify_recipient("joe@sms.example.com.evil", DOMAINS) is None
     assert classify_recipient("no-at-sign", DOMAINS) is None
+
+
+@pytest.mark.parametrize("address", [
+    "@sms.example.com", "0041791234567@other.sms.example.com", "0041791234567@sub.SMS.example.com.",
+    '""@sms.example.com', '"0041791234567"@sms.example.com', "0041791234567.@sms.example.com",
+    "17816170123@x.SMS.tm.example.com", "@tm.example.com", "17816170123@a.b.tm.example.com..",
+    " @sms.example.com", "0041791234567@sms.example.com..",
+])
+def test_odd_addresses_at_an_sms_domain_are_never_mail(address: str) -> None:
+    """Issue 9 item 5: any address whose domain is, or ends in, an SMS domain is an SMS
+    address: valid or refused with a 550 naming it, never None (relayed as mail)."""
+    got = classify_recipient(address, DOMAINS)
+    assert got is not None
+    if isinstance(got, Refusal):
+        assert got.code == "550" and address.strip() in got.text
+    else:  # the trailing dots are only spelling
+        assert got.number == "+41791234567"
 
 
 def test_aspsms_number_case_and_trailing_dot() -> None:
