@@ -36,13 +36,15 @@ import stat
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import libmilter as lm
 
 from .gateway import Commit, Gateway, Message, Outcome
 from .policy.refusal import INTERNAL_ERROR, Refusal
-from .spool.base import AddRequest
+from .spool.base import AddRequest, SpoolError
 
 log = logging.getLogger("sms_milter.adapter")
 
@@ -57,6 +59,14 @@ COMMIT_DELAY = 0.005
 # A packet longer than this is no milter protocol (Postfix's body chunks are < 64 KB).
 MAX_PACKET = 1 << 20
 READ_SIZE = 65536
+# Decisions that may take long (textsms@/xml@: password hashes, many R=; many recipients;
+# a large body) run on these threads so that the event loop answers every other session.
+DECIDE_WORKERS = 2
+# The loop retries a commit that found the spool locked after this pause, doubling up to
+# the maximum, until each message's deadline (milter.spool_timeout after its end).
+RETRY_PAUSE, RETRY_PAUSE_MAX = 0.002, 0.05
+TOO_SLOW = Refusal("451", "4.3.0", "The SMS gateway could not decide this message in time; please try "
+                                   "again later.")
 
 _UINT32 = struct.Struct("!I")
 _OPTNEG = struct.Struct("!III")
@@ -108,7 +118,7 @@ class MilterSession:
 
     __slots__ = ("gateway", "out", "rest", "protos", "macro", "client_ip", "msg", "in_message",
                  "pending", "commit", "withdraw", "closed", "sock", "outbuf", "last", "writing",
-                 "quickack")
+                 "quickack", "deciding", "offload", "deadline")
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -124,6 +134,10 @@ class MilterSession:
         # Set by the server: queue a commit (returns its request) / withdraw a queued one.
         self.commit: Callable[[Commit, MilterSession], AddRequest] | None = None
         self.withdraw: Callable[[AddRequest], bool] | None = None
+        # Set by the server: decide this message on a worker thread (the answer comes later).
+        self.offload: Callable[[MilterSession, Message], None] | None = None
+        self.deciding: Message | None = None  # being decided off the loop
+        self.deadline = 0.0  # monotonic: the ended message is answered 451 if not done by then
         self.closed = False
         # The server's per-connection state.
         self.sock: socket.socket | None = None
@@ -244,19 +258,37 @@ class MilterSession:
         md = self._stage_macros(lm.SMFIC_BODYEOB)
         msg = self.msg
         self.in_message = False
+        # Whatever happens, this message is answered by then (and never committed later).
+        self.deadline = time.monotonic() + self.gateway.cfg.milter.spool_timeout
         try:
             self._queue_id(md)
-            decided = self.gateway.decide(msg)
-            if isinstance(decided, Outcome):
-                self.out.append(self._packets(decided))
-            elif self.commit is None:  # no event loop (tests, tools): commit and wait here
-                self.out.append(self._packets(self.gateway.end_of_message(msg)))
-            else:
-                self.pending = (msg, decided, self.commit(decided, self))
-                self.in_message = True  # the answer goes out when the spool has committed
+            if self.offload is not None and self.gateway.slow(msg):
+                self.deciding = msg
+                self.in_message = True  # the answer goes out when a worker has decided
+                self.offload(self, msg)
+                return
+            self.decided(self.gateway.decide(msg))
         except Exception:
+            self.deciding = None
+            self.in_message = False
             self._internal_error("end of message")
             self.out.append(reply_packet(INTERNAL_ERROR))
+
+    def decided(self, decided: Outcome | Commit) -> None:
+        """The gateway decided the ended message: answer it, or hand its commit over."""
+        self.deciding = None
+        self.in_message = False
+        if isinstance(decided, Outcome):
+            self.out.append(self._packets(decided))
+        elif time.monotonic() >= self.deadline:  # decided too late: the client hears 451, no job
+            log.warning("%s: decided after the deadline, answering 451 without a commit",
+                        self.msg.queue_id or "NOQUEUE")
+            self.out.append(reply_packet(TOO_SLOW))
+        elif self.commit is None:  # no event loop (tests, tools): commit and wait here
+            self.out.append(self._packets(self.gateway.commit_and_wait(self.msg, decided)))
+        else:
+            self.pending = (self.msg, decided, self.commit(decided, self))
+            self.in_message = True  # the answer goes out when the spool has committed
 
     def _on_abort(self, cmd: bytes) -> None:
         self.abort()
@@ -305,10 +337,11 @@ class MilterSession:
     def abort(self) -> None:
         # The MTA gave up on the message (its own timeout, or the client went away).
         # A commit still queued is withdrawn; one already made stays (a resend is
-        # recognised by its idempotency key).
+        # recognised by its idempotency key). A decision still running is dropped.
         if self.pending is not None and self.withdraw is not None:
             self.withdraw(self.pending[2])
         self.pending = None
+        self.deciding = None
         self.in_message = False
         self.macro = b""
 
@@ -359,6 +392,12 @@ class Server:
         self.to_commit: list[AddRequest] = []
         self.commit_delay = commit_delay
         self.commit_due = 0.0  # when the oldest queued commit must be made at the latest
+        self.retry_pause = 0.0  # > 0 while the spool is locked by another process
+        # Off-loop decisions: workers append (session, message, decision) and write a byte
+        # to the pipe the loop polls; the loop answers them.
+        self.workers: ThreadPoolExecutor | None = None
+        self.decisions: deque[tuple[MilterSession, Message, Outcome | Commit]] = deque()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _listen(self, spec: str) -> socket.socket:
         if spec.startswith("unix:"):
@@ -385,10 +424,47 @@ class Server:
     # -- commits ---------------------------------------------------------------------------------
     def _commit(self, commit: Commit, session: MilterSession) -> AddRequest:
         request = AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails, context=session)
+        request.deadline = session.deadline
         if not self.to_commit:
             self.commit_due = time.monotonic() + self.commit_delay
         self.to_commit.append(request)
         return request
+
+    # -- decisions off the loop -----------------------------------------------------------------
+    def _offload(self, session: MilterSession, msg: Message) -> None:
+        if self.workers is None:
+            self.workers = ThreadPoolExecutor(DECIDE_WORKERS, thread_name_prefix="decide")
+        self.workers.submit(self._decide_off_loop, session, msg)
+
+    def _decide_off_loop(self, session: MilterSession, msg: Message) -> None:
+        try:
+            decided: Outcome | Commit = self.gateway.decide(msg)
+        except Exception:
+            log.exception("%s: internal error while deciding", msg.queue_id or "NOQUEUE")
+            decided = Outcome(refusal=INTERNAL_ERROR)
+        self.decisions.append((session, msg, decided))
+        try:
+            os.write(self.wake_w, b"d")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is awake anyway
+
+    def _take_decisions(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self.decisions:
+            session, msg, decided = self.decisions.popleft()
+            if session.deciding is not msg:
+                continue  # aborted or closed meanwhile: the MTA expects no answer
+            try:
+                session.decided(decided)
+            except Exception:
+                session._internal_error("end of message")
+                session.out.append(reply_packet(INTERNAL_ERROR))
+            if session.sock is not None:
+                self._flush(session)
 
     def _withdraw(self, request: AddRequest) -> bool:
         if request in self.to_commit:
@@ -399,14 +475,40 @@ class Server:
     def _others_busy(self) -> bool:
         """Is a message still open on a connection whose end has not been queued?"""
         for s in self.conns.values():
-            if s.in_message and s.pending is None:
+            if s.in_message and s.pending is None and s.deciding is None:
                 return True
         return False
 
     def _commit_round(self) -> None:
-        """One transaction for every queued message, then their replies."""
+        """One transaction for every queued message, then their replies.
+
+        The loop never waits for the spool's lock: if another process holds it, the batch
+        stays queued and is tried again after a short pause (doubling up to RETRY_PAUSE_MAX);
+        a message whose deadline passes meanwhile is answered 451 and never committed."""
+        now = time.monotonic()
+        late = [r for r in self.to_commit if now >= r.deadline]
+        if late:
+            self.to_commit = [r for r in self.to_commit if now < r.deadline]
+            err = SpoolError("the spool stayed locked by another process until the message's deadline "
+                             "(milter.spool_timeout)")
+            for r in late:
+                r.error = err
+            self._answer(late)
+        if not self.to_commit:
+            self.retry_pause = 0.0
+            return
+        if not self.spool.try_commit(self.to_commit):
+            if not self.retry_pause:
+                log.warning("the spool is locked by another process; retrying until each message's "
+                            "deadline")
+            self.retry_pause = min(self.retry_pause * 2 or RETRY_PAUSE, RETRY_PAUSE_MAX)
+            self.commit_due = now + self.retry_pause
+            return
+        self.retry_pause = 0.0
         batch, self.to_commit = self.to_commit, []
-        self.spool.commit_now(batch)
+        self._answer(batch)
+
+    def _answer(self, batch: list[AddRequest]) -> None:
         for request in batch:
             session = request.context
             assert isinstance(session, MilterSession)
@@ -421,6 +523,7 @@ class Server:
         log.info("listening on %s", self.spec)
         listen_fd = self.sock.fileno()
         self.poll.register(listen_fd, select.EPOLLIN)
+        self.poll.register(self.wake_r, select.EPOLLIN)
         draining_until: float | None = None
         last_sweep = time.monotonic()
         conns = self.conns
@@ -442,6 +545,9 @@ class Server:
                     if fd == listen_fd:
                         self._accept()
                         continue
+                    if fd == self.wake_r:
+                        self._take_decisions()
+                        continue
                     session = conns.get(fd)
                     if session is None:
                         continue
@@ -449,7 +555,8 @@ class Server:
                         self._readable(session)
                     if events & select.EPOLLOUT and session.sock is not None:
                         self._flush(session)
-                if self.to_commit and (time.monotonic() >= self.commit_due or not self._others_busy()):
+                if self.to_commit and (time.monotonic() >= self.commit_due
+                                       or (not self.retry_pause and not self._others_busy())):
                     self._commit_round()
                 now = time.monotonic()
                 if now - last_sweep >= 0.1:
@@ -466,6 +573,10 @@ class Server:
                 except OSError:
                     pass
             self.poll.close()
+            if self.workers is not None:
+                self.workers.shutdown(wait=False, cancel_futures=True)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
 
     def _accept(self) -> None:
         while True:
@@ -485,6 +596,7 @@ class Server:
             session.quickack = self.tcp and hasattr(socket, "TCP_QUICKACK")
             session.commit = self._commit
             session.withdraw = self._withdraw
+            session.offload = self._offload
             fd = sock.fileno()
             self.conns[fd] = session
             self.poll.register(fd, select.EPOLLIN)

@@ -189,6 +189,17 @@ class Gateway:
         decided = self.decide(msg)
         if isinstance(decided, Outcome):
             return decided
+        return self.commit_and_wait(msg, decided)
+
+    @staticmethod
+    def slow(msg: Message) -> bool:
+        """May deciding this message take long (a password hash, many R=, many recipients,
+        a large body)? The milter's event loop then decides it on a worker thread."""
+        if len(msg.sms) > 20 or len(msg.body) > 16384:
+            return True
+        return any(r.target.kind != "number" for r in msg.sms)
+
+    def commit_and_wait(self, msg: Message, decided: Commit) -> Outcome:
         try:
             result: AddResult | SpoolError = self.spool.add_message(
                 decided.key, decided.jobs, key_ttl=decided.key_ttl, mails=decided.mails)

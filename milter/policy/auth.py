@@ -8,6 +8,8 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import threading
+import time
 from collections.abc import Mapping
 
 from ..config import Account, SenderRule
@@ -16,11 +18,20 @@ from .refusal import Refusal
 _N, _R, _P = 16384, 8, 1
 _DKLEN = 32
 _MAX_N = 1 << 20
+# Verified hashed credentials are remembered briefly, so that a client sending many textsms@
+# or xml@ mails pays the scrypt cost (~40 ms) once a minute, not per mail. The key is a
+# keyed hash of (account, stored hash, password): the plaintext is never kept.
+VERIFIED_TTL = 60.0
+_VERIFIED_MAX = 4096
+_verified: dict[bytes, float] = {}
+_verified_lock = threading.Lock()
+_CACHE_SALT = os.urandom(16)
 
 
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
     maxmem = 128 * r * (n + 2 + p) + (1 << 20)
-    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=maxmem)
+    return hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, dklen=dklen,
+                          maxmem=maxmem)
 
 
 def _b64(data: bytes) -> str:
@@ -66,19 +77,32 @@ def hash_problem(h: str) -> str | None:
 def verify_password(account: Account, given: str) -> bool:
     """Constant-time check of `given` against the account's password or password_hash."""
     if account.password is not None:
-        return hmac.compare_digest(given.encode("utf-8"), account.password.encode("utf-8"))
+        return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), account.password.encode("utf-8"))
     if account.password_hash is not None:
         parsed = _parse_hash(account.password_hash)
         if isinstance(parsed, str):
             return False
+        key = hashlib.sha256(_CACHE_SALT + "\0".join((account.name, account.password_hash, given))
+                             .encode("utf-8", "surrogatepass")).digest()
+        now = time.monotonic()
+        with _verified_lock:
+            until = _verified.get(key)
+        if until is not None and until > now:
+            return True
         n, r, p, salt, digest = parsed
-        return hmac.compare_digest(_scrypt(given, salt, n, r, p, len(digest)), digest)
+        ok = hmac.compare_digest(_scrypt(given, salt, n, r, p, len(digest)), digest)
+        if ok:
+            with _verified_lock:
+                if len(_verified) >= _VERIFIED_MAX:
+                    _verified.clear()
+                _verified[key] = now + VERIFIED_TTL
+        return ok
     return False
 
 
 def find_userkey_account(userkey: str, password: str, accounts: Mapping[str, Account]) -> Account | None:
     """The account whose userkey and password both match, else None."""
-    given = userkey.encode("utf-8")
+    given = userkey.encode("utf-8", "surrogatepass")
     found: Account | None = None
     for acc in accounts.values():  # no early exit: every userkey is compared
         same = acc.userkey is not None and hmac.compare_digest(given, acc.userkey.encode("utf-8"))
