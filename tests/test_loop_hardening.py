@@ -91,8 +91,8 @@ def test_a_small_mail_is_answered_promptly_beside_a_worst_case_large_one(gw):
     The large ones end in a decision, and a job exists if and only if they were told 250."""
     token = bed.unique("big")
     numbers = [f"0041791{(i * 7919) % 10**6:06d}" for i in range(3000)]
-    subject = "U=ACME123 P=s3cret " + " ".join(f"R={n}" for n in numbers)
-    folded = "\r\n ".join(subject[i:i + 900] for i in range(0, len(subject), 900))
+    pairs = ["U=ACME123", "P=s3cret"] + [f"R={n}" for n in numbers]
+    folded = "\r\n ".join(" ".join(pairs[i:i + 50]) for i in range(0, len(pairs), 50))
     big = (f"From: <{ANYONE}>\r\nTo: <{TEXTSMS}>\r\nSubject: {folded}\r\n"
            f"Message-ID: <{token}@client.bed.example>\r\n\r\n{token}\r\n").encode()
     assert 40000 < len(big) < 65536  # within max_message_bytes: it is decided, not refused for size
@@ -118,7 +118,7 @@ def test_a_small_mail_is_answered_promptly_beside_a_worst_case_large_one(gw):
         t.join(60)
     assert max(small) < 1.0, f"small mails took {small}"
     took, r = out["textsms"]
-    assert r["data"] is not None and code(r["data"]) in (250, 550, 552), r
+    assert r["data"] is not None and (code(r["data"]) == 250 or r["data"][1].startswith("5.5.3")), r
     made = gw.jobs(text_contains=token)
     if code(r["data"]) == 250:
         assert len(made) == len(set(numbers)), len(made)
