@@ -96,3 +96,28 @@ def test_authorize_userkey() -> None:
     assert authorize_userkey("NET1", "pw", "192.0.2.9", ACCOUNTS) is NETS
     assert authorize_userkey("NET1", "pw", "203.0.113.9", ACCOUNTS) == Refusal(
         "550", "5.7.1", "Client address 203.0.113.9 is not allowed to send SMS for this sender.")
+
+
+def test_verified_hashes_are_cached_briefly_without_the_plaintext() -> None:
+    """Issue 9 item 10: a verified scrypt password is remembered (VERIFIED_TTL), keyed by a
+    hash, so that a stream of textsms@ mails pays the ~40 ms once; a wrong password, another
+    account or a changed hash is never served from the cache."""
+    import time
+
+    from sms_milter.policy import auth
+
+    h = hash_password("c4ched")
+    acc = Account(name="cached", userkey="C", password_hash=h)
+    started = time.perf_counter()
+    assert verify_password(acc, "c4ched")
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(20):
+        assert verify_password(acc, "c4ched")
+    assert time.perf_counter() - started < first  # twenty cached checks cost less than one scrypt
+    assert not verify_password(acc, "c4ched ")
+    changed = Account(name="cached", userkey="C", password_hash=hash_password("x"))
+    assert not verify_password(changed, "c4ched")
+    assert not verify_password(Account(name="other", userkey="C", password_hash=hash_password("x")), "c4ched")
+    assert all(b"c4ched" not in k for k in auth._verified)
+    assert all(len(k) == 32 for k in auth._verified)
