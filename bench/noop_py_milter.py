@@ -34,6 +34,10 @@ class NoopGateway:
     def decide(self, msg: Message) -> Outcome:
         return Outcome(discard=True)
 
+    @staticmethod
+    def slow(msg: Message) -> bool:
+        return False  # decided in the loop
+
 
 def main() -> int:
     spec = sys.argv[1]
