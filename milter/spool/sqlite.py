@@ -170,6 +170,10 @@ _FIELD_NAMES = {"message_id": "the Message-ID header", "subject": "the Subject h
                 "trans_ref": "the TransRefNumber", "device": "the device"}
 
 
+class _Isolate(Exception):
+    """A message's values failed in a batch written without savepoints: write it again with them."""
+
+
 def _busy(e: BaseException) -> bool:
     """Is this SQLite error "another connection holds the lock" (retry later)?"""
     if not isinstance(e, sqlite3.OperationalError):
@@ -330,8 +334,10 @@ class SqliteSpool:
         this and must never stall. Before each commit the spool file's identity is compared
         with the one opened (an fstat-cheap stat): a spool deleted or replaced under us
         gets 451 (never a 250 into a deleted inode) and is reopened once the path exists.
-        Each message is isolated in a SAVEPOINT: one whose data cannot be stored gets a
-        SpoolDataError and the others commit; a failure of the spool itself fails all."""
+        One message whose data cannot be stored gets a SpoolDataError and the others commit:
+        the batch is written as one plain transaction first (no cost per message); only if a
+        message's values fail is it rolled back and written again with a SAVEPOINT per
+        message. A failure of the spool itself fails all."""
         with self._commit_lock:
             db = self._commit_db
             moved = self._moved() if db is not None else None
@@ -346,24 +352,28 @@ class SqliteSpool:
                     return self._fail_all(batch, e)  # the next commit tries to open it again
                 if db is None:
                     return False  # busy while initialising: try again
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                if _busy(e):
-                    return False
-                return self._fail_all(batch, SpoolError(f"spool busy or unwritable: {e}"))
-            try:
-                results = self._insert_batch(db, batch)
-                db.execute("COMMIT")
-            except Exception as e:  # the spool itself failed: every message gets the error
+            for isolate in (False, True):
                 try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if _busy(e):
-                    return False
-                err = e if isinstance(e, SpoolError) else SpoolError(f"spool write failed: {e}")
-                return self._fail_all(batch, err)
+                    db.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as e:
+                    if _busy(e):
+                        return False
+                    return self._fail_all(batch, SpoolError(f"spool busy or unwritable: {e}"))
+                try:
+                    results = self._insert_batch(db, batch, isolate)
+                    db.execute("COMMIT")
+                    break
+                except Exception as e:  # the spool itself failed: every message gets the error
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    if isinstance(e, _Isolate):
+                        continue  # again, each message in its own savepoint
+                    if _busy(e):
+                        return False
+                    err = e if isinstance(e, SpoolError) else SpoolError(f"spool write failed: {e}")
+                    return self._fail_all(batch, err)
         for r, res in zip(batch, results, strict=True):
             if isinstance(res, SpoolError):
                 r.error = res
@@ -425,7 +435,8 @@ class SqliteSpool:
         self._commit_db, self._commit_ident = db, ident
         return db
 
-    def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest]) -> list[AddResult | SpoolError]:
+    def _insert_batch(self, db: sqlite3.Connection, batch: list[AddRequest],
+                      isolate: bool = False) -> list[AddResult | SpoolError]:
         now = time.time()
         keys = list({r.key for r in batch if r.key is not None})
         known: dict[str, AddResult] = {}
@@ -440,7 +451,8 @@ class SqliteSpool:
             if r.key is not None and r.key in known:
                 out.append(known[r.key])
                 continue
-            db.execute("SAVEPOINT msg")
+            if isolate:
+                db.execute("SAVEPOINT msg")
             try:
                 ids = tuple(self._insert_job(db, j, now) for j in r.jobs)
                 if r.mails:
@@ -450,11 +462,14 @@ class SqliteSpool:
                     db.execute("INSERT OR REPLACE INTO messages(key, job_ids, expires_at) VALUES (?,?,?)",
                                (r.key, json.dumps(ids), now + r.key_ttl))
             except _DATA_ERRORS as e:  # this message's values, not the spool: it alone fails
+                if not isolate:
+                    raise _Isolate() from e
                 db.execute("ROLLBACK TO msg")
                 db.execute("RELEASE msg")
                 out.append(SpoolDataError(_unstorable(r, e)))
                 continue
-            db.execute("RELEASE msg")
+            if isolate:
+                db.execute("RELEASE msg")
             if r.key is not None:
                 known[r.key] = AddResult(ids, True)  # the same message again in this batch
             out.append(AddResult(ids, False))
