@@ -179,7 +179,8 @@ class Gateway:
         if isinstance(result, SpoolError):
             log.error("%s: spool unavailable, answering 451: %s", qid, result)
             return Outcome(refusal=SPOOL_UNAVAILABLE)
-        ids = ",".join(str(i) for i in result.job_ids) or "-"
+        shown = result.job_ids if len(result.job_ids) <= 10 else (*result.job_ids[:10], "...")
+        ids = ",".join(str(i) for i in shown) or "-"
         what = "duplicate of an accepted message, nothing added" if result.duplicate else "accepted"
         log.info("%s: %s: %d job(s) [%s] %s", qid, what, len(commit.jobs), ids, "; ".join(commit.notes))
         return Outcome(delete=tuple(r.raw for r in msg.sms), discard=msg.others == 0)
@@ -324,7 +325,8 @@ class Gateway:
         jobs = []
         numbers: set[str] = set()
         orig = addresses.normalize_originator(originator)
-        subj = subject.strip_credentials(mt.subject)  # once: per recipient it was quadratic
+        # Once, and without the R= list: per recipient it was quadratic in time and in size.
+        subj = subject.strip_credentials(mt.subject, drop_recipients=True)
         for value in dict.fromkeys(fields.recipients):
             number = addresses.parse_number(value)
             if number is None:

@@ -152,13 +152,17 @@ def parse_optional_originator(subject: str) -> tuple[str | None, str | None]:
     return f.originator, f.notify
 
 
-def strip_credentials(subject: str) -> str:
-    """The Subject without its Userkey and Password pairs (and any stray words after a Password)."""
+def strip_credentials(subject: str, drop_recipients: bool = False) -> str:
+    """The Subject without its Userkey and Password pairs (and any stray words after a Password).
+
+    drop_recipients: without the Recipient pairs too (a textsms@ job keeps its own number;
+    every job of a mail with 3,000 R= holding all of them made the stored size quadratic)."""
     kept: list[str] = []
     after_password = False
+    drop = ("userkey", "password", "recipient") if drop_recipients else ("userkey", "password")
     for tok in _tokens(subject):
         name = _KEYWORDS.get(tok.key.lower()) if tok.key is not None else None
-        if name in ("userkey", "password"):
+        if name in drop:
             after_password = name == "password"
             continue
         if after_password and name is None:
