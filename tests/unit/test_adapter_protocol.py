@@ -213,3 +213,33 @@ def test_garbled_input_is_answered_or_a_protocol_error_never_a_crash(gateway: Ga
         except Exception as e:
             raise AssertionError(f"seed {seed}: {e!r}") from e
         assert all(isinstance(r, bytes) and len(r) >= 5 for r in session.out), seed
+
+
+def test_a_message_decided_after_its_deadline_is_answered_451_and_never_committed(tmp_path: Path) -> None:
+    """Issue 9 item 3: a job exists if and only if the client was told 250. A decision that
+    comes back after the message's deadline (milter.spool_timeout after its end) is answered
+    451 and nothing is committed; the same decision in time is committed and answered."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bed import write_config
+    from sms_milter.gateway import Commit
+
+    class CountingSpool(InstantSpool):
+        calls = 0
+
+        def add_message(self, key, jobs, key_ttl=0.0, mails=None) -> AddResult:
+            CountingSpool.calls += 1
+            return super().add_message(key, jobs, key_ttl, mails)
+
+    gw = Gateway(load(write_config(tmp_path, 1, 2, spool_path=tmp_path / "s.db")), CountingSpool())
+    for late, want in ((True, b"y 4.3.0"), (False, b"d")):  # in time: committed, no rcpt left: discard
+        session = MilterSession(gw)
+        session.feed(OPTNEG + CONNECT + message([b"0041791234567@sms.example.com"], b"hello\r\n")[:-5])
+        decided = gw.decide(session.msg)
+        assert isinstance(decided, Commit)
+        session.out.clear()
+        session.deadline = 0.0 if late else float("inf")
+        session.decided(decided)
+        assert [shape(r) for r in session.out] == [want]
+    assert CountingSpool.calls == 1  # only the one in time
