@@ -190,13 +190,29 @@ def test_odd_addresses_at_an_sms_domain_never_pass_as_mail(gw, sender, rcpt):
 # --------------------------------------------------------------------------- a private gateway
 
 
+HEAVY_PASSWORD = "h3avy"
+
+
+def _heavy_hash(password: str) -> str:
+    import base64
+    import hashlib
+
+    salt = os.urandom(16)
+    n, r, p = 65536, 8, 1
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=32,
+                            maxmem=128 * r * (n + 3) + (1 << 20))
+    return f"scrypt${n}${r}${p}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
 @pytest.fixture(scope="module")
 def lone(tmp_path_factory, sink):
     base = tmp_path_factory.mktemp("loop")
     notify = bed.MailSink().start()
     port = bed.free_port()
     spool = base / "spool.sqlite3"
-    config = bed.write_config(base, port, notify.port, spool_path=spool)  # spool_timeout: 1
+    # spool_timeout: 1; account `hashed` (HASH1) with a costly scrypt hash (N=65536: ~4x the default)
+    config = bed.write_config(base, port, notify.port, spool_path=spool,
+                              extra={"accounts": {"hashed": {"password_hash": _heavy_hash(HEAVY_PASSWORD)}}})
     milter = bed.Milter(config, base / "milter.log").start()
     postfix = bed.Postfix(None, sink.port, f"inet:127.0.0.1:{port}").start()
     try:
@@ -287,3 +303,46 @@ def test_a_spool_deleted_under_the_milter_gets_451_then_recovers(lone):
     assert len(jobs_for(lone.config, e164)) == 1
     assert all(jobs_for(lone.config, e) == [] for e in gone)
     assert os.path.getsize(lone.spool) > 0
+
+
+def test_password_hashes_are_checked_off_the_loop(lone):
+    """textsms@ mails whose scrypt check is costly (wrong passwords: never cached) keep coming;
+    meanwhile new SMTP sessions without SMS are answered at once: the hash is verified on a
+    worker thread, not in the event loop that serves every session. The right password is
+    accepted, and the same again is served from the cache."""
+    stop = threading.Event()
+    refused: list[dict] = []
+
+    def hasher(i: int) -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            subject = f"U=HASH1 P=wrong{i}x{k} R=0041791234567"
+            refused.append(bed.smtp_send(lone.port, ANYONE, [TEXTSMS], bed.make_message(subject, "x")))
+
+    threads = [threading.Thread(target=hasher, args=(i,)) for i in range(2)]
+    other: list[float] = []
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while not refused and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first costly check has been made: the others follow back to back
+        while (len(other) < 15 or len(refused) < 8) and time.monotonic() < deadline:
+            took, r = timed_send(lone.port, "a@client.example", [RELAY], relay_mail(bed.unique("nohash")))
+            assert code(r["data"]) == 250, r
+            other.append(took)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    print(f"{len(refused)} textsms@ with a costly hash check meanwhile; non-SMS sessions: median "
+          f"{statistics.median(other):.3f} s, max {max(other):.3f} s")
+    assert all(r["data"] is not None and r["data"][1].startswith("5.7.8") for r in refused), refused[:3]
+    assert statistics.median(other) < 0.1, f"non-SMS sessions took {other}"
+    for _ in range(2):
+        num, e164 = bed.unique_number()
+        subject = f"U=HASH1 P={HEAVY_PASSWORD} R={num}"
+        r = bed.smtp_send(lone.port, ANYONE, [TEXTSMS], bed.make_message(subject, "hashed ok"))
+        assert code(r["data"]) == 250, r
+        assert len(jobs_for(lone.config, e164)) == 1
