@@ -123,6 +123,55 @@ CREATE INDEX IF NOT EXISTS orphan_receipts_ref ON orphan_receipts(ref);
 CREATE INDEX IF NOT EXISTS orphan_receipts_at ON orphan_receipts(at);
 """
 
+# Ordered schema migrations: MIGRATIONS[i] takes a spool from `PRAGMA user_version` i to i+1
+# (SCHEMA above is version 0 and stays as it is). Each runs in one BEGIN IMMEDIATE
+# transaction with the version bump, so processes opening the same spool at once migrate it
+# exactly once; an older spool is brought up to date when it is opened.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: claim cost independent of one recipient's backlog. `ready` = 1 for a queued job that
+    # no older queued non-deferred job of its recipient waits before (the per-recipient head,
+    # plus deferred jobs that nothing blocks). Triggers keep it true on every insert, state
+    # change and delete, whoever writes; the claim walks the few ready jobs (jobs_ready)
+    # instead of every queued job of a recipient with a backlog.
+    # Receipts: parts keep the id as the SMSC wrote it (query_sm needs it); orphan receipts
+    # keep the handset number they came from (a receipt matches by id AND number).
+    # Jobs record when their receipt is next asked for with query_sm (receipt_timeout).
+    (
+        "ALTER TABLE jobs ADD COLUMN ready INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN query_at REAL",
+        "ALTER TABLE parts ADD COLUMN wire_ref TEXT",
+        "ALTER TABLE orphan_receipts ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+        "UPDATE jobs SET ready=1 WHERE state='queued' AND NOT EXISTS (SELECT 1 FROM jobs o"
+        " WHERE o.recipient=jobs.recipient AND o.id<jobs.id AND o.state='queued' AND o.deferred=0)",
+        "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(id) WHERE ready=1",
+        "CREATE INDEX IF NOT EXISTS jobs_unreceipted ON jobs(submitted_at) WHERE state='submitted'",
+        # A new job is ready unless an older queued non-deferred job of its recipient waits.
+        "CREATE TRIGGER IF NOT EXISTS jobs_ready_insert AFTER INSERT ON jobs WHEN NEW.state='queued'"
+        " BEGIN UPDATE jobs SET ready=1 WHERE id=NEW.id AND NOT EXISTS (SELECT 1 FROM jobs o"
+        " WHERE o.recipient=NEW.recipient AND o.id<NEW.id AND o.state='queued' AND o.deferred=0); END",
+        # A job leaves the queue (submitted, failed, held, ...): it is no longer ready, and the
+        # jobs of its recipient up to the next non-deferred one become ready.
+        "CREATE TRIGGER IF NOT EXISTS jobs_ready_leave AFTER UPDATE OF state ON jobs"
+        " WHEN OLD.state='queued' AND NEW.state<>'queued'"
+        " BEGIN UPDATE jobs SET ready=0 WHERE id=NEW.id AND ready=1;"
+        " UPDATE jobs SET ready=1 WHERE recipient=OLD.recipient AND state='queued' AND ready=0"
+        "  AND id<=coalesce((SELECT min(id) FROM jobs WHERE recipient=OLD.recipient AND state='queued'"
+        "   AND deferred=0), 9223372036854775807); END",
+        "CREATE TRIGGER IF NOT EXISTS jobs_ready_delete AFTER DELETE ON jobs WHEN OLD.state='queued'"
+        " BEGIN UPDATE jobs SET ready=1 WHERE recipient=OLD.recipient AND state='queued' AND ready=0"
+        "  AND id<=coalesce((SELECT min(id) FROM jobs WHERE recipient=OLD.recipient AND state='queued'"
+        "   AND deferred=0), 9223372036854775807); END",
+        # A job comes back to the queue (released from hold, retried): ready unless an older one
+        # waits; if it blocks (not deferred), the newer jobs of its recipient wait behind it.
+        "CREATE TRIGGER IF NOT EXISTS jobs_ready_enter AFTER UPDATE OF state ON jobs"
+        " WHEN OLD.state<>'queued' AND NEW.state='queued'"
+        " BEGIN UPDATE jobs SET ready=(NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=NEW.recipient"
+        "  AND o.id<NEW.id AND o.state='queued' AND o.deferred=0)) WHERE id=NEW.id;"
+        " UPDATE jobs SET ready=0 WHERE NEW.deferred=0 AND recipient=NEW.recipient AND state='queued'"
+        "  AND id>NEW.id AND ready=1; END",
+    ),
+)
+
 JOB_COLUMNS = (
     "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
     "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
@@ -254,8 +303,25 @@ class SqliteSpool:
         try:
             with self._lock:
                 self._db.executescript(SCHEMA)
+                self._migrate(self._db)
         except sqlite3.Error as e:
             raise SpoolError(f"cannot initialise spool {self.path}: {e}") from None
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring the schema to len(MIGRATIONS), one version per transaction, in order."""
+        while db.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have run it
+                if version < len(MIGRATIONS):
+                    for stmt in MIGRATIONS[version]:
+                        db.execute(stmt)
+                    db.execute(f"PRAGMA user_version={version + 1}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def _tx(self, db: sqlite3.Connection, fn, *args):
         """Run fn(db, *args) in one BEGIN IMMEDIATE transaction; SpoolError on any failure."""
@@ -559,13 +625,12 @@ class SqliteSpool:
 
         def fn(db: sqlite3.Connection) -> list[Job]:
             now = time.time()
+            # Only ready jobs (per-recipient heads) are looked at: the cost does not grow with
+            # one recipient's backlog (jobs_ready; the triggers of MIGRATIONS[0] keep it).
             rows = db.execute(
                 f"UPDATE jobs SET lease_owner=?, lease_until=?, attempts=attempts+1 WHERE id IN ("
-                " SELECT j.id FROM jobs j WHERE j.state='queued' AND j.not_before<=?"
-                "  AND (j.lease_until IS NULL OR j.lease_until<?)"
-                "  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.id<j.id"
-                "   AND o.state='queued' AND o.deferred=0)"
-                "  ORDER BY j.id LIMIT ?)"
+                " SELECT id FROM jobs WHERE ready=1 AND state='queued' AND not_before<=?"
+                "  AND (lease_until IS NULL OR lease_until<?) ORDER BY id LIMIT ?)"
                 f" RETURNING {JOB_COLUMNS}",
                 (owner, now + lease_seconds, now, now, limit),
             ).fetchall()

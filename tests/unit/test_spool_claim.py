@@ -1,0 +1,114 @@
+"""The claim (issue 9, item 16): its cost does not depend on one recipient's backlog, order
+per recipient holds through every state change, and an old spool (user_version 0) migrates.
+
+The cost is counted in SQLite VM steps (a progress handler), not in seconds: the count does
+not depend on the machine's load, and the old claim (every queued job scanned) is
+proportional to the backlog.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from sms_milter.spool.base import NewJob
+from sms_milter.spool.sqlite import MIGRATIONS, SCHEMA, SqliteSpool
+
+
+def _job(recipient: str, text: str = "x", **kw) -> NewJob:
+    return NewJob(recipient=recipient, originator="SMS", text=text, parts=1, account="acme", **kw)
+
+
+def _steps(spool: SqliteSpool, fn) -> int:
+    n = [0]
+
+    def tick() -> int:
+        n[0] += 1
+        return 0
+
+    with spool._lock:  # noqa: SLF001
+        spool._db.set_progress_handler(tick, 10)  # noqa: SLF001
+    try:
+        fn()
+    finally:
+        with spool._lock:  # noqa: SLF001
+            spool._db.set_progress_handler(None, 0)  # noqa: SLF001
+    return n[0]
+
+
+def _claim_steps(tmp_path, backlog: int) -> int:
+    s = SqliteSpool(tmp_path / f"s{backlog}.sqlite3")
+    try:
+        s.add_jobs([_job("+41790000000", f"storm {i}") for i in range(backlog)])
+        s.add_jobs([_job(f"+4179100{i:04d}") for i in range(20)])
+        total = 0
+        for r in range(5):
+            jobs: list = []
+            total += _steps(s, lambda: jobs.extend(s.claim(f"o{r}", 10, 60)))  # noqa: B023
+            assert jobs
+            s.mark_submitted_many([(j.id, [f"{j.id:x}"]) for j in jobs])
+        return total
+    finally:
+        s.close()
+
+
+def test_claim_cost_does_not_grow_with_one_recipients_backlog(tmp_path):
+    small, large = _claim_steps(tmp_path, 100), _claim_steps(tmp_path, 10000)
+    assert large < 2 * small, (small, large)  # the scan of every queued job: about 100x
+
+
+def test_order_per_recipient_and_one_in_flight(tmp_path):
+    s = SqliteSpool(tmp_path / "s.sqlite3")
+    a = s.add_jobs([_job("+41791", f"a{i}") for i in range(4)])
+    b = s.add_jobs([_job("+41792", "b0")])
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[0], b[0]]
+    assert s.claim("o", 10, 60) == []  # a[1] waits behind a[0] in flight
+    s.release([a[0]], "o", 0.0)  # back to the queue: it is still the head
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[0]]
+    s.mark_submitted_many([(a[0], ["1"])])
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[1]]
+    s.fail(a[1], "permanent")
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[2]]
+    # A retried old job goes before the newer ones again (not in flight yet: a[3]).
+    s.mark_submitted_many([(a[2], ["2"])])
+    with s._lock:  # noqa: SLF001 (what `queue retry` does: failed -> queued)
+        s._db.execute("UPDATE jobs SET state='queued', lease_owner=NULL, lease_until=NULL WHERE id=?",  # noqa: SLF001
+                      (a[1],))
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[1]]
+    with s._lock:  # noqa: SLF001 (what `queue delete` does to a queued head)
+        s._db.execute("DELETE FROM jobs WHERE id=?", (a[1],))  # noqa: SLF001
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[3]]
+    s.close()
+
+
+def test_deferred_jobs_do_not_block_and_wait_for_their_time(tmp_path):
+    s = SqliteSpool(tmp_path / "s.sqlite3")
+    later = s.add_jobs([_job("+41793", "later", not_before=time.time() + 3600)])
+    now = s.add_jobs([_job("+41793", "now")])
+    assert [j.id for j in s.claim("o", 10, 60)] == now
+    assert later  # still queued, not due
+    s.close()
+
+
+def test_old_spool_migrates_and_keeps_its_queue_order(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    now = time.time()
+    for i, r in enumerate(["+41794", "+41794", "+41795", "+41794"]):
+        db.execute("INSERT INTO jobs(recipient, originator, text, parts, account, created_at, not_before,"
+                   " expires_at) VALUES (?,?,?,?,?,?,?,?)",
+                   (r, "SMS", f"t{i}", 1, "acme", now, now, now + 3600))
+    db.execute("INSERT INTO parts(job_id, seq, ref) VALUES (99, 0, 'abc')")
+    db.commit()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+    s = SqliteSpool(path)
+    assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS)  # noqa: SLF001
+    assert [j.text for j in s.claim("o", 10, 60)] == ["t0", "t2"]
+    s.mark_submitted_many([(1, ["a"])])
+    assert [j.text for j in s.claim("o", 10, 60)] == ["t1"]
+    s.close()
+    s = SqliteSpool(path)  # opening again migrates nothing twice
+    assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS)  # noqa: SLF001
+    s.close()
