@@ -174,7 +174,7 @@ class Engine:
         try:
             applied, outcomes = self.spool.store_round(
                 [(r.job_id, list(r.refs)) for r in ok],
-                [(r.ref, r.state, "" if r.state == "delivered" else r.error) for r in receipts])
+                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source) for r in receipts])
         except SpoolError:
             self._results.extendleft(reversed(results))
             self._receipts.extendleft(reversed(receipts))
@@ -255,6 +255,9 @@ class Engine:
             if o is None:
                 orphans += 1
                 log.debug("receipt for %s (%s): no part has that message id yet; kept", r.ref, r.error)
+            elif o.stale:
+                log.info("receipt for %s from %s (%s) matches only a finished part (job %d, %s): logged, "
+                         "not applied", r.ref, r.source or "?", r.error or r.state, o.job_id, o.state)
             elif o.changed:
                 notify = notify or o.notify
                 log.info("job %d receipt for %s: %s (%s); job is now %s", o.job_id, r.ref, r.state,

@@ -128,6 +128,7 @@ class DeliverSm:
     short_message: bytes
     receipted_message_id: str | None
     message_state: int | None
+    source_addr: str = ""  # in a receipt: the handset number
 
 
 def _cstr(raw: bytes, pos: int) -> int:
@@ -140,7 +141,9 @@ def parse_deliver_sm(raw: bytes) -> DeliverSm:
     """The fields of a deliver_sm PDU (header included) that receipts need; ValueError if malformed."""
     try:
         p = _cstr(raw, 16)  # service_type
-        p = _cstr(raw, p + 2)  # source TON, NPI, source_addr
+        src_end = _cstr(raw, p + 2)  # source TON, NPI, source_addr
+        source = raw[p + 2:src_end - 1].decode("latin-1")
+        p = src_end
         p = _cstr(raw, p + 2)  # dest TON, NPI, destination_addr
         esm_class = raw[p]
         p = _cstr(raw, p + 3)  # esm_class, protocol_id, priority_flag, schedule_delivery_time
@@ -164,4 +167,4 @@ def parse_deliver_sm(raw: bytes) -> DeliverSm:
                 short_message = value
     except (IndexError, struct.error) as e:
         raise ValueError(f"malformed deliver_sm: {e}") from None
-    return DeliverSm(esm_class, data_coding, bytes(short_message), rid, state)
+    return DeliverSm(esm_class, data_coding, bytes(short_message), rid, state, source)

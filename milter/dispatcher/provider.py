@@ -35,7 +35,8 @@ class Receipt:
     ref: str  # the provider's message id of one part, as the provider wrote it
     state: str  # part state: delivered | buffered | failed | expired
     error: str  # provider's status text for logs and last_error ("" when delivered)
-    token: Any = None  # what ack_receipts needs to acknowledge it
+    token: Any = None  # what ack_receipts needs to acknowledge it (None: nothing to acknowledge)
+    source: str = ""  # the receipt's source address: the handset number ("" if unknown)
 
 
 ResultCallback = Callable[[SubmitResult], None]

@@ -248,6 +248,8 @@ class SmppProvider:
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         by_conn: dict[int, list[bytes]] = {}
         for r in receipts:
+            if r.token is None:  # not a deliver_sm (a query_sm answer): nothing to acknowledge
+                continue
             gen, seq = r.token
             by_conn.setdefault(gen, []).append(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
         conn = self._conn
@@ -614,7 +616,7 @@ class SmppProvider:
             conn.send(_pdu(DELIVER_SM_RESP, seq, 0, b"\0"))
             return None
         ref, state, detail = found
-        return Receipt(ref, state, detail, (conn.gen, seq))
+        return Receipt(ref, state, detail, (conn.gen, seq), pdu.source_addr)
 
     def _lost(self, conn: _Conn, reason: str) -> None:
         with self._cond:

@@ -119,6 +119,7 @@ class ReceiptOutcome:
     state: str  # job state after the receipt
     changed: bool
     notify: bool = False  # the change owes a notification (an event was queued)
+    stale: bool = False  # its id (and number) matched only parts already final: not applied
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class OrphanReceipt:
     part_state: str
     error: str
     at: float  # when it was stored
+    source: str = ""  # the receipt's source_addr (the handset number), '' if it gave none
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class Spool(Protocol):
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 
-    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, str, str]],
+    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts) in one transaction."""
 
@@ -190,8 +192,10 @@ class Spool(Protocol):
         """Apply a receipt durably. None: no part has that id (yet); the receipt is then stored
         as an orphan, durably too, and applied when mark_submitted* stores that id."""
 
-    def record_receipts(self, items: list[tuple[str, str, str]]) -> list[ReceiptOutcome | None]:
-        """record_receipt for many (ref, part_state, error), in order, in one transaction."""
+    def record_receipts(self, items: list[tuple[str, ...]]) -> list[ReceiptOutcome | None]:
+        """record_receipt for many (ref, part_state, error[, source]), in order, in one transaction.
+        A receipt matches a part by message id and, if it names one, the handset number
+        (source_addr); one matching only final parts is `stale` and not applied."""
 
     def prune_orphans(self, max_age: float, limit: int = 1000) -> list[OrphanReceipt]:
         """Delete (and return) orphan receipts older than max_age seconds: they matched nothing."""

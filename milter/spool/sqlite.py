@@ -252,6 +252,21 @@ def _unstorable(r: AddRequest, e: BaseException) -> str:
     return f"the message ({type(e).__name__})"
 
 
+def number_key(addr: str) -> str:
+    """A phone number as receipts and jobs are compared: its digits without leading zeros
+    ('+41791234567', '0041791234567' and '41791234567' are one number); '' if none."""
+    return "".join(c for c in addr if c.isdigit()).lstrip("0")
+
+
+def same_number(a: str, b: str) -> bool:
+    """Two number_key()s name one handset: equal, or one is the other written nationally
+    (its last 7 or more digits)."""
+    if a == b:
+        return True
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return len(short) >= 7 and long.endswith(short)
+
+
 def _job(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
     return Job(
         id=row["id"], state=row["state"], recipient=row["recipient"], originator=row["originator"],
@@ -649,7 +664,7 @@ class SqliteSpool:
             return []
         return self._run(lambda db: self._mark_submitted(db, items, time.time()))
 
-    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, str, str]],
+    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts), in one transaction
         (the dispatcher's round: one commit, one fsync, for everything that came in)."""
@@ -668,10 +683,10 @@ class SqliteSpool:
         db.executemany(
             "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
             " last_error='' WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
-        refs = [(jid, i, normalize_ref(r)) for jid, rs in items for i, r in enumerate(rs)]
-        db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state) VALUES (?,?,?,'submitted')",
-                       refs)
-        return self._apply_orphans(db, [r for _, _, r in refs], now)
+        refs = [(jid, i, normalize_ref(r), r) for jid, rs in items for i, r in enumerate(rs)]
+        db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state, wire_ref)"
+                       " VALUES (?,?,?,'submitted',?)", refs)
+        return self._apply_orphans(db, [r for _, _, r, _ in refs], now)
 
     def _apply_orphans(self, db: sqlite3.Connection, refs: list[str], now: float) -> list[AppliedOrphan]:
         """Apply (in arrival order) and delete the orphan receipts for parts just stored."""
@@ -682,16 +697,18 @@ class SqliteSpool:
         forms = list({f for r in refs for f in refs_for_lookup(r)})
         rows: list[sqlite3.Row] = []
         for i in range(0, len(forms), 5000):
-            rows += db.execute("SELECT id, ref, part_state, error, at FROM orphan_receipts"
+            rows += db.execute("SELECT id, ref, part_state, error, at, source FROM orphan_receipts"
                                " WHERE ref IN (SELECT value FROM json_each(?))",
                                (json.dumps(forms[i:i + 5000]),)).fetchall()
         if not rows:
             return []
         rows.sort(key=lambda r: r["id"])
-        outcomes = self._apply_receipts(db, [(r["ref"], r["part_state"], r["error"]) for r in rows], now,
-                                        keep_orphans=False)
-        db.executemany("DELETE FROM orphan_receipts WHERE id=?", [(r["id"],) for r in rows])
-        return [AppliedOrphan(OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"]), o)
+        outcomes = self._apply_receipts(
+            db, [(r["ref"], r["part_state"], r["error"], r["source"]) for r in rows], now, keep_orphans=False)
+        # One that matched no part (same id, another handset) stays for the part it belongs to.
+        db.executemany("DELETE FROM orphan_receipts WHERE id=?",
+                       [(r["id"],) for r, o in zip(rows, outcomes, strict=True) if o is not None])
+        return [AppliedOrphan(OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"], r["source"]), o)
                 for r, o in zip(rows, outcomes, strict=True) if o is not None]
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
@@ -749,57 +766,75 @@ class SqliteSpool:
         when a part with that id is stored."""
         return self.record_receipts([(ref, part_state, error)])[0]
 
-    def record_receipts(self, items: list[tuple[str, str, str]]) -> list[ReceiptOutcome | None]:
-        """record_receipt for many (ref, part_state, error) in one transaction, in order."""
+    def record_receipts(self, items: list[tuple[str, ...]]) -> list[ReceiptOutcome | None]:
+        """record_receipt for many (ref, part_state, error[, source]) in one transaction, in order."""
         if not items:
             return []
         return self._run(lambda db: self._apply_receipts(db, items, time.time()))
 
-    def _apply_receipts(self, db: sqlite3.Connection, items: list[tuple[str, str, str]], now: float,
+    def _apply_receipts(self, db: sqlite3.Connection, items: list[tuple[str, ...]], now: float,
                         keep_orphans: bool = True) -> list[ReceiptOutcome | None]:
         """Apply receipts in order with a handful of statements for the whole batch: find the
         parts and their jobs in bulk, work out each job's state in memory receipt by receipt
         (so a job still passes through every state, e.g. buffered then delivered, and owes the
-        same notifications as one receipt at a time), then write the parts back."""
-        where: dict[str, tuple[int, int]] = {}
+        same notifications as one receipt at a time), then write the parts back.
 
-        def find(forms: Iterable[str]) -> None:
-            wanted = list(forms)
-            for i in range(0, len(wanted), 5000):
-                for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
-                                    " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
-                    where.setdefault(r[0], (r[1], r[2]))
-
-        # The id as given first (the usual hit), the other readings only for the misses.
-        given = [normalize_ref(ref) for ref, _, _ in items]
-        find(set(given))
-        lookups: list[list[str]] = [[g] if g in where else refs_for_lookup(g) for g in given]
-        find({f for forms in lookups if len(forms) > 1 for f in forms[1:]})
+        An item is (ref, part_state, error) or (ref, part_state, error, source): `source` is
+        the receipt's source_addr, the handset number. Message ids are not unique (an SMSC
+        that restarts hands them out again), so a receipt matches a part by id (in any of its
+        readings) AND, when the receipt names a number, by the job's recipient; of those the
+        part that is not final yet, the id as given before its other readings, the newest
+        submit first. A receipt whose id matches only final parts is reported `stale` and
+        changes nothing; one that matches no part is kept as an orphan."""
+        cands: dict[str, list[tuple[int, int]]] = {}
+        lookups: list[list[str]] = [refs_for_lookup(normalize_ref(it[0])) for it in items]
+        wanted = list({f for forms in lookups for f in forms})
+        for i in range(0, len(wanted), 5000):
+            for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
+                                " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
+                cands.setdefault(r[0], []).append((r[1], r[2]))
         # The jobs concerned: state, part count, what they owe on a change, each part's state.
-        jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}, notify, sender, urls]
-        ids = list({v[0] for v in where.values()})
+        jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}, notify, sender, urls,
+        #                                     recipient digits, submitted_at]
+        ids = list({jid for hits in cands.values() for jid, _ in hits})
         for i in range(0, len(ids), 5000):
             chunk = json.dumps(ids[i:i + 5000])
-            for r in db.execute("SELECT id, state, parts, notify, sender, urls FROM jobs WHERE id IN"
-                                " (SELECT value FROM json_each(?))", (chunk,)):
-                jobs[r[0]] = [r[1], r[2], {}, r[3], r[4], r[5]]
+            for r in db.execute("SELECT id, state, parts, notify, sender, urls, recipient, submitted_at"
+                                " FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (chunk,)):
+                jobs[r[0]] = [r[1], r[2], {}, r[3], r[4], r[5], number_key(r[6]), r[7] or 0.0]
             for r in db.execute("SELECT job_id, seq, state FROM parts WHERE job_id IN"
                                 " (SELECT value FROM json_each(?))", (chunk,)):
                 if r[0] in jobs:
                     jobs[r[0]][2][r[1]] = r[2]
         out: list[ReceiptOutcome | None] = []
         touched: dict[tuple[int, int], str] = {}
-        orphans: list[tuple[str, str, str, float]] = []
+        orphans: list[tuple[str, str, str, float, str]] = []
         finals: dict[int, list] = {}  # job id -> [state, last_error or None, done_at or None]
         events: list[tuple[int, str, str, float, float]] = []
-        for (_, part_state, error), forms in zip(items, lookups, strict=True):
-            hit = next((where[f] for f in forms if f in where), None)  # the id as given first
-            job = jobs.get(hit[0]) if hit is not None else None
-            if hit is None or job is None:
-                orphans.append((forms[0], part_state, error, now))
+        for item, forms in zip(items, lookups, strict=True):
+            part_state, error = item[1], item[2]
+            source = item[3] if len(item) > 3 else ""
+            src = number_key(source or "")
+            best: tuple | None = None
+            for rank, f in enumerate(forms):
+                for jid, seq in cands.get(f, ()):
+                    j = jobs.get(jid)
+                    if j is None or (src and not same_number(src, j[6])):
+                        continue
+                    final = j[2].get(seq) in FINAL_STATES or j[0] in FINAL_STATES
+                    key = (final, rank, -j[7], -jid, seq)
+                    if best is None or key < best:
+                        best = key
+            if best is None:
+                orphans.append((forms[0], part_state, error, now, source or ""))
                 out.append(None)
                 continue
-            job_id, seq = hit
+            job_id, seq = -best[3], best[4]
+            job = jobs[job_id]
+            if best[0]:  # only finished parts have this id (and number): a stale or repeated receipt
+                out.append(ReceiptOutcome(job_id, job[0], False, stale=True))
+                continue
+            hit = (job_id, seq)
             job[2][seq] = touched[hit] = part_state
             states = job[2].values()
             if "failed" in states:
@@ -837,8 +872,8 @@ class SqliteSpool:
         if events:
             db.executemany("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)", events)
         if orphans and keep_orphans:
-            db.executemany("INSERT INTO orphan_receipts(ref, part_state, error, at) VALUES (?,?,?,?)",
-                           orphans)
+            db.executemany("INSERT INTO orphan_receipts(ref, part_state, error, at, source)"
+                           " VALUES (?,?,?,?,?)", orphans)
         return out
 
     def prune_orphans(self, max_age: float = ORPHAN_MAX_AGE, limit: int = 1000) -> list[OrphanReceipt]:
@@ -847,10 +882,10 @@ class SqliteSpool:
         def fn(db: sqlite3.Connection) -> list[OrphanReceipt]:
             rows = db.execute(
                 "DELETE FROM orphan_receipts WHERE id IN (SELECT id FROM orphan_receipts WHERE at<?"
-                " ORDER BY id LIMIT ?) RETURNING id, ref, part_state, error, at",
+                " ORDER BY id LIMIT ?) RETURNING id, ref, part_state, error, at, source",
                 (time.time() - max_age, limit)).fetchall()
             rows.sort(key=lambda r: r["id"])
-            return [OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"]) for r in rows]
+            return [OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"], r["source"]) for r in rows]
 
         return self._run(fn)
 

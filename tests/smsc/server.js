@@ -25,6 +25,14 @@
 //   --drop-after N       after the next N submits are answered, drop the connection once (the
 //                        N+1st submit and everything after it in that read gets no answer)
 //   --no-unbind-resp     never answer unbind (a rude SMSC)
+//   --first-id N         message ids start at N (decimal) instead of a time-based value: a
+//                        restarted simulator hands out the same ids again, as real SMSCs do
+//   --silent             never answer submit_sm (enquire_link is still answered): a silent SMSC
+//   --close-after-bind   close every connection right after answering its bind (a reconnect storm)
+//   --query-sm           answer query_sm with the message's state (DELIVRD, or UNDELIV/EXPIRED as
+//                        --undeliv/--expired-dest say); without it query_sm gets ESME_RQUERYFAIL
+// Control lines also take {"command": "receipt", "id": "1", "dest": "41790000000", "stat": "DELIVRD"}:
+// send that receipt now (e.g. a stale one for an id that was reused).
 // Every PDU received is logged as one JSON line to --log (or nowhere): submit_sm lines carry
 // the exact octets (short_message_hex, udh_hex), data_coding, esm_class, TON/NPI and
 // registered_delivery, parsed from the raw PDU, not from the library's decoded view.
@@ -50,7 +58,8 @@ function parseArgs(argv) {
     hex_ids: false, receipt_mode: 'tlv', receipt_delay: 0, receipt_first: false, no_receipts: false,
     resp_delay: 0, stale_receipts: 0,
     enroute: false, throttle: 0, qfull: 0, syserr: 0, fail_dest: [], undeliv: [], expired_dest: [],
-    drop_after: -1, no_unbind_resp: false,
+    drop_after: -1, no_unbind_resp: false, first_id: 0, silent: false, close_after_bind: false,
+    query_sm: false,
   };
   const lists = new Set(['fail_dest', 'undeliv', 'expired_dest']);
   for (let i = 2; i < argv.length; i++) {
@@ -73,7 +82,8 @@ function record(obj) {
 
 // Message ids: unique across restarts of the simulator; hex and decimal forms never have the
 // same length (so they cannot be mistaken for one another).
-let nextId = Math.floor(Date.now() / 1000) * 100000;
+let nextId = opt.first_id > 0 ? opt.first_id : Math.floor(Date.now() / 1000) * 100000;
+const issued = new Map(); // wire message id -> final stat word (for query_sm)
 const pendingReceipts = new Map(); // system_id -> Map(key -> receipt options)
 const bound = new Map(); // system_id -> Set(session)
 let sessionSeq = 0;
@@ -165,12 +175,15 @@ function deliver(session, systemId, rc) {
   if (ok) record({ t: Date.now(), session: session.num, command: 'deliver_sm_sent', receipt: rc.id, stat: rc.stat });
 }
 
+function finalStat(dest) {
+  if (opt.undeliv.includes(dest)) return 'UNDELIV';
+  if (opt.expired_dest.includes(dest)) return 'EXPIRED';
+  return 'DELIVRD';
+}
+
 function scheduleReceipts(systemId, sub, id) {
   if (opt.no_receipts) return;
-  const dest = sub.destination_addr;
-  let stat = 'DELIVRD';
-  if (opt.undeliv.includes(dest)) stat = 'UNDELIV';
-  else if (opt.expired_dest.includes(dest)) stat = 'EXPIRED';
+  const stat = finalStat(sub.destination_addr);
   const fire = () => {
     if (opt.enroute) sendReceipt(systemId, receiptFor(sub, id, 'ENROUTE'));
     sendReceipt(systemId, receiptFor(sub, id, stat));
@@ -201,6 +214,10 @@ const server = smpp.createServer((session) => {
     if (!bound.has(sid)) bound.set(sid, new Set());
     bound.get(sid).add(session);
     session.send(pdu.response({ system_id: 'SIMSMSC' }));
+    if (opt.close_after_bind) {
+      session.close();
+      return;
+    }
     if (opt.stale_receipts > 0) {
       // Ids from a range submit_sm_resp never uses (9e14.., 15 digits), in either form.
       const stale = { dest_addr_ton: 1, dest_addr_npi: 1, destination_addr: '41790000000', source_addr_ton: 1,
@@ -226,10 +243,26 @@ const server = smpp.createServer((session) => {
     session.send(pdu.response());
     session.close();
   });
+  session.on('query_sm', (pdu) => {
+    const mid = String(pdu.message_id);
+    const stat = issued.get(mid);
+    const rec = { t: Date.now(), session: session.num, command: 'query_sm', message_id: mid };
+    if (!opt.query_sm || stat === undefined) {
+      record(Object.assign(rec, { status: smpp.ESME_RQUERYFAIL }));
+      session.send(pdu.response({ command_status: smpp.ESME_RQUERYFAIL }));
+      return;
+    }
+    record(Object.assign(rec, { status: 0, stat }));
+    session.send(pdu.response({ message_id: mid, final_date: '', message_state: STATES[stat], error_code: 0 }));
+  });
   session.on('submit_sm', (pdu) => {
     if (dropping) return;
     const sub = parseSubmit(pdu._raw);
     const rec = Object.assign({ t: Date.now(), session: session.num, command: 'submit_sm', seq: pdu.sequence_number }, sub);
+    if (opt.silent) {
+      record(Object.assign(rec, { unanswered: true }));
+      return;
+    }
     if (systemId === null) {
       record(Object.assign(rec, { status: smpp.ESME_RINVBNDSTS }));
       session.send(pdu.response({ command_status: smpp.ESME_RINVBNDSTS }));
@@ -257,6 +290,7 @@ const server = smpp.createServer((session) => {
     const id = nextId++;
     const wireId = opt.hex_ids ? id.toString(16) : String(id);
     rec.message_id = wireId;
+    issued.set(wireId, finalStat(sub.destination_addr));
     record(rec);
     const respond = () => session.send(pdu.response({ message_id: wireId }));
     if (opt.receipt_first) {
@@ -287,6 +321,15 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
       let pend = 0;
       for (const m of pendingReceipts.values()) pend += m.size;
       process.stdout.write('STATS ' + JSON.stringify({ pending_receipts: pend, next_id: nextId }) + '\n');
+      return;
+    }
+    if (change.command === 'receipt') {
+      const sub = { dest_addr_ton: 1, dest_addr_npi: 1, destination_addr: String(change.dest), source_addr_ton: 1,
+        source_addr_npi: 1, source_addr: '41760000000', body_hex: '' };
+      const rc = receiptFor(sub, change.id, change.stat || 'DELIVRD');
+      rc.key += ':' + Date.now(); // a resend, not the same pending entry
+      sendReceipt(opt.system_id, rc);
+      process.stdout.write('OK\n');
       return;
     }
     if (change.command === 'drop') {
