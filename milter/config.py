@@ -91,6 +91,8 @@ class SmppConfig:
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
     validity: int = 48 * 3600  # seconds a job may wait before it expires
+    submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
+    receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ def _smpp(r: _Reader, node: Any) -> SmppConfig:
     d = r.mapping(node, "provider", ("smpp",))
     s = r.mapping(d.get("smpp"), "provider.smpp", (
         "host", "port", "system_id", "password", "system_type", "window", "rate", "enquire_link",
-        "reconnect_min", "reconnect_max", "validity"))
+        "reconnect_min", "reconnect_max", "validity", "submit_timeout", "receipt_timeout"))
     b = SmppConfig()
     p = "provider.smpp"
     return SmppConfig(
@@ -353,6 +355,8 @@ def _smpp(r: _Reader, node: Any) -> SmppConfig:
         reconnect_min=r.number(s, "reconnect_min", p, b.reconnect_min, 0.01, 3600, integer=False),
         reconnect_max=r.number(s, "reconnect_max", p, b.reconnect_max, 0.01, 86400, integer=False),
         validity=r.number(s, "validity", p, b.validity, 60, 30 * 86400),
+        submit_timeout=r.number(s, "submit_timeout", p, b.submit_timeout, 0.1, 3600, integer=False),
+        receipt_timeout=r.number(s, "receipt_timeout", p, b.receipt_timeout, 1, 30 * 86400, integer=False),
     )
 
 

@@ -5,6 +5,8 @@ subprocess, jobs put into the spool directly; every condition is polled with a t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from bed import MailSink, wait_until
 from dispatcher_bed import job, node_ready, states, wait_states
@@ -56,3 +58,51 @@ def test_restarted_smsc_reuses_message_ids_and_receipts_find_the_right_job(tb):
     assert {j.state for j in states(tb.spool, old + new).values()} == {"delivered"}
     wait_until(lambda: any(a.get("receipt") == "1" and a["status"] == 0 and a["stat"] == "UNDELIV"
                            for a in smsc.records("deliver_sm_resp")), 5, "the stale receipt acknowledged")
+
+
+# --------------------------------------------------------------------------- 13: silent SMSC
+
+
+def test_silent_smsc_times_out_submits_reconnects_and_says_why(tb):
+    """Binds, answers enquire_link, never answers submit_sm: after submit_timeout the jobs go
+    back to the queue with last_error saying so, a log line says it, and the bind is made
+    again; once the SMSC answers, they are delivered."""
+    smsc = tb.start_smsc("--silent")
+    ids = tb.spool.add_jobs([job(f"+4179134{i:04d}", f"silent {i}") for i in range(5)])
+    d = tb.dispatcher(tb.config(submit_timeout=1, enquire_link=1))
+
+    def all_told() -> bool:
+        js = states(tb.spool, ids).values()
+        return all(j.state == "queued" and "no answer from the SMSC to submit_sm within 1s" in j.last_error
+                   for j in js)
+
+    wait_until(all_told, 20, "every job back in the queue with the timeout as last_error", detail=tb.detail)
+    assert "did not answer 5 submit_sm within 1.0s" in d.log()
+    wait_until(lambda: len(smsc.records("bind_transceiver")) >= 2, 10, "a new bind after the timeouts",
+               detail=tb.detail)
+    smsc.control(silent=False)
+    wait_states(tb.spool, ids, {"delivered"}, timeout=30, detail=tb.detail)
+
+
+# --------------------------------------------------------------------------- 14: reconnect storm
+
+
+def test_reconnect_storm_backs_off_and_logs_little(tb):
+    """An SMSC that closes every connection right after the bind: binds back off exponentially
+    (with jitter) to reconnect_max, and the log says so a few times, not once per cycle."""
+    smsc = tb.start_smsc("--close-after-bind")
+    tb.spool.add_jobs([job(f"+4179135{i:04d}", f"storm {i}") for i in range(20)])
+    d = tb.dispatcher(tb.config(reconnect_min=0.1, reconnect_max=1.0))
+    wait_until(lambda: len(smsc.records("bind_transceiver")) >= 3, 15, "three binds", detail=tb.detail)
+    first = smsc.records("bind_transceiver")[0]["t"] / 1000
+    wait_until(lambda: time.time() - first >= 6, 15, "six seconds of storm")
+    binds = [r["t"] / 1000 for r in smsc.records("bind_transceiver") if r["t"] / 1000 - first <= 6]
+    # Immediate reconnects made hundreds; with backoff 0.1, 0.2, 0.4, 0.8, 1, 1, ... (x 0.5-1) about 12.
+    assert 3 <= len(binds) <= 20, len(binds)
+    gaps = [b - a for a, b in zip(binds, binds[1:], strict=False)]
+    assert all(g >= 0.4 for g in gaps[-3:]), gaps  # at reconnect_max (jitter 0.5-1)
+    assert gaps[-1] > gaps[0], gaps
+    d.stop()
+    lines = d.log().splitlines()
+    assert len(lines) <= 20, "\n".join(lines)
+    assert sum("SMSC connection closed" in ln for ln in lines) <= 2, "\n".join(lines)

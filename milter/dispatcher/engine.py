@@ -25,6 +25,7 @@ from ..config import Config
 from ..spool.base import AppliedOrphan, Job, ReceiptOutcome, SpoolError
 from ..spool.sqlite import ORPHAN_MAX_AGE, SqliteSpool
 from .provider import Provider, Receipt, SubmitResult
+from .smpp import QuietLog
 
 log = logging.getLogger("sms_milter.dispatcher")
 
@@ -49,6 +50,7 @@ class Engine:
         self._receipts: deque[Receipt] = deque()
         self._jobs: dict[int, Job] = {}  # leased and handed to the provider
         self.stats = {"submitted": 0, "receipts": 0, "failed": 0, "released": 0, "orphans": 0}
+        self.quiet = QuietLog()
 
     # -- callbacks from the provider's threads (must be quick) ----------------------------
     # Append first, then wake the loop unless it is awake already: the loop clears the flag
@@ -220,9 +222,10 @@ class Engine:
                 self.on_events()
         for (delay, error, counted), ids in releases.items():
             self._release(ids, delay, error, counted)
-            for jid in ids:
-                log.info("job %d not sent (%s): back to the queue%s", jid, error,
-                         f", retry in {delay:.1f}s" if delay else "")
+            # One line per cause, not per job (a connection lost with a full window is one event).
+            shown = ",".join(map(str, ids[:10])) + (f",... ({len(ids)} jobs)" if len(ids) > 10 else "")
+            self.quiet.log(logging.INFO, f"not sent:{error}", "job %s not sent (%s): back to the queue%s",
+                           shown, error, f", retry in {delay:.1f}s" if delay else "")
 
     def _log_applied(self, applied: list[AppliedOrphan]) -> None:
         notify = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import random
 import socket
 import struct
 import threading
@@ -170,6 +171,34 @@ class _Rate:
         return (1.0 - self.tokens) / self.cap
 
 
+STABLE_CONNECTION = 10.0  # seconds a connection must last before the reconnect backoff starts over
+TIMEOUTS_BEFORE_RECONNECT = 3  # submit_sm in a row without an answer: the bind is dropped and made again
+
+
+class QuietLog:
+    """Logs a repeated identical line (same key) at most once per `every` seconds; the next
+    one that is logged says how many were held back. A reconnect storm or a silent SMSC
+    gives a handful of lines, not thousands."""
+
+    def __init__(self, every: float = 60.0):
+        self.every = every
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(key, (0.0, 0))
+            if last and now - last < self.every:
+                self._seen[key] = (last, held + 1)
+                return
+            self._seen[key] = (now, 0)
+        if held:
+            msg += " (%d more like this in the last %.0fs not logged)"
+            args = (*args, held, now - last)
+        log.log(level, msg, *args)
+
+
 class SmppProvider:
     name = "smpp"
 
@@ -197,6 +226,11 @@ class SmppProvider:
         self._sender: threading.Thread | None = None
         self._readers: list[threading.Thread] = []
         self.max_jobs = max(2 * cfg.window, cfg.window + 64)
+        self._sent: deque[tuple[float, int]] = deque()  # (sent at, seq) of submits, oldest first
+        self._timeouts = 0  # submit_sm in a row that got no answer within submit_timeout
+        self._backoff = cfg.reconnect_min  # the next reconnect waits about this long (doubling)
+        self._last_life: float | None = None  # how long the last connection lasted (0: connect failed)
+        self.quiet = QuietLog()
 
     # -- Provider ------------------------------------------------------------------------
     def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
@@ -371,31 +405,50 @@ class SmppProvider:
                     self._lost(conn, "internal error")
                 time.sleep(self.cfg.reconnect_min)
 
+    def _reconnect_delay(self) -> float | None:
+        """How long to wait before the next connect (None: at once, nothing was lost yet). Every
+        path that drops or fails a connection goes through here: exponential backoff from
+        reconnect_min to reconnect_max with jitter, started over after a connection that lasted."""
+        with self._cond:
+            life, self._last_life = self._last_life, None
+        if life is None:
+            return None
+        if life >= STABLE_CONNECTION:
+            self._backoff = self.cfg.reconnect_min
+        delay = self._backoff * random.uniform(0.5, 1.0)
+        self._backoff = min(self._backoff * 2, self.cfg.reconnect_max)
+        return delay
+
     def _send_loop_inner(self) -> None:
-        backoff = self.cfg.reconnect_min
         while True:
             with self._cond:
                 if self._closed or (self._stopping and self._conn is None):
                     return
                 conn = self._conn
             if conn is None:
+                delay = self._reconnect_delay()
+                if delay is not None:
+                    with self._cond:
+                        if self._cond.wait_for(lambda: self._closed or self._stopping, delay):
+                            continue
                 try:
                     conn = self._connect()
                 except (smpplib.exceptions.ConnectionError, smpplib.exceptions.PDUError, OSError) as e:
                     args = getattr(e, "args", ())
                     why = status_text(args[1]) if len(args) > 1 else (str(e) or type(e).__name__)
-                    log.warning("SMSC %s:%d: connect/bind failed: %s; retrying in %.1fs",
-                                self.cfg.host, self.cfg.port, why, backoff)
                     with self._cond:
-                        self._cond.wait_for(lambda: self._closed or self._stopping, backoff)
-                    backoff = min(backoff * 2, self.cfg.reconnect_max)
+                        self._last_life = 0.0
+                    self.quiet.log(logging.WARNING, f"bind:{why}",
+                                   "SMSC %s:%d: connect/bind failed: %s; retrying in at most %.1fs",
+                                   self.cfg.host, self.cfg.port, why, self._backoff)
                     continue
-                log.info("bound to SMSC %s:%d as %s (transceiver)", self.cfg.host, self.cfg.port,
-                         self.cfg.system_id)
+                self.quiet.log(logging.INFO, "bound", "bound to SMSC %s:%d as %s (transceiver)",
+                               self.cfg.host, self.cfg.port, self.cfg.system_id)
                 with self._cond:
                     self._conn = conn
                     self._last_tx = time.monotonic()
                     self._enquire_sent = None
+                    self._timeouts = 0
                 reader = threading.Thread(target=self._read_loop, args=(conn,), name="smpp-read", daemon=True)
                 self._readers = [t for t in self._readers if t.is_alive()] + [reader]
                 reader.start()
@@ -407,12 +460,39 @@ class SmppProvider:
             with self._cond:
                 if self._conn is conn and not self._closed:
                     self._cond.wait(wait)
-                elif self._conn is None and not self._closed and not self._stopping:
-                    # Lost: wait before reconnecting (longer after short-lived connections).
-                    short = time.monotonic() - conn.since < 10
-                    delay = backoff if short else self.cfg.reconnect_min
-                    backoff = min(backoff * 2, self.cfg.reconnect_max) if short else self.cfg.reconnect_min
-                    self._cond.wait_for(lambda: self._closed or self._stopping, delay)
+                # else: lost; the top of the loop waits (backoff) before connecting again
+
+    def _check_timeouts(self, conn: _Conn, now: float) -> float:
+        """Give up on submits unanswered for submit_timeout (caller holds the lock): their jobs
+        go back to the queue with last_error saying so; TIMEOUTS_BEFORE_RECONNECT in a row drop
+        the bind. Returns how long until the oldest open submit times out."""
+        limit = self.cfg.submit_timeout
+        sent = self._sent
+        while sent and sent[0][1] not in self._inflight:
+            sent.popleft()
+        expired: list[int] = []
+        while sent and now - sent[0][0] >= limit:
+            seq = sent.popleft()[1]
+            if seq in self._inflight:
+                expired.append(seq)
+            while sent and sent[0][1] not in self._inflight:
+                sent.popleft()
+        if expired:
+            self._timeouts += len(expired)
+            self.quiet.log(logging.WARNING, "submit-timeout",
+                           "SMSC %s:%d did not answer %d submit_sm within %.1fs (%d in a row): "
+                           "their job(s) go back to the queue",
+                           self.cfg.host, self.cfg.port, len(expired), limit, self._timeouts)
+            for seq in expired:
+                js, _ = self._inflight.pop(seq)
+                self._abort(js, f"no answer from the SMSC to submit_sm within {limit:g}s", temporary=True,
+                            count_attempt=True)
+                self._part_done(js)
+            self._drop_unsent()
+            if self._timeouts >= TIMEOUTS_BEFORE_RECONNECT:
+                self._lost(conn, f"{self._timeouts} submit_sm in a row without an answer")
+                return 0.0
+        return limit - (now - sent[0][0]) if sent else limit
 
     def _pump(self, conn: _Conn, reader: bool = False) -> tuple[bool, float]:
         """Send what may go now (from the sender or the reader); (anything sent, wait hint)."""
@@ -461,8 +541,13 @@ class SmppProvider:
                         self._queue.popleft()
                     self._seq = seq = self._seq % 0x7FFFFFFF + 1
                     self._inflight[seq] = (js, idx)
+                    self._sent.append((now, seq))
                     body = js.bodies[idx]
                     out.append(HEADER.pack(16 + len(body), SUBMIT_SM, 0, seq) + body)
+            if self._sent:
+                wait = min(wait, max(0.01, self._check_timeouts(conn, now)))
+                if self._conn is not conn:
+                    return b"", 0.0
             idle = now - self._last_tx
             if self._enquire_sent is not None:
                 if now - self._enquire_sent > max(10.0, self.cfg.enquire_link):
@@ -578,6 +663,7 @@ class SmppProvider:
             log.warning("submit_sm_resp for unknown sequence %d (status 0x%X)", seq, status)
             return
         js, idx = entry
+        self._timeouts = 0  # the SMSC answers
         if status == 0 and message_id:
             js.refs[idx] = message_id
             self._pause = 0.05
@@ -625,6 +711,8 @@ class SmppProvider:
             was_current = self._conn is conn
             if was_current:
                 self._conn = None
+                self._last_life = time.monotonic() - conn.since
+                self._sent.clear()
             open_jobs = len(self._jobs)
             for js in list(self._jobs.values()):
                 self._abort(js, f"connection lost: {reason}")
@@ -636,7 +724,8 @@ class SmppProvider:
             self._cond.notify_all()
         if was_current:
             lvl = logging.INFO if self._closed else logging.WARNING
-            log.log(lvl, "SMSC connection closed (%s); %d open job(s) go back to the queue",
-                    reason, open_jobs)
+            self.quiet.log(lvl, f"lost:{reason}",
+                           "SMSC connection closed (%s); %d open job(s) go back to the queue",
+                           reason, open_jobs)
         conn.unbound.set()
         self._on_change()
