@@ -106,3 +106,42 @@ def test_reconnect_storm_backs_off_and_logs_little(tb):
     lines = d.log().splitlines()
     assert len(lines) <= 20, "\n".join(lines)
     assert sum("SMSC connection closed" in ln for ln in lines) <= 2, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- 15: receipt never comes
+
+
+def test_missing_receipt_is_asked_for_with_query_sm_and_applied(tb):
+    """The SMSC sends no receipts but answers query_sm: after receipt_timeout each job is asked
+    about and ends as the SMSC says (delivered, or failed for an undeliverable number)."""
+    smsc = tb.start_smsc("--no-receipts", "--query-sm", "--undeliv", "41791360002")
+    ids = tb.spool.add_jobs([job("+41791360001", "query me"), job("+41791360002", "query me too"),
+                             job("+41791360003", "x" * 300)])  # 2 parts: each is asked about
+    d = tb.dispatcher(tb.config(receipt_timeout=2))
+    wait_states(tb.spool, ids, {"submitted"}, timeout=20, detail=tb.detail)
+    done = wait_states(tb.spool, ids, timeout=30, detail=tb.detail)
+    assert [done[i].state for i in ids] == ["delivered", "failed", "delivered"]
+    assert "query_sm stat:UNDELIV" in done[ids[1]].last_error
+    asked = [r for r in smsc.records("query_sm") if r["status"] == 0]
+    assert sorted(r["message_id"] for r in asked) == sorted(ref for i in ids for ref in done[i].provider_refs)
+    assert "the SMSC says query_sm stat:DELIVRD" in d.log()
+
+
+def test_missing_receipt_the_smsc_cannot_tell_is_shown_in_queue_list(tb):
+    """No receipts and query_sm answered ESME_RQUERYFAIL: the job stays submitted (it may still
+    come), and `queue list` shows why in last_error."""
+    from bed import queue_list
+
+    smsc = tb.start_smsc("--no-receipts")
+    ids = tb.spool.add_jobs([job("+41791370001", "lost receipt")])
+    cfg = tb.config(receipt_timeout=2)
+    tb.dispatcher(cfg)
+    wait_until(lambda: smsc.records("query_sm"), 20, "a query_sm", detail=tb.detail)
+
+    def shown() -> dict | None:
+        rows = [r for r in queue_list(cfg) if r["id"] == ids[0]]
+        return rows[0] if rows and "no delivery receipt after 2s" in rows[0]["last_error"] else None
+
+    row = wait_until(shown, 15, "last_error in queue list", detail=tb.detail)
+    assert row["state"] == "submitted"
+    assert "ESME_RQUERYFAIL" in row["last_error"]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from ..config import Config
 from ..spool.base import AppliedOrphan, Job, ReceiptOutcome, SpoolError
 from ..spool.sqlite import ORPHAN_MAX_AGE, SqliteSpool
-from .provider import Provider, Receipt, SubmitResult
+from .provider import Provider, QueryAnswer, Receipt, SubmitResult
 from .smpp import QuietLog
 
 log = logging.getLogger("sms_milter.dispatcher")
@@ -48,6 +48,7 @@ class Engine:
         self._kick = threading.Event()
         self._results: deque[SubmitResult] = deque()
         self._receipts: deque[Receipt] = deque()
+        self._answers: deque[QueryAnswer] = deque()  # query_sm answers for receipts that did not come
         self._jobs: dict[int, Job] = {}  # leased and handed to the provider
         self.stats = {"submitted": 0, "receipts": 0, "failed": 0, "released": 0, "orphans": 0}
         self.quiet = QuietLog()
@@ -62,6 +63,11 @@ class Engine:
 
     def _on_receipt(self, r: Receipt) -> None:
         self._receipts.append(r)
+        if not self._kick.is_set():
+            self._kick.set()
+
+    def _on_answer(self, a: QueryAnswer) -> None:
+        self._answers.append(a)
         if not self._kick.is_set():
             self._kick.set()
 
@@ -83,6 +89,8 @@ class Engine:
         next_expire = 0.0
         next_prune = 0.0
         next_renew = time.monotonic() + self.lease_seconds / 3
+        receipt_timeout = self.cfg.smpp.receipt_timeout
+        next_query = time.monotonic() + min(receipt_timeout, 60.0)
         while not stop.is_set():
             self._kick.wait(1.0)
             self._kick.clear()
@@ -97,11 +105,47 @@ class Engine:
                     next_renew = now + self.lease_seconds / 3
                 if now >= next_prune:
                     next_prune = now + (1.0 if self._prune() else PRUNE_EVERY)
+                if now >= next_query:
+                    more = self._query_overdue()
+                    next_query = now + (0.5 if more else max(0.5, min(60.0, receipt_timeout / 4)))
                 self._claim()
             except SpoolError as e:
                 log.error("spool: %s; retrying", e)
                 stop.wait(0.5)
         self._shutdown()
+
+    def _query_overdue(self) -> bool:
+        """Ask the provider about parts whose receipt has not come within receipt_timeout
+        (SMPP query_sm); True if there may be more due now."""
+        query = getattr(self.provider, "query", None)
+        if query is None or not self.provider.ready():
+            return False
+        timeout = self.cfg.smpp.receipt_timeout
+        now = time.time()
+        parts = self.spool.receipts_overdue(now - timeout, 100, now + timeout)
+        if parts:
+            log.info("%d part(s) of %d job(s) without a receipt after %gs: asking the SMSC (query_sm)",
+                     len(parts), len({p.job_id for p in parts}), timeout)
+            query(parts, self._on_answer)
+        return len(parts) >= 100
+
+    def _answers_in(self) -> None:
+        """query_sm answers: a final state is applied like a receipt (same matching, same
+        notifications); anything else is left as it is and shown as the job's last_error."""
+        notes: list[tuple[int, str]] = []
+        timeout = self.cfg.smpp.receipt_timeout
+        while self._answers:
+            a = self._answers.popleft()
+            if a.state in ("delivered", "failed", "expired"):
+                log.info("job %d: no receipt for %s after %gs; the SMSC says %s", a.job_id, a.ref, timeout,
+                         a.detail)
+                self._receipts.append(Receipt(a.ref, a.state, a.detail, None, a.recipient))
+            else:
+                why = f"no delivery receipt after {timeout:g}s; asked the SMSC: {a.detail}"
+                log.warning("job %d: %s (left as it is)", a.job_id, why)
+                notes.append((a.job_id, why))
+        if notes:
+            self.spool.note_receipt_query(notes)
 
     def _wake_loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -164,6 +208,8 @@ class Engine:
         # first, as they should) are among those results and are stored first, so the receipts
         # find their parts. One that does not (it came before its submit response) is kept in
         # the spool as an orphan and applied when its part is stored: nothing is lost either way.
+        if self._answers:
+            self._answers_in()
         n_receipts = len(self._receipts)
         results = []
         while self._results:

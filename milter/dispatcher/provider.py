@@ -39,6 +39,17 @@ class Receipt:
     source: str = ""  # the receipt's source address: the handset number ("" if unknown)
 
 
+@dataclass(frozen=True)
+class QueryAnswer:
+    """What the provider said when asked about a part whose receipt did not come (query_sm)."""
+
+    job_id: int
+    ref: str
+    recipient: str
+    state: str  # part state as a receipt gives it (delivered | buffered | failed | expired), "" = unknown
+    detail: str  # for logs and last_error: the state word, or why the provider could not tell
+
+
 ResultCallback = Callable[[SubmitResult], None]
 ReceiptCallback = Callable[[Receipt], None]
 

@@ -34,10 +34,11 @@ import smpplib.consts
 import smpplib.exceptions
 
 from ..config import SmppConfig
-from ..spool.base import Job
+from ..policy.addresses import originator_wire
+from ..spool.base import Job, OverduePart
 from .pdus import HEADER, SUBMIT_SM, Part, job_parts, parse_deliver_sm, submit_sm_body
-from .provider import Receipt, ReceiptCallback, ResultCallback, SubmitResult
-from .receipts import interpret
+from .provider import QueryAnswer, Receipt, ReceiptCallback, ResultCallback, SubmitResult
+from .receipts import MESSAGE_STATES, STAT_TO_STATE, interpret
 
 log = logging.getLogger("sms_milter.dispatcher.smpp")
 
@@ -47,6 +48,8 @@ DELIVER_SM = 0x00000005
 DELIVER_SM_RESP = 0x80000005
 UNBIND = 0x00000006
 UNBIND_RESP = 0x80000006
+QUERY_SM = 0x00000003
+QUERY_SM_RESP = 0x80000003
 ENQUIRE_LINK = 0x00000015
 ENQUIRE_LINK_RESP = 0x80000015
 
@@ -231,6 +234,8 @@ class SmppProvider:
         self._backoff = cfg.reconnect_min  # the next reconnect waits about this long (doubling)
         self._last_life: float | None = None  # how long the last connection lasted (0: connect failed)
         self.quiet = QuietLog()
+        # query_sm sent and not answered yet: seq -> (part, callback, sent at)
+        self._queries: dict[int, tuple[OverduePart, Callable[[QueryAnswer], None], float]] = {}
 
     # -- Provider ------------------------------------------------------------------------
     def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
@@ -278,6 +283,54 @@ class SmppProvider:
                 self._jobs[js.job.id] = js
                 self._queue.extend((js, i) for i in range(len(js.parts)))
             self._cond.notify_all()
+
+    def query(self, parts: list[OverduePart], on_answer: Callable[[QueryAnswer], None]) -> None:
+        """Ask the SMSC (query_sm) for the state of parts whose receipt did not come; each part
+        gets one QueryAnswer (state "" when the SMSC could not tell, or did not answer)."""
+        for p in parts:
+            conn = self._conn
+            if conn is None or self._stopping:
+                on_answer(QueryAnswer(p.job_id, p.ref, p.recipient, "", "not connected to the SMSC"))
+                continue
+            ton, npi, addr = originator_wire(p.originator)
+            body = p.ref.encode("latin-1", "replace")[:64] + b"\0" + bytes((ton, npi)) + \
+                addr.encode("latin-1", "replace")[:20] + b"\0"
+            with self._cond:
+                seq = self._seq = self._seq % 0x7FFFFFFF + 1
+                self._queries[seq] = (p, on_answer, time.monotonic())
+            try:
+                conn.send(_pdu(QUERY_SM, seq, 0, body))
+            except OSError as e:
+                self._lost(conn, f"send failed: {e}")
+
+    def _query_resp(self, cmd: int, status: int, seq: int, raw: bytes) -> None:
+        with self._cond:
+            entry = self._queries.pop(seq, None)
+        if entry is None:
+            log.debug("query_sm_resp for unknown sequence %d", seq)
+            return
+        p, on_answer, _ = entry
+        if cmd != QUERY_SM_RESP or status != 0:
+            on_answer(QueryAnswer(p.job_id, p.ref, p.recipient, "", f"query_sm: {status_text(status)}"))
+            return
+        try:
+            pos = raw.index(b"\0", 16) + 1  # message_id
+            pos = raw.index(b"\0", pos) + 1  # final_date
+            state, err = raw[pos], raw[pos + 1]
+        except (ValueError, IndexError):
+            on_answer(QueryAnswer(p.job_id, p.ref, p.recipient, "", "query_sm: malformed answer"))
+            return
+        stat = MESSAGE_STATES.get(state, f"state {state}")
+        on_answer(QueryAnswer(p.job_id, p.ref, p.recipient, STAT_TO_STATE.get(stat, ""),
+                              f"query_sm stat:{stat}" + (f" err:{err:03d}" if err else "")))
+
+    def _check_queries(self, now: float) -> None:
+        """query_sm unanswered for submit_timeout: answered 'no answer' (caller holds the lock)."""
+        late = [seq for seq, (_, _, at) in self._queries.items() if now - at >= self.cfg.submit_timeout]
+        for seq in late:
+            p, on_answer, _ = self._queries.pop(seq)
+            on_answer(QueryAnswer(p.job_id, p.ref, p.recipient, "",
+                                  f"no answer to query_sm within {self.cfg.submit_timeout:g}s"))
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         by_conn: dict[int, list[bytes]] = {}
@@ -544,6 +597,10 @@ class SmppProvider:
                     self._sent.append((now, seq))
                     body = js.bodies[idx]
                     out.append(HEADER.pack(16 + len(body), SUBMIT_SM, 0, seq) + body)
+            if self._queries:
+                self._check_queries(now)
+                if self._queries:
+                    wait = min(wait, self.cfg.submit_timeout)
             if self._sent:
                 wait = min(wait, max(0.01, self._check_timeouts(conn, now)))
                 if self._conn is not conn:
@@ -613,7 +670,9 @@ class SmppProvider:
         going = True
         for raw in pdus:
             _, cmd, status, seq = HEADER.unpack_from(raw)
-            if cmd == SUBMIT_SM_RESP or cmd == GENERIC_NACK:
+            if cmd == QUERY_SM_RESP or (cmd == GENERIC_NACK and seq in self._queries):
+                self._query_resp(cmd, status, seq, raw)
+            elif cmd == SUBMIT_SM_RESP or cmd == GENERIC_NACK:
                 message_id = raw[16:].split(b"\0", 1)[0].decode("ascii", "replace") if len(raw) > 16 else ""
                 resps.append((seq, status, message_id))
             elif cmd == DELIVER_SM:
@@ -720,6 +779,9 @@ class SmppProvider:
                 self._part_done(js)
             self._inflight.clear()
             self._drop_unsent()
+            queries, self._queries = self._queries, {}
+            for p, on_answer, _ in queries.values():
+                on_answer(QueryAnswer(p.job_id, p.ref, p.recipient, "", f"connection lost: {reason}"))
             conn.close()
             self._cond.notify_all()
         if was_current:

@@ -142,6 +142,17 @@ class AppliedOrphan:
     outcome: ReceiptOutcome
 
 
+@dataclass(frozen=True)
+class OverduePart:
+    """A submitted part whose receipt has not come within receipt_timeout: to ask the SMSC."""
+
+    job_id: int
+    seq: int
+    ref: str  # the message id as the SMSC wrote it in the submit_sm_resp
+    recipient: str  # E.164 with '+'
+    originator: str  # as in the job (the submit's source address)
+
+
 class Spool(Protocol):
     # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
@@ -205,6 +216,13 @@ class Spool(Protocol):
         keys anyway: this only gives the space back.)"""
 
     def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]: ...
+
+    def receipts_overdue(self, submitted_before: float, limit: int, next_query: float) -> list[OverduePart]:
+        """The open parts of `submitted` jobs submitted before `submitted_before` that are due
+        to be asked about (query_sm); they are not due again before `next_query`."""
+
+    def note_receipt_query(self, items: list[tuple[int, str]]) -> None:
+        """Set last_error of jobs still waiting for their receipt: (job_id, what the SMSC said)."""
 
     def expire_due(self) -> list[int]: ...
 

@@ -30,6 +30,7 @@ from .base import (
     NewJob,
     OrphanReceipt,
     OutMail,
+    OverduePart,
     ReceiptOutcome,
     SpoolDataError,
     SpoolError,
@@ -682,7 +683,7 @@ class SqliteSpool:
                         now: float) -> list[AppliedOrphan]:
         db.executemany(
             "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
-            " last_error='' WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
+            " last_error='', query_at=NULL WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
         refs = [(jid, i, normalize_ref(r), r) for jid, rs in items for i, r in enumerate(rs)]
         db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state, wire_ref)"
                        " VALUES (?,?,?,'submitted',?)", refs)
@@ -907,6 +908,34 @@ class SqliteSpool:
             return out
 
         return self._run(fn)
+
+    def receipts_overdue(self, submitted_before: float, limit: int, next_query: float) -> list[OverduePart]:
+        """Open parts of jobs still `submitted` (no receipt at all) since before `submitted_before`,
+        oldest first; each such job is not due again before `next_query`."""
+
+        def fn(db: sqlite3.Connection) -> list[OverduePart]:
+            jobs = db.execute(
+                "UPDATE jobs SET query_at=? WHERE id IN (SELECT id FROM jobs WHERE state='submitted'"
+                " AND submitted_at<? AND coalesce(query_at, 0)<=? ORDER BY submitted_at LIMIT ?)"
+                " RETURNING id, recipient, originator",
+                (next_query, submitted_before, time.time(), limit)).fetchall()
+            if not jobs:
+                return []
+            by_id = {r["id"]: r for r in jobs}
+            rows = db.execute(
+                "SELECT job_id, seq, coalesce(wire_ref, ref) AS ref FROM parts WHERE job_id IN"
+                " (SELECT value FROM json_each(?)) AND state NOT IN ('delivered','failed','expired')"
+                " ORDER BY job_id, seq", (json.dumps(list(by_id)),)).fetchall()
+            return [OverduePart(r["job_id"], r["seq"], r["ref"], by_id[r["job_id"]]["recipient"],
+                                by_id[r["job_id"]]["originator"]) for r in rows]
+
+        return self._run(fn)
+
+    def note_receipt_query(self, items: list[tuple[int, str]]) -> None:
+        if items:
+            self._run(lambda db: db.executemany(
+                "UPDATE jobs SET last_error=? WHERE id=? AND state IN ('submitted','buffered')",
+                [(err, jid) for jid, err in items]))
 
     def expire_due(self) -> list[int]:
         """Jobs past their validity: queued ones (not in flight) and ones whose receipt never came."""
