@@ -18,9 +18,7 @@ import re
 import smtplib
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, formatdate, make_msgid
@@ -28,6 +26,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from ..config import Config
 from ..spool.base import Event, Job, OutMail, SpoolError
 from ..spool.sqlite import SqliteSpool
+from ..xmlapi import callback
 
 log = logging.getLogger("sms_milter.dispatcher.notify")
 
@@ -87,7 +86,8 @@ def build_notification(job: Job, ev: Event, sender: str) -> EmailMessage:
 
 
 def callback_url(url: str, trans_ref: str | None) -> str:
-    sep = "&" if urllib.parse.urlsplit(url).query else "?"
+    url = url.split("#", 1)[0]  # a fragment is never sent
+    sep = "?" if "?" not in url else "" if url.endswith(("?", "&")) else "&"
     return f"{url}{sep}ID={urllib.parse.quote(trans_ref or '', safe='')}"
 
 
@@ -176,18 +176,17 @@ class Notifier:
             self.spool.event_done(ev.id)
             return
         url = callback_url(base, job.trans_ref)
-        host = (urllib.parse.urlsplit(url).hostname or "").lower()
-        allowed = self.cfg.xml.allowed_url_hosts
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https") or (allowed and host not in allowed):
-            log.warning("job %d: %s callback to %s not allowed; dropped", job.id, key, host)
+        parsed = callback.parse_url(url)
+        host = parsed if isinstance(parsed, str) else parsed.host
+        try:
+            # The parser of the allowlist check, every redirect hop checked again (no urllib).
+            host = callback.call(url, self.cfg.xml.allowed_url_hosts or None, self.cfg.xml.url_timeout)
+        except callback.CallbackRefused as e:
+            log.warning("job %d: %s callback to %s not allowed (%s); dropped", job.id, key, host, e)
             self.spool.event_done(ev.id)
             return
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "sms-milter"})
-            with urllib.request.urlopen(req, timeout=self.cfg.xml.url_timeout) as resp:  # noqa: S310
-                resp.read(4096)
-        except (OSError, ValueError) as e:
-            self._retry(ev, f"{type(e).__name__}: {e}", URL_GIVE_UP, f"URL callback to {host}")
+        except callback.CallbackError as e:
+            self._retry(ev, str(e), URL_GIVE_UP, f"URL callback to {host}")
             return
         self.spool.event_done(ev.id)
         log.info("job %d: %s URL callback to %s done", job.id, key, host)

@@ -11,11 +11,12 @@ import calendar
 import re
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 from xml.etree.ElementTree import Element, ParseError, TreeBuilder
 
 from defusedxml.common import DefusedXmlException, DTDForbidden, EntitiesForbidden
 from defusedxml.ElementTree import DefusedXMLParser
+
+from . import callback
 
 MAX_RECIPIENTS = 1000
 MAX_TRANS_REFS = 1000
@@ -230,21 +231,5 @@ def parse_flag(value: str) -> bool:
 
 
 def url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
-    """None if `url` may be called back, else why not."""
-    if len(url) > MAX_URL_LEN:
-        return f"the URL is longer than {MAX_URL_LEN} characters"
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url) or not url.isascii():
-        return "the URL contains blanks, control or non-ASCII characters"
-    try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower().rstrip(".")
-        _ = parts.port  # raises on a malformed port
-    except ValueError:
-        return "the URL is malformed"
-    if parts.scheme.lower() not in ("http", "https"):
-        return "only http:// and https:// URLs are accepted"
-    if not host:
-        return "the URL has no host"
-    if host not in allowed_hosts:
-        return f"host {host} is not in this gateway's list of allowed notification hosts"
-    return None
+    """None if `url` may be called back, else why not (the parser the HTTP call uses too)."""
+    return callback.url_problem(url, allowed_hosts)
