@@ -145,3 +145,22 @@ def test_missing_receipt_the_smsc_cannot_tell_is_shown_in_queue_list(tb):
     row = wait_until(shown, 15, "last_error in queue list", detail=tb.detail)
     assert row["state"] == "submitted"
     assert "ESME_RQUERYFAIL" in row["last_error"]
+
+
+# --------------------------------------------------------------------------- the new keys
+
+
+def test_check_config_accepts_and_checks_the_timeouts(tmp_path):
+    from bed import run_cli
+    from dispatcher_bed import dispatcher_config
+
+    ok = dispatcher_config(tmp_path, 2775, 25, smpp={"submit_timeout": 5, "receipt_timeout": 120.5},
+                           name="ok.yaml")
+    r = run_cli(ok, "check-config")
+    assert r.returncode == 0, r.stderr
+    bad = dispatcher_config(tmp_path, 2775, 25, smpp={"submit_timeout": 0, "receipt_timeout": "soon"},
+                            name="bad.yaml")
+    r = run_cli(bad, "check-config")
+    assert r.returncode == 2
+    assert "provider.smpp.submit_timeout:" in r.stderr and "provider.smpp.receipt_timeout:" in r.stderr
+    assert "Traceback" not in r.stderr
