@@ -220,9 +220,11 @@ class Engine:
         ok = [r for r in results if r.ok]
         # One transaction for the round: jobs submitted, then receipts (one commit, one fsync).
         try:
+            name = self.provider.name
             applied, outcomes = self.spool.store_round(
-                [(r.job_id, list(r.refs)) for r in ok],
-                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source) for r in receipts])
+                [(r.job_id, list(r.refs), name) for r in ok],
+                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source, name)
+                 for r in receipts])
         except SpoolError:
             self._results.extendleft(reversed(results))
             self._receipts.extendleft(reversed(receipts))

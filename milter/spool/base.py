@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+# A job's parts accepted by the provider: (job_id, message ids one per part[, provider name]).
+SubmittedItem = tuple[int, list[str]] | tuple[int, list[str], str]
+
 STATES = ("queued", "submitted", "delivered", "buffered", "failed", "expired")
 FINAL_STATES = ("delivered", "failed", "expired")
 
@@ -187,7 +190,7 @@ class Spool(Protocol):
         """Record a job's parts as submitted with their message ids and, in the same
         transaction, apply every stored orphan receipt for one of those ids."""
 
-    def mark_submitted_many(self, items: list[tuple[int, list[str]]]) -> list[AppliedOrphan]:
+    def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
         """mark_submitted for many (job_id, refs) in one transaction."""
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
@@ -195,7 +198,7 @@ class Spool(Protocol):
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 
-    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, ...]],
+    def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts) in one transaction."""
 

@@ -34,6 +34,7 @@ from .base import (
     ReceiptOutcome,
     SpoolDataError,
     SpoolError,
+    SubmittedItem,
 )
 
 log = logging.getLogger("sms_milter.spool")
@@ -135,13 +136,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # change and delete, whoever writes; the claim walks the few ready jobs (jobs_ready)
     # instead of every queued job of a recipient with a backlog.
     # Receipts: parts keep the id as the SMSC wrote it (query_sm needs it); orphan receipts
-    # keep the handset number they came from (a receipt matches by id AND number).
+    # keep the handset number they came from (a receipt matches by id AND number); both keep
+    # the provider they belong to (ids of two providers are unrelated).
     # Jobs record when their receipt is next asked for with query_sm (receipt_timeout).
     (
         "ALTER TABLE jobs ADD COLUMN ready INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE jobs ADD COLUMN query_at REAL",
         "ALTER TABLE parts ADD COLUMN wire_ref TEXT",
         "ALTER TABLE orphan_receipts ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE parts ADD COLUMN provider TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE orphan_receipts ADD COLUMN provider TEXT NOT NULL DEFAULT ''",
         "UPDATE jobs SET ready=1 WHERE state='queued' AND NOT EXISTS (SELECT 1 FROM jobs o"
         " WHERE o.recipient=jobs.recipient AND o.id<jobs.id AND o.state='queued' AND o.deferred=0)",
         "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(id) WHERE ready=1",
@@ -657,7 +661,7 @@ class SqliteSpool:
     def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> list[AppliedOrphan]:
         return self.mark_submitted_many([(job_id, refs)])
 
-    def mark_submitted_many(self, items: list[tuple[int, list[str]]]) -> list[AppliedOrphan]:
+    def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
         """mark_submitted for many jobs in one transaction (the dispatcher's hot path): the jobs
         become `submitted`, their parts get their message ids, and every orphan receipt for one
         of those ids (it came before this) is applied and deleted, all in this transaction."""
@@ -665,7 +669,7 @@ class SqliteSpool:
             return []
         return self._run(lambda db: self._mark_submitted(db, items, time.time()))
 
-    def store_round(self, submitted: list[tuple[int, list[str]]], receipts: list[tuple[str, ...]],
+    def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts), in one transaction
         (the dispatcher's round: one commit, one fsync, for everything that came in)."""
@@ -679,15 +683,16 @@ class SqliteSpool:
 
         return self._run(fn)
 
-    def _mark_submitted(self, db: sqlite3.Connection, items: list[tuple[int, list[str]]],
+    def _mark_submitted(self, db: sqlite3.Connection, items: list[SubmittedItem],
                         now: float) -> list[AppliedOrphan]:
         db.executemany(
             "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
-            " last_error='', query_at=NULL WHERE id=? AND state='queued'", [(now, jid) for jid, _ in items])
-        refs = [(jid, i, normalize_ref(r), r) for jid, rs in items for i, r in enumerate(rs)]
-        db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state, wire_ref)"
-                       " VALUES (?,?,?,'submitted',?)", refs)
-        return self._apply_orphans(db, [r for _, _, r, _ in refs], now)
+            " last_error='', query_at=NULL WHERE id=? AND state='queued'", [(now, it[0]) for it in items])
+        refs = [(it[0], i, normalize_ref(r), r, it[2] if len(it) > 2 else "")
+                for it in items for i, r in enumerate(it[1])]
+        db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state, wire_ref, provider)"
+                       " VALUES (?,?,?,'submitted',?,?)", refs)
+        return self._apply_orphans(db, [r[2] for r in refs], now)
 
     def _apply_orphans(self, db: sqlite3.Connection, refs: list[str], now: float) -> list[AppliedOrphan]:
         """Apply (in arrival order) and delete the orphan receipts for parts just stored."""
@@ -698,14 +703,15 @@ class SqliteSpool:
         forms = list({f for r in refs for f in refs_for_lookup(r)})
         rows: list[sqlite3.Row] = []
         for i in range(0, len(forms), 5000):
-            rows += db.execute("SELECT id, ref, part_state, error, at, source FROM orphan_receipts"
+            rows += db.execute("SELECT id, ref, part_state, error, at, source, provider FROM orphan_receipts"
                                " WHERE ref IN (SELECT value FROM json_each(?))",
                                (json.dumps(forms[i:i + 5000]),)).fetchall()
         if not rows:
             return []
         rows.sort(key=lambda r: r["id"])
         outcomes = self._apply_receipts(
-            db, [(r["ref"], r["part_state"], r["error"], r["source"]) for r in rows], now, keep_orphans=False)
+            db, [(r["ref"], r["part_state"], r["error"], r["source"], r["provider"]) for r in rows], now,
+            keep_orphans=False)
         # One that matched no part (same id, another handset) stays for the part it belongs to.
         db.executemany("DELETE FROM orphan_receipts WHERE id=?",
                        [(r["id"],) for r, o in zip(rows, outcomes, strict=True) if o is not None])
@@ -780,8 +786,9 @@ class SqliteSpool:
         (so a job still passes through every state, e.g. buffered then delivered, and owes the
         same notifications as one receipt at a time), then write the parts back.
 
-        An item is (ref, part_state, error) or (ref, part_state, error, source): `source` is
-        the receipt's source_addr, the handset number. Message ids are not unique (an SMSC
+        An item is (ref, part_state, error[, source[, provider]]): `source` is the receipt's
+        source_addr, the handset number; `provider` the provider it came from (a part stored
+        for another provider never matches). Message ids are not unique (an SMSC
         that restarts hands them out again), so a receipt matches a part by id (in any of its
         readings) AND, when the receipt names a number, by the job's recipient; of those the
         part that is not final yet, the id as given before its other readings, the newest
@@ -791,13 +798,13 @@ class SqliteSpool:
         lookups: list[list[str]] = [refs_for_lookup(normalize_ref(it[0])) for it in items]
         wanted = list({f for forms in lookups for f in forms})
         for i in range(0, len(wanted), 5000):
-            for r in db.execute("SELECT ref, job_id, seq FROM parts WHERE ref IN"
+            for r in db.execute("SELECT ref, job_id, seq, provider FROM parts WHERE ref IN"
                                 " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
-                cands.setdefault(r[0], []).append((r[1], r[2]))
+                cands.setdefault(r[0], []).append((r[1], r[2], r[3]))
         # The jobs concerned: state, part count, what they owe on a change, each part's state.
         jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}, notify, sender, urls,
         #                                     recipient digits, submitted_at]
-        ids = list({jid for hits in cands.values() for jid, _ in hits})
+        ids = list({hit[0] for hits in cands.values() for hit in hits})
         for i in range(0, len(ids), 5000):
             chunk = json.dumps(ids[i:i + 5000])
             for r in db.execute("SELECT id, state, parts, notify, sender, urls, recipient, submitted_at"
@@ -809,25 +816,28 @@ class SqliteSpool:
                     jobs[r[0]][2][r[1]] = r[2]
         out: list[ReceiptOutcome | None] = []
         touched: dict[tuple[int, int], str] = {}
-        orphans: list[tuple[str, str, str, float, str]] = []
+        orphans: list[tuple[str, str, str, float, str, str]] = []
         finals: dict[int, list] = {}  # job id -> [state, last_error or None, done_at or None]
         events: list[tuple[int, str, str, float, float]] = []
         for item, forms in zip(items, lookups, strict=True):
             part_state, error = item[1], item[2]
             source = item[3] if len(item) > 3 else ""
+            provider = item[4] if len(item) > 4 else ""
             src = number_key(source or "")
             best: tuple | None = None
             for rank, f in enumerate(forms):
-                for jid, seq in cands.get(f, ()):
+                for jid, seq, part_provider in cands.get(f, ()):
                     j = jobs.get(jid)
                     if j is None or (src and not same_number(src, j[6])):
+                        continue
+                    if provider and part_provider and provider != part_provider:
                         continue
                     final = j[2].get(seq) in FINAL_STATES or j[0] in FINAL_STATES
                     key = (final, rank, -j[7], -jid, seq)
                     if best is None or key < best:
                         best = key
             if best is None:
-                orphans.append((forms[0], part_state, error, now, source or ""))
+                orphans.append((forms[0], part_state, error, now, source or "", provider or ""))
                 out.append(None)
                 continue
             job_id, seq = -best[3], best[4]
@@ -873,8 +883,8 @@ class SqliteSpool:
         if events:
             db.executemany("INSERT INTO events(job_id, kind, status, at, next_at) VALUES (?,?,?,?,?)", events)
         if orphans and keep_orphans:
-            db.executemany("INSERT INTO orphan_receipts(ref, part_state, error, at, source)"
-                           " VALUES (?,?,?,?,?)", orphans)
+            db.executemany("INSERT INTO orphan_receipts(ref, part_state, error, at, source, provider)"
+                           " VALUES (?,?,?,?,?,?)", orphans)
         return out
 
     def prune_orphans(self, max_age: float = ORPHAN_MAX_AGE, limit: int = 1000) -> list[OrphanReceipt]:
