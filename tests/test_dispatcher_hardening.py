@@ -127,6 +127,15 @@ def test_missing_receipt_is_asked_for_with_query_sm_and_applied(tb):
     assert "the SMSC says query_sm stat:DELIVRD" in d.log()
 
 
+def test_buffered_job_whose_final_receipt_never_comes_is_asked_about_too(tb):
+    tb.start_smsc("--no-receipts", "--enroute", "--query-sm")
+    ids = tb.spool.add_jobs([job("+41791390001", "enroute only")])
+    tb.dispatcher(tb.config(receipt_timeout=2))
+    wait_states(tb.spool, ids, {"buffered", "delivered"}, timeout=20, detail=tb.detail)
+    done = wait_states(tb.spool, ids, {"delivered"}, timeout=30, detail=tb.detail)
+    assert done[ids[0]].state == "delivered"
+
+
 def test_missing_receipt_the_smsc_cannot_tell_is_shown_in_queue_list(tb):
     """No receipts and query_sm answered ESME_RQUERYFAIL: the job stays submitted (it may still
     come), and `queue list` shows why in last_error."""

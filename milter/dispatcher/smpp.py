@@ -195,6 +195,8 @@ class QuietLog:
             if last and now - last < self.every:
                 self._seen[key] = (last, held + 1)
                 return
+            if len(self._seen) > 1000:  # keys carry error texts: keep the table small
+                self._seen.clear()
             self._seen[key] = (now, 0)
         if held:
             msg += " (%d more like this in the last %.0fs not logged)"

@@ -221,7 +221,8 @@ class Spool(Protocol):
     def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]: ...
 
     def receipts_overdue(self, submitted_before: float, limit: int, next_query: float) -> list[OverduePart]:
-        """The open parts of `submitted` jobs submitted before `submitted_before` that are due
+        """The open parts of jobs without a final receipt (`submitted`, `buffered`) submitted
+        before `submitted_before` that are due
         to be asked about (query_sm); they are not due again before `next_query`."""
 
     def note_receipt_query(self, items: list[tuple[int, str]]) -> None:

@@ -149,7 +149,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE jobs SET ready=1 WHERE state='queued' AND NOT EXISTS (SELECT 1 FROM jobs o"
         " WHERE o.recipient=jobs.recipient AND o.id<jobs.id AND o.state='queued' AND o.deferred=0)",
         "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(id) WHERE ready=1",
-        "CREATE INDEX IF NOT EXISTS jobs_unreceipted ON jobs(submitted_at) WHERE state='submitted'",
+        "CREATE INDEX IF NOT EXISTS jobs_unreceipted ON jobs(submitted_at)"
+        " WHERE state IN ('submitted','buffered')",
         # A new job is ready unless an older queued non-deferred job of its recipient waits.
         "CREATE TRIGGER IF NOT EXISTS jobs_ready_insert AFTER INSERT ON jobs WHEN NEW.state='queued'"
         " BEGIN UPDATE jobs SET ready=1 WHERE id=NEW.id AND NOT EXISTS (SELECT 1 FROM jobs o"
@@ -920,13 +921,15 @@ class SqliteSpool:
         return self._run(fn)
 
     def receipts_overdue(self, submitted_before: float, limit: int, next_query: float) -> list[OverduePart]:
-        """Open parts of jobs still `submitted` (no receipt at all) since before `submitted_before`,
-        oldest first; each such job is not due again before `next_query`."""
+        """Open parts of jobs still without a final receipt (`submitted`, or `buffered` after an
+        intermediate one) since before `submitted_before`, oldest first; each such job is not
+        due again before `next_query`."""
 
         def fn(db: sqlite3.Connection) -> list[OverduePart]:
             jobs = db.execute(
-                "UPDATE jobs SET query_at=? WHERE id IN (SELECT id FROM jobs WHERE state='submitted'"
-                " AND submitted_at<? AND coalesce(query_at, 0)<=? ORDER BY submitted_at LIMIT ?)"
+                "UPDATE jobs SET query_at=? WHERE id IN (SELECT id FROM jobs"
+                " WHERE state IN ('submitted','buffered') AND submitted_at<? AND coalesce(query_at, 0)<=?"
+                " ORDER BY submitted_at LIMIT ?)"
                 " RETURNING id, recipient, originator",
                 (next_query, submitted_before, time.time(), limit)).fetchall()
             if not jobs:

@@ -14,7 +14,7 @@
 //                        surely has the receipt long before it can store the message id)
 //   --stale-receipts N   on the next bind, first send N receipts for message ids never issued (a
 //                        backlog of stale receipts, as an SMSC resends after an outage)
-//   --no-receipts        never send receipts
+//   --no-receipts        never send receipts (with --enroute: only the ENROUTE one, never the final one)
 //   --enroute            send an ENROUTE receipt before the final one
 //   --throttle N         answer ESME_RTHROTTLED (0x58) to the next N submits
 //   --qfull N            answer ESME_RMSGQFUL (0x14) to the next N submits
@@ -182,7 +182,10 @@ function finalStat(dest) {
 }
 
 function scheduleReceipts(systemId, sub, id) {
-  if (opt.no_receipts) return;
+  if (opt.no_receipts) {
+    if (opt.enroute) sendReceipt(systemId, receiptFor(sub, id, 'ENROUTE')); // the final one never comes
+    return;
+  }
   const stat = finalStat(sub.destination_addr);
   const fire = () => {
     if (opt.enroute) sendReceipt(systemId, receiptFor(sub, id, 'ENROUTE'));
