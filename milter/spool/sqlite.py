@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -148,22 +149,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE orphan_receipts ADD COLUMN provider TEXT NOT NULL DEFAULT ''",
         "UPDATE jobs SET ready=1 WHERE state='queued' AND NOT EXISTS (SELECT 1 FROM jobs o"
         " WHERE o.recipient=jobs.recipient AND o.id<jobs.id AND o.state='queued' AND o.deferred=0)",
-        "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(id) WHERE ready=1",
+        "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(id) WHERE ready=1 AND state='queued'",
         "CREATE INDEX IF NOT EXISTS jobs_unreceipted ON jobs(submitted_at)"
         " WHERE state IN ('submitted','buffered')",
         # A new job is ready unless an older queued non-deferred job of its recipient waits.
         "CREATE TRIGGER IF NOT EXISTS jobs_ready_insert AFTER INSERT ON jobs WHEN NEW.state='queued'"
         " BEGIN UPDATE jobs SET ready=1 WHERE id=NEW.id AND NOT EXISTS (SELECT 1 FROM jobs o"
         " WHERE o.recipient=NEW.recipient AND o.id<NEW.id AND o.state='queued' AND o.deferred=0); END",
-        # A job leaves the queue (submitted, failed, held, ...): it is no longer ready, and the
-        # jobs of its recipient up to the next non-deferred one become ready.
+        # A job that blocked its recipient leaves the queue (submitted, failed, held, ...): the
+        # jobs of its recipient up to the next non-deferred one become ready. (`ready` of a job
+        # that is not queued means nothing: jobs_ready and the claim look at queued ones only.)
         "CREATE TRIGGER IF NOT EXISTS jobs_ready_leave AFTER UPDATE OF state ON jobs"
-        " WHEN OLD.state='queued' AND NEW.state<>'queued'"
-        " BEGIN UPDATE jobs SET ready=0 WHERE id=NEW.id AND ready=1;"
-        " UPDATE jobs SET ready=1 WHERE recipient=OLD.recipient AND state='queued' AND ready=0"
+        " WHEN OLD.state='queued' AND NEW.state<>'queued' AND OLD.deferred=0"
+        " BEGIN UPDATE jobs SET ready=1 WHERE recipient=OLD.recipient AND state='queued' AND ready=0"
         "  AND id<=coalesce((SELECT min(id) FROM jobs WHERE recipient=OLD.recipient AND state='queued'"
         "   AND deferred=0), 9223372036854775807); END",
-        "CREATE TRIGGER IF NOT EXISTS jobs_ready_delete AFTER DELETE ON jobs WHEN OLD.state='queued'"
+        "CREATE TRIGGER IF NOT EXISTS jobs_ready_delete AFTER DELETE ON jobs"
+        " WHEN OLD.state='queued' AND OLD.deferred=0"
         " BEGIN UPDATE jobs SET ready=1 WHERE recipient=OLD.recipient AND state='queued' AND ready=0"
         "  AND id<=coalesce((SELECT min(id) FROM jobs WHERE recipient=OLD.recipient AND state='queued'"
         "   AND deferred=0), 9223372036854775807); END",
@@ -258,10 +260,17 @@ def _unstorable(r: AddRequest, e: BaseException) -> str:
     return f"the message ({type(e).__name__})"
 
 
+_NOT_DIGIT = re.compile(r"[^0-9]")
+
+
 def number_key(addr: str) -> str:
     """A phone number as receipts and jobs are compared: its digits without leading zeros
     ('+41791234567', '0041791234567' and '41791234567' are one number); '' if none."""
-    return "".join(c for c in addr if c.isdigit()).lstrip("0")
+    if addr.isdigit():  # the usual forms first: '41791234567' (a receipt), '+41791234567' (a job)
+        return addr.lstrip("0")
+    if addr[1:].isdigit() and addr[:1] == "+":
+        return addr[1:].lstrip("0")
+    return _NOT_DIGIT.sub("", addr).lstrip("0")
 
 
 def same_number(a: str, b: str) -> bool:
@@ -795,26 +804,51 @@ class SqliteSpool:
         part that is not final yet, the id as given before its other readings, the newest
         submit first. A receipt whose id matches only final parts is reported `stale` and
         changes nothing; one that matches no part is kept as an orphan."""
-        cands: dict[str, list[tuple[int, int]]] = {}
-        lookups: list[list[str]] = [refs_for_lookup(normalize_ref(it[0])) for it in items]
-        wanted = list({f for forms in lookups for f in forms})
-        for i in range(0, len(wanted), 5000):
-            for r in db.execute("SELECT ref, job_id, seq, provider FROM parts WHERE ref IN"
-                                " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
-                cands.setdefault(r[0], []).append((r[1], r[2], r[3]))
-        # The jobs concerned: state, part count, what they owe on a change, each part's state.
+        cands: dict[str, list[tuple[int, int, str]]] = {}  # ref -> (job id, seq, provider)
         jobs: dict[int, list] = {}  # id -> [state, parts, {seq: part state}, notify, sender, urls,
         #                                     recipient digits, submitted_at]
-        ids = list({hit[0] for hits in cands.values() for hit in hits})
-        for i in range(0, len(ids), 5000):
-            chunk = json.dumps(ids[i:i + 5000])
-            for r in db.execute("SELECT id, state, parts, notify, sender, urls, recipient, submitted_at"
-                                " FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (chunk,)):
-                jobs[r[0]] = [r[1], r[2], {}, r[3], r[4], r[5], number_key(r[6]), r[7] or 0.0]
-            for r in db.execute("SELECT job_id, seq, state FROM parts WHERE job_id IN"
-                                " (SELECT value FROM json_each(?))", (chunk,)):
-                if r[0] in jobs:
-                    jobs[r[0]][2][r[1]] = r[2]
+
+        def find(forms: Iterable[str]) -> None:
+            wanted = [f for f in forms if f not in cands]
+            for f in wanted:
+                cands[f] = []
+            for i in range(0, len(wanted), 5000):
+                for r in db.execute("SELECT ref, job_id, seq, provider FROM parts WHERE ref IN"
+                                    " (SELECT value FROM json_each(?))", (json.dumps(wanted[i:i + 5000]),)):
+                    cands[r[0]].append((r[1], r[2], r[3]))
+            ids = list({h[0] for f in wanted for h in cands[f]} - jobs.keys())
+            for i in range(0, len(ids), 5000):
+                chunk = json.dumps(ids[i:i + 5000])
+                for r in db.execute("SELECT id, state, parts, notify, sender, urls, recipient, submitted_at"
+                                    " FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (chunk,)):
+                    jobs[r[0]] = [r[1], r[2], {}, r[3], r[4], r[5], number_key(r[6]), r[7] or 0.0]
+                for r in db.execute("SELECT job_id, seq, state FROM parts WHERE job_id IN"
+                                    " (SELECT value FROM json_each(?))", (chunk,)):
+                    if r[0] in jobs:
+                        jobs[r[0]][2][r[1]] = r[2]
+
+        def usable(jid: int, part_provider: str, src: str, provider: str) -> list | None:
+            j = jobs.get(jid)
+            if j is None or (src and not same_number(src, j[6])):
+                return None
+            if provider and part_provider and provider != part_provider:
+                return None
+            return j
+
+        # The id as given first (the usual hit); its other readings (hex/decimal) only for the
+        # receipts whose id as given matches no unfinished part of that number.
+        lookups: list[list[str]] = [refs_for_lookup(normalize_ref(it[0])) for it in items]
+        find({forms[0] for forms in lookups})
+        more: set[str] = set()
+        for item, forms in zip(items, lookups, strict=True):
+            if len(forms) == 1:
+                continue
+            src, provider = number_key(item[3] if len(item) > 3 else ""), item[4] if len(item) > 4 else ""
+            if not any((j := usable(jid, pp, src, provider)) is not None and j[0] not in FINAL_STATES
+                       and j[2].get(seq) not in FINAL_STATES for jid, seq, pp in cands[forms[0]]):
+                more.update(forms[1:])
+        if more:
+            find(more)
         out: list[ReceiptOutcome | None] = []
         touched: dict[tuple[int, int], str] = {}
         orphans: list[tuple[str, str, str, float, str, str]] = []
@@ -828,10 +862,8 @@ class SqliteSpool:
             best: tuple | None = None
             for rank, f in enumerate(forms):
                 for jid, seq, part_provider in cands.get(f, ()):
-                    j = jobs.get(jid)
-                    if j is None or (src and not same_number(src, j[6])):
-                        continue
-                    if provider and part_provider and provider != part_provider:
+                    j = usable(jid, part_provider, src, provider)
+                    if j is None:
                         continue
                     final = j[2].get(seq) in FINAL_STATES or j[0] in FINAL_STATES
                     key = (final, rank, -j[7], -jid, seq)
