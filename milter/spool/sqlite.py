@@ -341,7 +341,7 @@ class SqliteSpool:
     def _migrate(db: sqlite3.Connection) -> None:
         """Bring the schema to len(MIGRATIONS), one version per transaction, in order."""
         while db.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")  # busy: raised as it is (the caller may retry later)
             try:
                 version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have run it
                 if version < len(MIGRATIONS):
@@ -517,6 +517,7 @@ class SqliteSpool:
         db = self._connect(busy_timeout=0.0)
         try:
             db.executescript(SCHEMA)
+            self._migrate(db)  # a spool file put back from before MIGRATIONS is brought up to date
         except sqlite3.Error as e:
             db.close()
             if _busy(e):
