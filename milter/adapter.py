@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import libmilter as lm
 
+from . import metrics
 from .gateway import Commit, Gateway, Message, Outcome
 from .policy.refusal import INTERNAL_ERROR, Refusal
 from .spool.base import AddRequest, SpoolError
@@ -90,6 +91,7 @@ def reply_packet(r: Refusal) -> bytes:
 
     SMTP replies are ASCII: anything else in the text (say, an address written in UTF-8)
     goes out as backslash escapes rather than raw 8-bit bytes."""
+    metrics.decision(r)  # every refusal the MTA hears passes here (RCPT and end of message)
     text = " ".join(r.text.split()).replace("%", "%%")
     text = text.encode("ascii", "backslashreplace").decode("ascii")
     return _packet(lm.SMFIR_REPLYCODE, f"{r.code} {r.xcode} {text}".encode() + b"\0")
@@ -118,7 +120,7 @@ class MilterSession:
 
     __slots__ = ("gateway", "out", "rest", "protos", "macro", "client_ip", "msg", "in_message",
                  "pending", "commit", "withdraw", "closed", "sock", "outbuf", "last", "writing",
-                 "quickack", "deciding", "offload", "deadline")
+                 "quickack", "deciding", "offload", "deadline", "ended")
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -145,6 +147,7 @@ class MilterSession:
         self.last = 0.0
         self.writing = False
         self.quickack = False
+        self.ended = 0.0  # when the message's end came (metrics: SMTP end -> commit)
 
     def feed(self, data: bytes) -> None:
         """Handle every whole packet in what was read; keep an incomplete one for the next read."""
@@ -260,6 +263,7 @@ class MilterSession:
         self.in_message = False
         # Whatever happens, this message is answered by then (and never committed later).
         self.deadline = time.monotonic() + self.gateway.cfg.milter.spool_timeout
+        self.ended = time.monotonic()
         try:
             self._queue_id(md)
             if self.offload is not None and self.gateway.slow(msg):
@@ -315,6 +319,7 @@ class MilterSession:
     def _packets(self, outcome: Outcome) -> bytes:
         if outcome.refusal:
             return reply_packet(outcome.refusal)
+        metrics.decision(None)  # accepted: the jobs are committed
         if outcome.discard:
             return DISCARD
         return b"".join(_packet(lm.SMFIR_DELRCPT, raw + b"\0") for raw in outcome.delete) + CONTINUE
@@ -328,6 +333,8 @@ class MilterSession:
         msg, commit, request = p
         result = request.error if request.error is not None else request.result
         assert result is not None
+        if request.error is None:
+            metrics.SMTP_TO_COMMIT.observe(time.monotonic() - self.ended)
         try:
             self.out.append(self._packets(self.gateway.committed(msg, commit, result)))
         except Exception:
@@ -385,6 +392,8 @@ class Server:
         self.spool = gateway.spool
         self.idle_timeout = idle_timeout
         self.stopping = stopping or threading.Event()
+        # Called from the loop at least every 0.2 s (systemd watchdog, reload, status).
+        self.on_tick: Callable[[], None] | None = None
         self.sock = self._listen(spec)
         self.tcp = self.sock.family != socket.AF_UNIX
         self.poll = select.epoll()
@@ -562,6 +571,8 @@ class Server:
                 if now - last_sweep >= 0.1:
                     last_sweep = now
                     self._sweep(now)
+                    if self.on_tick is not None:
+                        self.on_tick()
         finally:
             for s in list(conns.values()):
                 self._close(s)

@@ -42,7 +42,7 @@ def job_record(job: Job) -> dict:
     return d
 
 
-def _setup_logging(verbose: bool, command: str) -> None:
+def _setup_logging(verbose: bool, command: str, log_format: str = "text") -> None:
     if command == "submit":
         # pipe(8) puts our stderr into bounces: only the refusal reason goes there.
         # Decisions are logged to syslog, where Postfix's own lines are.
@@ -65,7 +65,12 @@ def _setup_logging(verbose: bool, command: str) -> None:
     # Under systemd the journal stamps every line itself.
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(stamp + f"%(name)s[{os.getpid()}]: %(levelname)s %(message)s"))
+    if log_format == "json":  # for log shippers: one JSON object per line
+        from .runtime import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(_Formatter(stamp + f"%(name)s[{os.getpid()}]: %(levelname)s %(message)s"))
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig: once per process
         root.addHandler(handler)
@@ -86,13 +91,23 @@ class _Formatter(logging.Formatter):
         return self.default_msec_format % (self._text, record.msecs)
 
 
-def _on_signals(stop: Callable[[], None]) -> None:
+def _on_signals(stop: Callable[[], None], reload: Callable[[], None] | None = None) -> None:
     def handler(signum: int, frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
+        from .sdnotify import Notifier
+
+        Notifier.from_environment().stopping()
         stop()
+
+    def hup(signum: int, frame: object) -> None:
+        log.info("received SIGHUP, reloading the configuration")
+        if reload is not None:
+            reload()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, hup)
 
 
 def _open_spool(cfg: Config):
@@ -105,17 +120,32 @@ def _open_spool(cfg: Config):
 
 
 def cmd_milter(cfg: Config, args: argparse.Namespace) -> int:
+    from . import metrics, sdnotify
     from .adapter import Server
     from .gateway import Gateway
+    from .runtime import MilterRuntime
 
-    stopping = threading.Event()
-    _on_signals(stopping.set)  # before listening: a SIGTERM right after start still exits 0
+    stopping, reload = threading.Event(), threading.Event()
+    # Before listening: a SIGTERM right after start still exits 0, a SIGHUP is not fatal.
+    _on_signals(stopping.set, reload.set)
     spool = _open_spool(cfg)
+    metrics.watch_spool(spool.counts, STATES)
     try:
         server = Server(cfg.milter.socket, Gateway(cfg, spool), stopping=stopping)
     except OSError as e:
         raise Fatal(f"cannot listen on {cfg.milter.socket}: {e.strerror or e}") from None
+    if cfg.metrics.milter:
+        try:
+            metrics.serve(cfg.metrics.milter)
+        except OSError as e:
+            raise Fatal(f"cannot serve metrics on {cfg.metrics.milter}: {e.strerror or e}") from None
+    sd = sdnotify.Notifier.from_environment()
+    runtime = MilterRuntime(server, args.config, reload, sd)
+    server.on_tick = runtime.tick
+    sd.ready(runtime.status())  # the socket listens: the MTA's connections wait in its backlog
     server.serve()
+    sd.stopping()
+    sd.close()
     spool.close()
     log.info("milter stopped")
     return 0
@@ -124,9 +154,9 @@ def cmd_milter(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_dispatcher(cfg: Config, args: argparse.Namespace) -> int:
     from .dispatcher import service
 
-    stop = threading.Event()
-    _on_signals(stop.set)
-    return service.run(cfg, stop)
+    stop, reload = threading.Event(), threading.Event()
+    _on_signals(stop.set, reload.set)
+    return service.run(cfg, stop, reload, config_path=args.config)
 
 
 def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
@@ -220,8 +250,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         return sp
 
-    with_config("milter", "run the milter until SIGTERM/SIGINT")
-    with_config("dispatcher", "run the dispatcher until SIGTERM/SIGINT")
+    for name in ("milter", "dispatcher"):
+        daemon = with_config(name, f"run the {name} until SIGTERM/SIGINT (SIGHUP reloads the configuration)")
+        daemon.add_argument("--log-format", choices=("text", "json"), default="text",
+                            help="text lines (default) or one JSON object per line for log shippers")
     q = with_config("queue", "inspect the spool")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
     qsub.required = True
@@ -245,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return cmd_hash_password(args)
-    _setup_logging(args.verbose, args.command)
+    _setup_logging(args.verbose, args.command, getattr(args, "log_format", "text"))
     try:
         cfg = load(args.config)
     except ConfigError as e:

@@ -110,6 +110,14 @@ class XmlConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where each daemon serves Prometheus /metrics ("host:port"); None = not served."""
+
+    milter: str | None = None
+    dispatcher: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     milter: MilterConfig = field(default_factory=MilterConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -118,6 +126,7 @@ class Config:
     smpp: SmppConfig = field(default_factory=SmppConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     xml: XmlConfig = field(default_factory=XmlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = ""
 
     def summary(self) -> str:
@@ -382,9 +391,28 @@ def _xml(r: _Reader, node: Any) -> XmlConfig:
     )
 
 
+def _metrics(r: _Reader, node: Any) -> MetricsConfig:
+    d = r.mapping(node, "metrics", ("milter", "dispatcher"))
+    out: dict[str, str | None] = {}
+    for key in ("milter", "dispatcher"):
+        value = r.string(d, key, "metrics")
+        if value is not None:
+            host, port = _host_port(r, value, f"metrics.{key}", 0)
+            if not host or not port:
+                r.bad(f"metrics.{key}", f"{value!r} needs a host and a port, e.g. 127.0.0.1:9894")
+                value = None
+            else:
+                value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        out[key] = value
+    if out["milter"] and out["milter"] == out["dispatcher"]:
+        r.bad("metrics.dispatcher", "must differ from metrics.milter (both daemons listen)")
+    return MetricsConfig(**out)
+
+
 def parse(data: Any, source: str = "<config>") -> Config:
     r = _Reader()
-    top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml"))
+    top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml",
+                                  "metrics"))
     if data is None:
         r.bad("(top)", "the file is empty")
     accounts_node = r.mapping(top.get("accounts"), "accounts")
@@ -397,6 +425,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
         smpp=_smpp(r, top.get("provider")),
         notify=_notify(r, top.get("notify")),
         xml=_xml(r, top.get("xml")),
+        metrics=_metrics(r, top.get("metrics")),
         source=source,
     )
     _cross_checks(r, cfg)

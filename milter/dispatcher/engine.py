@@ -43,6 +43,8 @@ class Engine:
         self.cfg = cfg
         self.owner = owner
         self.on_events = on_events
+        # Called from the loop at least once a second (systemd watchdog, SIGHUP reload).
+        self.tick: Callable[[], None] = lambda: None
         self.lease_seconds = lease_seconds
         self.orphan_max_age = orphan_max_age
         self._kick = threading.Event()
@@ -94,6 +96,7 @@ class Engine:
         while not stop.is_set():
             self._kick.wait(1.0)
             self._kick.clear()
+            self.tick()
             try:
                 self._process()
                 now = time.monotonic()

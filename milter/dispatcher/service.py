@@ -17,37 +17,220 @@ import signal
 import socket
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
+from .. import metrics, sdnotify
 from ..config import DEFAULT_PATH, Config, ConfigError, load
-from ..spool.base import SpoolError
-from ..spool.sqlite import open_spool
+from ..spool.base import STATES, Job, SpoolError
+from ..spool.sqlite import SqliteSpool, open_spool
 from .engine import Engine
 from .notify import Notifier
+from .provider import Provider, Receipt, ReceiptCallback, ResultCallback, SubmitResult
 from .smpp import SmppProvider
 
 log = logging.getLogger("sms_milter.dispatcher")
 
 
-def run(cfg: Config, stop: threading.Event | None = None) -> int:
+class MeteredProvider:
+    """The provider as the engine sees it: counts submits, receipts and binds for /metrics,
+    and lets a reload swap the provider underneath (the engine keeps this object)."""
+
+    def __init__(self, inner: Provider):
+        self.inner = inner
+        self.name = inner.name
+        self.clock = metrics.SubmitClock()
+        self._created: dict[int, float] = {}  # job id -> committed at, while handed over
+        self._lock = threading.Lock()
+        self._bound = False
+        self._on_result: ResultCallback = lambda r: None
+        self._on_receipt: ReceiptCallback = lambda r: None
+        self._on_change: Callable[[], None] = lambda: None
+
+    # -- Provider ------------------------------------------------------------------------
+    def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
+              on_change: Callable[[], None]) -> None:
+        self._on_result, self._on_receipt, self._on_change = on_result, on_receipt, on_change
+        self._start(self.inner)
+
+    def _start(self, inner: Provider) -> None:
+        def result(r: SubmitResult) -> None:
+            outcome = "ok" if r.ok else "temporary" if r.temporary else "failed"
+            metrics.SUBMITS.labels(inner.name, outcome).inc()
+            with self._lock:
+                created = self._created.pop(r.job_id, None)
+            if r.ok:
+                now = time.time()
+                self.clock.sent(r.refs, now)
+                if created is not None:
+                    metrics.COMMIT_TO_SUBMIT.observe(max(0.0, now - created))
+            self._on_result(r)
+
+        def receipt(r: Receipt) -> None:
+            metrics.RECEIPTS.labels(inner.name, r.state).inc()
+            took = self.clock.receipt(r.ref, time.time())
+            if took is not None:
+                metrics.SUBMIT_TO_RECEIPT.observe(took)
+            # The token names the provider that must acknowledge it (a reload may swap it).
+            self._on_receipt(Receipt(r.ref, r.state, r.error, token=(inner, r.token)))
+
+        def change() -> None:
+            bound = inner is self.inner and inner.ready()
+            if bound != self._bound:
+                self._bound = bound
+                metrics.BOUND.labels(inner.name).set(1 if bound else 0)
+                if bound:
+                    metrics.BINDS.labels(inner.name).inc()
+            self._on_change()
+
+        inner.start(result, receipt, change)
+
+    def ready(self) -> bool:
+        return self.inner.ready()
+
+    def capacity(self) -> int:
+        return self.inner.capacity()
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._lock:
+            for j in jobs:
+                self._created[j.id] = j.created_at
+        self.inner.submit(jobs)
+
+    def ack_receipts(self, receipts: list[Receipt]) -> None:
+        by_inner: dict[int, tuple[Provider, list[Receipt]]] = {}
+        for r in receipts:
+            inner, token = r.token
+            by_inner.setdefault(id(inner), (inner, []))[1].append(
+                Receipt(r.ref, r.state, r.error, token=token))
+        for inner, items in by_inner.values():
+            inner.ack_receipts(items)
+
+    def drain(self, timeout: float) -> None:
+        self.inner.drain(timeout)
+
+    def close(self, timeout: float) -> None:
+        self.inner.close(timeout)
+
+    def swap(self, inner: Provider) -> None:
+        """Close the current provider (its open jobs come back to the engine as temporary
+        failures that count no attempt) and start `inner` in its place."""
+        old = self.inner
+        old.drain(5.0)
+        old.close(1.0)
+        self._bound = False
+        metrics.BOUND.labels(old.name).set(0)
+        self.inner = inner
+        self.name = inner.name
+        self._start(inner)
+
+
+class Runtime:
+    """What the engine loop does besides dispatching: systemd notifications, SIGHUP reloads."""
+
+    def __init__(self, cfg: Config, config_path: str | None, engine: Engine, provider: MeteredProvider,
+                 notifier: Notifier, spool: SqliteSpool, reload: threading.Event,
+                 sd: sdnotify.Notifier):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.engine = engine
+        self.provider = provider
+        self.notifier = notifier
+        self.spool = spool
+        self.reload = reload
+        self.sd = sd
+        self.ready_sent = False
+        self.next_status = 0.0
+
+    def status(self) -> str:
+        s = self.cfg.smpp
+        link = "bound to" if self.provider.ready() else "connecting to"
+        st = self.engine.stats
+        return (f"{link} SMSC {s.host}:{s.port}; {st['submitted']} submitted, {st['receipts']} receipt(s), "
+                f"{st['failed']} failed, {len(self.engine._jobs)} in flight")  # noqa: SLF001
+
+    def tick(self) -> None:
+        try:
+            self.sd.tick()
+            if not self.ready_sent:  # the first turn of the loop: spool open, provider started
+                self.ready_sent = True
+                self.sd.ready(self.status())
+            if self.reload.is_set():
+                self.reload.clear()
+                self.do_reload()
+            now = time.monotonic()
+            if now >= self.next_status:
+                self.next_status = now + 5.0
+                self.sd.status(self.status())
+        except Exception:  # noqa: BLE001 (never stop dispatching for bookkeeping)
+            log.exception("dispatcher housekeeping failed")
+
+    def do_reload(self) -> None:
+        self.sd.reloading()
+        if self.config_path is None:
+            log.error("configuration reload: no configuration file to re-read; keeping the old one")
+            metrics.RELOADS.labels("failed").inc()
+            self.sd.ready(self.status())
+            return
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            log.error("configuration reload failed, keeping the old configuration: %s", "; ".join(e.problems))
+            metrics.RELOADS.labels("failed").inc()
+            self.sd.ready(self.status())
+            return
+        old = self.cfg
+        later = [what for what, a, b in (
+            ("spool", old.spool, new.spool),
+            ("metrics.dispatcher", old.metrics.dispatcher, new.metrics.dispatcher)) if a != b]
+        self.cfg = new
+        self.engine.cfg = new
+        self.notifier.cfg = new
+        self.spool.validity = new.smpp.validity
+        rebind = new.smpp != old.smpp
+        if rebind:
+            self.provider.swap(SmppProvider(new.smpp))
+        metrics.RELOADS.labels("ok").inc()
+        log.info("configuration reloaded from %s: %d account(s); provider %s%s", self.config_path,
+                 len(new.accounts), "settings changed: re-binding" if rebind else "unchanged: binding kept",
+                 f"; {', '.join(later)} changed: takes effect at restart" if later else "")
+        self.sd.ready(self.status())
+
+
+def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Event | None = None,
+        config_path: str | None = None) -> int:
+    """Dispatch until `stop`; `reload` set (SIGHUP) re-reads `config_path`."""
     if stop is None:
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
+    reload = reload or threading.Event()
+    sd = sdnotify.Notifier.from_environment()
     try:
         spool = open_spool(cfg, busy_timeout=10.0)
     except SpoolError as e:
         log.error("%s", e)
         return 1
+    metrics.watch_spool(spool.counts, STATES)
+    if cfg.metrics.dispatcher:
+        try:
+            metrics.serve(cfg.metrics.dispatcher)
+        except OSError as e:
+            log.error("cannot serve metrics on %s: %s", cfg.metrics.dispatcher, e.strerror or e)
+            spool.close()
+            return 1
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    provider = SmppProvider(cfg.smpp)
+    provider = MeteredProvider(SmppProvider(cfg.smpp))
     notifier = Notifier(spool, cfg)
     try:
         lease = float(os.environ.get("SMS_MILTER_LEASE_SECONDS", "") or 45.0)
     except ValueError:
         lease = 45.0
     engine = Engine(spool, provider, cfg, owner, on_events=notifier.kick, lease_seconds=max(lease, 1.0))
+    runtime = Runtime(cfg, config_path, engine, provider, notifier, spool, reload, sd)
+    engine.tick = runtime.tick
     log.info("dispatcher %s started: spool %s, SMSC %s:%d, window %d, rate %s", owner, spool.path,
              cfg.smpp.host, cfg.smpp.port, cfg.smpp.window, cfg.smpp.rate or "unlimited")
     notifier.start(stop)
@@ -57,9 +240,11 @@ def run(cfg: Config, stop: threading.Event | None = None) -> int:
         log.exception("dispatcher failed")
         return 1
     finally:
+        sd.stopping()
         stop.set()
         notifier.join(10.0)
         spool.close()
+        sd.close()
     log.info("dispatcher stopped: %s", engine.stats)
     return 0
 
@@ -77,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in e.problems:
             print(p, file=sys.stderr)
         return 2
-    return run(cfg)
+    return run(cfg, config_path=args.config)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""The running milter's life besides mail: systemd notifications, SIGHUP reloads, /metrics,
+and the JSON log format of both daemons.
+
+`MilterRuntime.tick()` runs on the milter's event loop (Server.on_tick, at least every
+0.2 s): WATCHDOG=1 therefore proves the loop itself turns, and a reload swaps the
+configuration between two callbacks, never in the middle of a decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from datetime import UTC, datetime
+
+from . import metrics, sdnotify
+from .config import Config, ConfigError, load
+
+log = logging.getLogger("sms_milter")
+
+
+class MilterRuntime:
+    def __init__(self, server: object, config_path: str, reload: threading.Event,
+                 sd: sdnotify.Notifier):
+        from .adapter import Server
+
+        assert isinstance(server, Server)
+        self.server = server
+        self.config_path = config_path
+        self.reload = reload
+        self.sd = sd
+        self.next_status = 0.0
+
+    @property
+    def cfg(self) -> Config:
+        return self.server.gateway.cfg
+
+    def status(self) -> str:
+        t = metrics.TALLY
+        return (f"listening on {self.server.spec}; {len(self.server.conns)} MTA connection(s); "
+                f"{t['accepted']} accepted, {t['rejected']} rejected, {t['tempfailed']} tempfailed")
+
+    def tick(self) -> None:
+        try:
+            self.sd.tick()
+            if self.reload.is_set():
+                self.reload.clear()
+                self.do_reload()
+            now = time.monotonic()
+            if now >= self.next_status:
+                self.next_status = now + 5.0
+                self.sd.status(self.status())
+        except Exception:  # noqa: BLE001 (bookkeeping never stops mail)
+            log.exception("milter housekeeping failed")
+
+    def do_reload(self) -> None:
+        """Re-read the file; on success the next decision uses it (open sessions go on)."""
+        self.sd.reloading()
+        try:
+            new = load(self.config_path)
+        except ConfigError as e:
+            log.error("configuration reload failed, keeping the old configuration: %s", "; ".join(e.problems))
+            metrics.RELOADS.labels("failed").inc()
+            self.sd.ready(self.status())
+            return
+        old = self.cfg
+        later = [what for what, a, b in (
+            ("milter.socket", old.milter.socket, new.milter.socket),
+            ("spool", old.spool, new.spool),
+            ("metrics.milter", old.metrics.milter, new.metrics.milter)) if a != b]
+        gateway = self.server.gateway
+        gateway.cfg = new
+        spool = gateway.spool
+        if hasattr(spool, "validity"):
+            spool.validity = new.smpp.validity
+        metrics.RELOADS.labels("ok").inc()
+        log.info("configuration reloaded from %s: %d domain(s), %d account(s)%s", self.config_path,
+                 len(new.domains), len(new.accounts),
+                 f"; {', '.join(later)} changed: takes effect at restart" if later else "")
+        self.sd.ready(self.status())
+
+
+# -- logging -------------------------------------------------------------------------------
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, queue_id, message, logger, pid and any extra fields.
+
+    The message is the same text as the plain format (it still starts with the queue id);
+    `queue_id` is taken from it where the line has one (`"%s: ..."` with the id first), and
+    a dispatcher line about a job (`"job %d ..."`) carries `job_id`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pid = os.getpid()
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        d: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "queue_id": None,
+            "message": msg,
+            "logger": record.name,
+            "pid": self.pid,
+        }
+        fmt, args = record.msg, record.args
+        if isinstance(fmt, str) and isinstance(args, tuple) and args:
+            if fmt.startswith("%s: ") and isinstance(args[0], str) and args[0] != "NOQUEUE":
+                d["queue_id"] = args[0]
+            elif fmt.startswith("job %d") and isinstance(args[0], int):
+                d["job_id"] = args[0]
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in d:
+                d[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        if record.exc_info:
+            d["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(d, ensure_ascii=False)
