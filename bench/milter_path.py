@@ -327,6 +327,33 @@ def profiled_round(b: Bed, n: int, sessions: int, size: int, work: Path, profile
 
 # --------------------------------------------------------------------------- main
 
+def scrape_every_second(port: int) -> Callable[[], None]:
+    """A Prometheus stand-in: GET /metrics once a second (errors ignored until it listens);
+    returns the function that stops it and reports the scrapes."""
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+    count = [0]
+
+    def loop() -> None:
+        while not stop.wait(1.0):
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    r.read()
+                    count[0] += 1
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+
+    def done() -> None:
+        stop.set()
+        t.join(6)
+        say(f"/metrics scraped {count[0]} time(s) during the run")
+
+    return done
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -340,6 +367,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="one more project round, profiled")
     ap.add_argument("--profiler", choices=("auto", "py-spy", "cprofile"), default="auto")
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
+    ap.add_argument("--metrics", action="store_true",
+                    help="serve the milter's /metrics and scrape it every second during the run")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     n = a.messages or (1000 if a.quick else 5000)
@@ -361,6 +390,10 @@ def main() -> int:
             os.chmod(work, 0o755)  # smtpd (user postfix) must reach the socket
             milter_spec = f"unix:{work}/milter.sock"
             extra["milter"] = {"socket": milter_spec}
+        if a.metrics:
+            metrics_port = bed.free_port()
+            extra["metrics"] = {"milter": f"127.0.0.1:{metrics_port}"}
+            stack.callback(scrape_every_second(metrics_port))
         config = bed.write_config(work, milter_port, bed.free_port(), spool_path=spool, extra=extra)
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         sink_err = open(work / "smtp-sink.err", "wb")  # noqa: SIM115
