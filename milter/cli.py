@@ -100,7 +100,7 @@ def _on_signals(stop: Callable[[], None], reload: Callable[[], None] | None = No
         stop()
 
     def hup(signum: int, frame: object) -> None:
-        log.info("received SIGHUP, reloading the configuration")
+        # No log line here: the reload itself logs exactly one (reloaded, or why not).
         if reload is not None:
             reload()
 

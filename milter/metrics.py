@@ -26,7 +26,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -35,6 +42,7 @@ from .spool.sqlite import normalize_ref, refs_for_lookup
 
 log = logging.getLogger("sms_milter.metrics")
 
+disable_created_metrics()  # no *_created series: they only double the scrape
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 DECISIONS = Counter("sms_milter_decisions", "Milter decisions by outcome and reason",

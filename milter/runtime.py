@@ -58,16 +58,14 @@ class MilterRuntime:
     def do_reload(self) -> None:
         """Re-read the file; on success the next decision uses it (open sessions go on)."""
         self.sd.reloading()
-        try:
-            new = load(self.config_path)
-        except ConfigError as e:
-            log.error("configuration reload failed, keeping the old configuration: %s", "; ".join(e.problems))
-            metrics.RELOADS.labels("failed").inc()
+        new = reload_config(self.config_path)
+        if new is None:
             self.sd.ready(self.status())
             return
         old = self.cfg
         later = [what for what, a, b in (
             ("milter.socket", old.milter.socket, new.milter.socket),
+            ("milter.spool_timeout", old.milter.spool_timeout, new.milter.spool_timeout),
             ("spool", old.spool, new.spool),
             ("metrics.milter", old.metrics.milter, new.metrics.milter)) if a != b]
         gateway = self.server.gateway
@@ -80,6 +78,19 @@ class MilterRuntime:
                  len(new.domains), len(new.accounts),
                  f"; {', '.join(later)} changed: takes effect at restart" if later else "")
         self.sd.ready(self.status())
+
+
+def reload_config(path: str) -> Config | None:
+    """The configuration file read again, or None after one log line saying why not."""
+    try:
+        return load(path)
+    except ConfigError as e:
+        why = "; ".join(e.problems)
+    except Exception as e:  # noqa: BLE001 (a reload never stops the daemon, never a traceback)
+        why = f"{path}: {type(e).__name__}: {e}"
+    log.error("configuration reload failed, keeping the old configuration: %s", why)
+    metrics.RELOADS.labels("failed").inc()
+    return None
 
 
 # -- logging -------------------------------------------------------------------------------

@@ -349,7 +349,7 @@ def test_milter_reload_of_an_invalid_config_keeps_the_old_one_and_says_why_once(
         cfg.write_text(good.replace("max_parts: 6", "max_parts: many"))
         milter.hup()
         milter.wait_log(r"configuration reload failed")
-        lines = [ln for ln in milter.log().splitlines() if "reload" in ln and "SIGHUP" not in ln]
+        lines = [ln for ln in milter.log().splitlines() if "reload" in ln]
         assert len(lines) == 1, lines
         assert "keeping the old configuration" in lines[0]
         assert "accounts.acme.max_parts: must be an integer" in lines[0]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from .. import metrics, sdnotify
 from ..config import DEFAULT_PATH, Config, ConfigError, load
+from ..runtime import reload_config
 from ..spool.base import STATES, Job, SpoolError
 from ..spool.sqlite import SqliteSpool, open_spool
 from .engine import Engine
@@ -173,11 +174,8 @@ class Runtime:
             metrics.RELOADS.labels("failed").inc()
             self.sd.ready(self.status())
             return
-        try:
-            new = load(self.config_path)
-        except ConfigError as e:
-            log.error("configuration reload failed, keeping the old configuration: %s", "; ".join(e.problems))
-            metrics.RELOADS.labels("failed").inc()
+        new = reload_config(self.config_path)
+        if new is None:
             self.sd.ready(self.status())
             return
         old = self.cfg
