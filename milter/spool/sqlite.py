@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import quote
 
 from ..config import Config
 from .base import (
@@ -1074,6 +1075,20 @@ class SqliteSpool:
     def counts(self) -> dict[str, int]:
         rows = self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
+
+    def counts_apart(self) -> dict[str, int]:
+        """counts() on a read-only connection of its own: for the metrics thread, which must
+        never hold the lock the daemon's own spool work takes."""
+        try:
+            db = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True, timeout=self.busy_timeout,
+                                 check_same_thread=False)
+            try:
+                rows = db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            raise SpoolError(f"spool read failed: {e}") from None
+        return {state: n for state, n in rows}
 
 
 def open_spool(cfg: Config, busy_timeout: float | None = None) -> SqliteSpool:
