@@ -114,6 +114,10 @@ class MeteredProvider:
     def close(self, timeout: float) -> None:
         self.inner.close(timeout)
 
+    def __getattr__(self, name: str) -> object:
+        # Anything else a provider offers (added later) is the current provider's.
+        return getattr(self.inner, name)
+
     def swap(self, inner: Provider) -> None:
         """Close the current provider (its open jobs come back to the engine as temporary
         failures that count no attempt) and start `inner` in its place."""
