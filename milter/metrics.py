@@ -96,10 +96,10 @@ def reason_of(refusal: Refusal) -> str:
     return REASONS.get(refusal.xcode, refusal.xcode if len(refusal.xcode) <= 9 else "other")
 
 
-def decision(refusal: Refusal | None, duplicate: bool = False) -> None:
+def decision(refusal: Refusal | None) -> None:
     """Count one milter decision: None = accepted (jobs committed)."""
     if refusal is None:
-        key = ("accepted", "duplicate" if duplicate else "committed")
+        key = ("accepted", "committed")
     else:
         key = ("tempfailed" if refusal.temporary else "rejected", reason_of(refusal))
     child = _decision_children.get(key)
