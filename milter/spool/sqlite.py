@@ -1072,10 +1072,6 @@ class SqliteSpool:
                           " AND state NOT IN ('failed','expired')", (account,))
         return int(rows[0]["n"])
 
-    def counts(self) -> dict[str, int]:
-        rows = self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state")
-        return {r["state"]: r["n"] for r in rows}
-
     def counts_apart(self) -> dict[str, int]:
         """counts() on a read-only connection of its own: for the metrics thread, which must
         never hold the lock the daemon's own spool work takes."""
@@ -1089,6 +1085,10 @@ class SqliteSpool:
         except sqlite3.Error as e:
             raise SpoolError(f"spool read failed: {e}") from None
         return {state: n for state, n in rows}
+
+    def counts(self) -> dict[str, int]:
+        rows = self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
 
 
 def open_spool(cfg: Config, busy_timeout: float | None = None) -> SqliteSpool:
