@@ -71,6 +71,10 @@ def _setup_logging(verbose: bool, command: str, log_format: str = "text") -> Non
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(_Formatter(stamp + f"%(name)s[{os.getpid()}]: %(levelname)s %(message)s"))
+    if command == "dispatcher":  # its job lines start with the Postfix queue id too
+        from .runtime import JOB_QUEUE_IDS
+
+        handler.addFilter(JOB_QUEUE_IDS)
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig: once per process
         root.addHandler(handler)

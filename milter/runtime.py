@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 
 from . import metrics, sdnotify
@@ -97,6 +98,41 @@ def reload_config(path: str) -> Config | None:
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+class JobQueueIds(logging.Filter):
+    """Puts the Postfix queue id in front of the dispatcher's `job N ...` lines, as the
+    milter's lines have it, so that one grep follows a message from Postfix to the SMSC.
+
+    The dispatcher records each job's queue id when it hands the job to the provider
+    (`note`); the last `size` are kept. A line about a job not among them stays as it is.
+    """
+
+    def __init__(self, size: int = 50_000):
+        super().__init__()
+        self.size = size
+        self.ids: OrderedDict[int, str] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def note(self, job_id: int, queue_id: str) -> None:
+        if not queue_id:
+            return
+        with self.lock:
+            self.ids[job_id] = queue_id
+            if len(self.ids) > self.size:
+                self.ids.popitem(last=False)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fmt, args = record.msg, record.args
+        if isinstance(fmt, str) and fmt.startswith("job %d") and isinstance(args, tuple) and args:
+            qid = self.ids.get(args[0])  # type: ignore[call-overload]
+            if qid:
+                record.msg = "%s: " + fmt
+                record.args = (qid, *args)
+        return True
+
+
+JOB_QUEUE_IDS = JobQueueIds()
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, queue_id, message, logger, pid and any extra fields.
 
@@ -124,7 +160,8 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fmt, str) and isinstance(args, tuple) and args:
             if fmt.startswith("%s: ") and isinstance(args[0], str) and args[0] != "NOQUEUE":
                 d["queue_id"] = args[0]
-            elif fmt.startswith("job %d") and isinstance(args[0], int):
+                fmt, args = fmt[4:], args[1:]
+            if fmt.startswith("job %d") and args and isinstance(args[0], int):
                 d["job_id"] = args[0]
         for key, value in vars(record).items():
             if key not in _STANDARD and key not in d:

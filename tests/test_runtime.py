@@ -431,7 +431,7 @@ def test_json_log_lines_carry_the_postfix_queue_id(rig, tmp_path):
         assert r["data"][0] == 250
         qid = re.search(r"queued as (\w+)", r["data"][1])
         milter.wait_log(r"accepted: 1 job")
-        disp.wait_log(r'"job \d+ receipt')
+        disp.wait_log(r"job \d+ receipt")
     finally:
         assert milter.stop() == 0
         assert disp.stop() == 0
@@ -448,8 +448,16 @@ def test_json_log_lines_carry_the_postfix_queue_id(rig, tmp_path):
     assert rec["level"] == "info" and rec["queue_id"] and rec["message"].startswith(rec["queue_id"] + ": ")
     if qid:  # Postfix's 250 names its queue id only when it kept the message
         assert rec["queue_id"] == qid.group(1)
-    submitted = [json.loads(ln) for ln in disp.log().splitlines() if " submitted to " in ln]
-    assert submitted and isinstance(submitted[0]["job_id"], int)
+    # The dispatcher's lines about the job start with the same Postfix queue id: one grep
+    # follows the message from Postfix to the SMSC.
+    job_lines = [json.loads(ln) for ln in disp.log().splitlines() if '"job_id"' in ln]
+    submitted = [r for r in job_lines if " submitted to " in r["message"]]
+    receipts = [r for r in job_lines if " receipt for " in r["message"]]
+    assert submitted and receipts
+    for r in (submitted[0], receipts[0]):
+        assert isinstance(r["job_id"], int)
+        assert r["queue_id"] == rec["queue_id"], r
+        assert r["message"].startswith(f"{rec['queue_id']}: job {r['job_id']} "), r
     assert SENDER not in milter.log()
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from .. import metrics, sdnotify
 from ..config import DEFAULT_PATH, Config, ConfigError, load
-from ..runtime import reload_config
+from ..runtime import JOB_QUEUE_IDS, reload_config
 from ..spool.base import STATES, Job, SpoolError
 from ..spool.sqlite import SqliteSpool, open_spool
 from .engine import Engine
@@ -97,6 +97,7 @@ class MeteredProvider:
         with self._lock:
             for j in jobs:
                 self._created[j.id] = j.created_at
+                JOB_QUEUE_IDS.note(j.id, j.queue_id)
         self.inner.submit(jobs)
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
