@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from prometheus_client import (
@@ -161,17 +161,20 @@ def serve(address: str) -> object:
 class SubmitClock:
     """When each part this process sent was accepted, for submit -> receipt (bounded)."""
 
-    def __init__(self, size: int = 200_000):
+    def __init__(self, size: int = 20_000):
         self.size = size
-        self._at: OrderedDict[str, float] = OrderedDict()
+        self._at: dict[str, float] = {}
+        self._order: deque[str] = deque()  # oldest first
         self._lock = threading.Lock()
 
     def sent(self, refs: Iterable[str], at: float) -> None:
         with self._lock:
             for ref in refs:
-                self._at[normalize_ref(ref)] = at
-            while len(self._at) > self.size:
-                self._at.popitem(last=False)
+                key = normalize_ref(ref)
+                self._at[key] = at
+                self._order.append(key)
+            while len(self._order) > self.size:
+                self._at.pop(self._order.popleft(), None)
 
     def receipt(self, ref: str, at: float) -> float | None:
         """Seconds since the part with this id was accepted (hex/decimal forms both match)."""

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from datetime import UTC, datetime
 
 from . import metrics, sdnotify
@@ -106,10 +106,11 @@ class JobQueueIds(logging.Filter):
     (`note`); the last `size` are kept. A line about a job not among them stays as it is.
     """
 
-    def __init__(self, size: int = 50_000):
+    def __init__(self, size: int = 20_000):
         super().__init__()
         self.size = size
-        self.ids: OrderedDict[int, str] = OrderedDict()
+        self.ids: dict[int, str] = {}
+        self.order: deque[int] = deque()  # oldest first
         self.lock = threading.Lock()
 
     def note(self, job_id: int, queue_id: str) -> None:
@@ -117,8 +118,9 @@ class JobQueueIds(logging.Filter):
             return
         with self.lock:
             self.ids[job_id] = queue_id
-            if len(self.ids) > self.size:
-                self.ids.popitem(last=False)
+            self.order.append(job_id)
+            while len(self.order) > self.size:
+                self.ids.pop(self.order.popleft(), None)
 
     def filter(self, record: logging.LogRecord) -> bool:
         fmt, args = record.msg, record.args
