@@ -93,6 +93,8 @@ def reason_of(refusal: Refusal) -> str:
         return "spool_unavailable"
     if refusal is INTERNAL_ERROR or refusal == INTERNAL_ERROR:
         return "internal_error"
+    if refusal.xcode == "4.3.0":  # the adapter's TOO_SLOW: not decided within spool_timeout
+        return "too_slow"
     return REASONS.get(refusal.xcode, refusal.xcode if len(refusal.xcode) <= 9 else "other")
 
 

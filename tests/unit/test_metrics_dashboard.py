@@ -50,4 +50,5 @@ def test_refusal_reasons_are_short_labels_never_the_reply_text():
     assert metrics.reason_of(Refusal("550", "5.7.1", "sender x@y is not authorized")) == "not_authorized"
     assert metrics.reason_of(SPOOL_UNAVAILABLE) == "spool_unavailable"
     assert metrics.reason_of(INTERNAL_ERROR) == "internal_error"
+    assert metrics.reason_of(Refusal("451", "4.3.0", "could not decide in time")) == "too_slow"
     assert metrics.reason_of(Refusal("554", "5.9.9", "x")) == "5.9.9"
