@@ -66,7 +66,6 @@ class MilterRuntime:
         old = self.cfg
         later = [what for what, a, b in (
             ("milter.socket", old.milter.socket, new.milter.socket),
-            ("milter.spool_timeout", old.milter.spool_timeout, new.milter.spool_timeout),
             ("spool", old.spool, new.spool),
             ("metrics.milter", old.metrics.milter, new.metrics.milter)) if a != b]
         gateway = self.server.gateway
