@@ -397,9 +397,11 @@ def _metrics(r: _Reader, node: Any) -> MetricsConfig:
     for key in ("milter", "dispatcher"):
         value = r.string(d, key, "metrics")
         if value is not None:
+            before = len(r.problems)
             host, port = _host_port(r, value, f"metrics.{key}", 0)
             if not host or not port:
-                r.bad(f"metrics.{key}", f"{value!r} needs a host and a port, e.g. 127.0.0.1:9894")
+                if len(r.problems) == before:
+                    r.bad(f"metrics.{key}", f"{value!r} needs a host and a port, e.g. 127.0.0.1:9894")
                 value = None
             else:
                 value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
