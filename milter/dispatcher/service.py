@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 from .. import metrics, sdnotify
 from ..config import DEFAULT_PATH, Config, ConfigError, load
@@ -74,7 +75,7 @@ class MeteredProvider:
             if took is not None:
                 metrics.SUBMIT_TO_RECEIPT.observe(took)
             # The token names the provider that must acknowledge it (a reload may swap it).
-            self._on_receipt(Receipt(r.ref, r.state, r.error, token=(inner, r.token)))
+            self._on_receipt(replace(r, token=(inner, r.token)))
 
         def change() -> None:
             bound = inner is self.inner and inner.ready()
@@ -104,8 +105,7 @@ class MeteredProvider:
         by_inner: dict[int, tuple[Provider, list[Receipt]]] = {}
         for r in receipts:
             inner, token = r.token
-            by_inner.setdefault(id(inner), (inner, []))[1].append(
-                Receipt(r.ref, r.state, r.error, token=token))
+            by_inner.setdefault(id(inner), (inner, []))[1].append(replace(r, token=token))
         for inner, items in by_inner.values():
             inner.ack_receipts(items)
 
