@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .. import metrics, sdnotify
 from ..config import DEFAULT_PATH, Config, ConfigError, load
@@ -33,6 +33,14 @@ from .provider import Provider, Receipt, ReceiptCallback, ResultCallback, Submit
 from .smpp import SmppProvider
 
 log = logging.getLogger("sms_milter.dispatcher")
+
+
+@dataclass(frozen=True)
+class _Token:
+    """A receipt's token as the engine sees it: which provider must acknowledge it, and how."""
+
+    provider: Provider
+    token: object
 
 
 class MeteredProvider:
@@ -75,7 +83,7 @@ class MeteredProvider:
             if took is not None:
                 metrics.SUBMIT_TO_RECEIPT.observe(took)
             # The token names the provider that must acknowledge it (a reload may swap it).
-            self._on_receipt(replace(r, token=(inner, r.token)))
+            self._on_receipt(replace(r, token=_Token(inner, r.token)))
 
         def change() -> None:
             bound = inner is self.inner and inner.ready()
@@ -104,8 +112,11 @@ class MeteredProvider:
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         by_inner: dict[int, tuple[Provider, list[Receipt]]] = {}
         for r in receipts:
-            inner, token = r.token
-            by_inner.setdefault(id(inner), (inner, []))[1].append(replace(r, token=token))
+            if isinstance(r.token, _Token):
+                inner, r = r.token.provider, replace(r, token=r.token.token)
+            else:  # made by the engine itself (a query_sm answer): nothing of ours to unwrap
+                inner = self.inner
+            by_inner.setdefault(id(inner), (inner, []))[1].append(r)
         for inner, items in by_inner.values():
             inner.ack_receipts(items)
 
