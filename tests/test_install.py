@@ -147,3 +147,12 @@ def test_postfix_snippets_call_the_package_s_command() -> None:
         text = snippet.read_text()
         assert "/usr/local" not in text, snippet.name
     assert "argv=/usr/bin/sms-milter submit" in (ROOT / "postfix-conf" / "master.cf.snippet").read_text()
+
+
+def test_every_subpackage_is_packaged() -> None:
+    """pyproject lists the packages by hand (the directory milter/ is imported as sms_milter):
+    a new subpackage missing there would be missing from the .deb and from `pip install .`."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {"sms_milter" + "".join(f".{p}" for p in init.parent.relative_to(ROOT / "milter").parts)
+               for init in (ROOT / "milter").rglob("__init__.py")}
+    assert on_disk <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
