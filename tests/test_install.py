@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from bed import run_cli
-
 from sms_milter.config import ConfigError, parse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,4 +154,4 @@ def test_every_subpackage_is_packaged() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {"sms_milter" + "".join(f".{p}" for p in init.parent.relative_to(ROOT / "milter").parts)
                for init in (ROOT / "milter").rglob("__init__.py")}
-    assert on_disk <= listed, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"
+    assert on_disk <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(on_disk - listed)}"
