@@ -155,3 +155,24 @@ def test_every_subpackage_is_packaged() -> None:
     on_disk = {"sms_milter" + "".join(f".{p}" for p in init.parent.relative_to(ROOT / "milter").parts)
                for init in (ROOT / "milter").rglob("__init__.py")}
     assert on_disk <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(on_disk - listed)}"
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run the tests"):readme.index("## Install")]
+    commands = re.findall(r"```sh\n(.*?)\n```", section, re.S)
+    test_command = next(c for c in commands if "pytest" in c)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci, f"README's test command {test_command!r} is not a line of .ci/run"
+
+
+@pytest.mark.parametrize("script", [".ci/run", ".ci/package-check", "demo/run", "demo/setup"])
+def test_scripts_use_the_project_venv_only(script: str) -> None:
+    """No `python` (Debian 12 has none), no pip into Debian's python3 (PEP 668), no ruff or
+    pytest from PATH: the venv's tools or /usr/bin/python3 by path. No `|| true` hiding a failure."""
+    bare = re.compile(r"(?<![\w/.-])(?<!-m )(python|python3|pip|pip3|ruff|pytest)(?=\s|$)")
+    for n, line in enumerate((ROOT / script).read_text().splitlines(), 1):
+        code = re.sub(r"\"[^\"]*\"|'[^']*'", "''", line.split("#", 1)[0] if "#" in line and
+                      not re.search(r"\$\{?#|'[^']*#", line) else line)
+        assert not bare.search(code), f"{script}:{n}: {line.strip()}"
+        assert "|| true" not in code, f"{script}:{n}: {line.strip()}"
