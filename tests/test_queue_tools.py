@@ -330,3 +330,15 @@ def test_read_only_commands_never_create_a_spool(tb):
     for args in (("queue", "show", "abc"), ("queue", "retry"), ("queue", "delete", "-3")):
         r = tb.cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_retry_forgets_the_old_message_ids(tb):
+    """A late receipt for the failed try's message id must not finish the new try."""
+    (jid,) = tb.spool.add_jobs([job("+41791180001", "late receipt")])
+    assert [j.id for j in tb.spool.claim("t", 1, 60)] == [jid]
+    tb.spool.mark_submitted(jid, "t", ["aa01"])
+    assert tb.spool.record_receipt("aa01", "failed").state == "failed"
+    assert ok(tb.cli("queue", "retry", str(jid))) == f"job {jid}: failed -> queued\n"
+    assert tb.spool.record_receipt("aa01", "delivered") is None  # matches nothing now
+    j = tb.spool.get(jid)
+    assert (j.state, j.attempts, j.done_at, j.provider_refs) == ("queued", 0, None, ())
