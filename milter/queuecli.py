@@ -102,7 +102,7 @@ def open_existing(cfg: Config) -> Any:
     from .spool.sqlite import open_spool
 
     path = Path(cfg.spool.path)
-    if not path.exists():
+    if not cfg.spool.url and not path.exists():
         raise SpoolError(f"spool {path} does not exist (nothing has been spooled yet)")
     return open_spool(cfg)
 
