@@ -77,17 +77,20 @@ def add_parsers(qsub: Any, sub: Any, with_config: Callable[..., argparse.Argumen
                 option: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
     """The queue actions (`qsub`: the `queue` sub-parsers) and the `stats` command (`sub`).
     `option` adds -c/-v to a sub-parser, `with_config` makes a top-level command with them."""
-    ids = {"type": job_id, "metavar": "ID", "help": "job id (as `queue list` prints it)"}
+
+    def ids(sp: argparse.ArgumentParser, dest: str, nargs: str | None = None) -> None:
+        sp.add_argument(dest, nargs=nargs, type=job_id, metavar="ID", help="a job id (queue list)")
+
     s = option(qsub.add_parser("show", help="one job with its parts, provider references and notifications"))
-    s.add_argument("id", **ids)
+    ids(s, "id")
     s.add_argument("--json", action="store_true", help="one JSON object")
     h = option(qsub.add_parser("hold", help="queued -> held: not sent until released"))
-    h.add_argument("ids", nargs="*", **ids)
+    ids(h, "ids", "*")
     h.add_argument("--state", choices=("queued",), help="hold every queued job")
     for name, help_ in (("release", "held -> queued"),
                         ("retry", "failed/expired -> queued now (attempts reset, validity renewed)"),
                         ("delete", "remove jobs that are not submitted; nothing is sent for them")):
-        option(qsub.add_parser(name, help=help_)).add_argument("ids", nargs="+", **ids)
+        ids(option(qsub.add_parser(name, help=help_)), "ids", "+")
     p = option(qsub.add_parser("purge", help="remove final jobs (delivered/failed/expired) older than"
                                              " DURATION"))
     p.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
