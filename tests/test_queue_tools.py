@@ -17,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from bed import MailSink, milter_command, wait_until
+from bed import MailSink, free_port, milter_command, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, node_ready, states, wait_states
 from sms_milter.spool.base import STATES
 from sms_milter.spool.sqlite import SqliteSpool
@@ -342,3 +342,30 @@ def test_retry_forgets_the_old_message_ids(tb):
     assert tb.spool.record_receipt("aa01", "delivered") is None  # matches nothing now
     j = tb.spool.get(jid)
     assert (j.state, j.attempts, j.done_at, j.provider_refs) == ("queued", 0, None, ())
+
+
+def test_show_lists_a_notification_still_owed(tmp_path):
+    """The notification mail cannot be handed over (nothing listens on the notify port):
+    `queue show` names it with its attempts and last error until it is sent."""
+    b = Bed(tmp_path, free_port())
+    try:
+        b.start()
+        (jid,) = b.spool.add_jobs([job("+41791190001", "tell me", sender="c4ca423@client.example",
+                                       notify="ALWAYS")])
+        wait_states(b.spool, [jid], {"delivered"}, detail=b.detail)
+
+        def owed() -> list[dict]:
+            notes = show(b, jid)["notifications"]
+            return notes if notes and notes[0]["attempts"] >= 1 else []
+
+        notes = wait_until(owed, 30, "a failed notification attempt", detail=b.detail)
+        assert [(n["kind"], n["status"]) for n in notes] == [("mail", "delivered")]
+        assert "Connection" in notes[0]["last_error"] or "refused" in notes[0]["last_error"]
+        assert notes[0]["next_attempt"] >= notes[0]["owed_since"]
+        text = ok(b.cli("queue", "show", str(jid)))
+        assert "notifications owed:\n  mail for delivered since" in text
+        # Deleting the job drops what it still owed: nothing is mailed for it later.
+        assert ok(b.cli("queue", "delete", str(jid))) == f"job {jid}: delivered -> deleted\n"
+        assert _rows(b.spool_path, "SELECT count(*) FROM events WHERE job_id=?", jid) == 0
+    finally:
+        b.close()
