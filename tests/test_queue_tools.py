@@ -369,3 +369,14 @@ def test_show_lists_a_notification_still_owed(tmp_path):
         assert _rows(b.spool_path, "SELECT count(*) FROM events WHERE job_id=?", jid) == 0
     finally:
         b.close()
+
+
+def test_held_job_keeps_its_validity_and_expires_once_released(tb):
+    (jid,) = tb.spool.add_jobs([job("+41791200001", "too late", expires_at=time.time() + 0.5)])
+    ok(tb.cli("queue", "hold", str(jid)))
+    wait_until(lambda: time.time() > tb.spool.get(jid).expires_at, 5, "the validity to end")
+    assert tb.spool.expire_due() == [] and tb.spool.get(jid).state == "held"  # held: left alone
+    ok(tb.cli("queue", "release", str(jid)))
+    assert tb.spool.expire_due() == [jid] and tb.spool.get(jid).state == "expired"
+    assert ok(tb.cli("queue", "retry", str(jid))) == f"job {jid}: expired -> queued\n"
+    assert tb.spool.get(jid).expires_at > time.time() + 3600
