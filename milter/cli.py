@@ -165,10 +165,6 @@ def cmd_dispatcher(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
-    if args.queue_command != "list":
-        from .queuecli import run_queue
-
-        return run_queue(cfg, args)
     spool = _open_spool(cfg)
     try:
         jobs = spool.list_jobs(state=args.state)
@@ -296,13 +292,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_queue_action(cfg: Config, args: argparse.Namespace) -> int:
+    """`queue list` here, the other queue tools in queuecli.py."""
+    if args.queue_command == "list":
+        return cmd_queue(cfg, args)
+    from .queuecli import run_queue
+
+    return run_queue(cfg, args)
+
+
 def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
     from .queuecli import run_stats
 
     return run_stats(cfg, args)
 
 
-COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue,
+COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue_action,
             "check-config": cmd_check_config, "submit": cmd_submit, "stats": cmd_stats}
 
 
