@@ -22,27 +22,21 @@ from pathlib import Path
 from urllib.parse import quote
 
 from ..config import Config
+from . import base as admin
 from .base import (
     FINAL_STATES,
-    STATES,
-    AccountStats,
     AddRequest,
     AddResult,
     AppliedOrphan,
-    Change,
     Event,
     Job,
-    JobDetail,
     NewJob,
-    Notification,
     OrphanReceipt,
     OutMail,
     OverduePart,
-    Part,
     ReceiptOutcome,
     SpoolDataError,
     SpoolError,
-    SpoolStats,
     SubmittedItem,
 )
 
@@ -1107,11 +1101,11 @@ class SqliteSpool:
                 out[r["id"]] = r
         return out
 
-    def _change(self, job_ids: list[int] | None, fn) -> list[Change]:
+    def _change(self, job_ids: list[int] | None, fn) -> list[admin.Change]:
         """Decide and apply a change job by job in one transaction: fn(db, id, row, now) -> Change
         (row is None for an unknown id); job_ids None means every `queued` job."""
 
-        def tx(db: sqlite3.Connection) -> list[Change]:
+        def tx(db: sqlite3.Connection) -> list[admin.Change]:
             now = time.time()
             if job_ids is None:
                 rows = {r["id"]: r for r in db.execute(
@@ -1130,62 +1124,63 @@ class SqliteSpool:
 
     IN_FLIGHT = "is being submitted by a dispatcher right now; try again in a minute"
 
-    def hold_jobs(self, job_ids: list[int] | None) -> list[Change]:
-        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> Change:
+    def hold_jobs(self, job_ids: list[int] | None) -> list[admin.Change]:
+        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> admin.Change:
             if row is None:
-                return Change(jid, None, None, "no such job")
+                return admin.Change(jid, None, None, "no such job")
             if row["state"] != "queued":
-                return Change(jid, row["state"], None, f"is {row['state']}, not queued")
+                return admin.Change(jid, row["state"], None, f"is {row['state']}, not queued")
             if self._in_flight(row, now):
-                return Change(jid, "queued", None, self.IN_FLIGHT)
+                return admin.Change(jid, "queued", None, self.IN_FLIGHT)
             db.execute("UPDATE jobs SET state='held', lease_owner=NULL, lease_until=NULL WHERE id=?", (jid,))
-            return Change(jid, "queued", "held")
+            return admin.Change(jid, "queued", "held")
 
         return self._change(job_ids, fn)
 
-    def release_held(self, job_ids: list[int]) -> list[Change]:
-        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> Change:
+    def release_held(self, job_ids: list[int]) -> list[admin.Change]:
+        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> admin.Change:
             if row is None:
-                return Change(jid, None, None, "no such job")
+                return admin.Change(jid, None, None, "no such job")
             if row["state"] != "held":
-                return Change(jid, row["state"], None, f"is {row['state']}, not held")
+                return admin.Change(jid, row["state"], None, f"is {row['state']}, not held")
             db.execute("UPDATE jobs SET state='queued', lease_owner=NULL, lease_until=NULL WHERE id=?",
                        (jid,))
-            return Change(jid, "held", "queued")
+            return admin.Change(jid, "held", "queued")
 
         changes = self._change(job_ids, fn)
         if any(c.changed for c in changes):
             self.wake()
         return changes
 
-    def retry_jobs(self, job_ids: list[int]) -> list[Change]:
-        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> Change:
+    def retry_jobs(self, job_ids: list[int]) -> list[admin.Change]:
+        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> admin.Change:
             if row is None:
-                return Change(jid, None, None, "no such job")
+                return admin.Change(jid, None, None, "no such job")
             if row["state"] not in ("failed", "expired"):
-                return Change(jid, row["state"], None, f"is {row['state']}, not failed or expired")
+                return admin.Change(jid, row["state"], None, f"is {row['state']}, not failed or expired")
             # The old parts go: a late receipt for an old message id must not finish the new try.
             db.execute("DELETE FROM parts WHERE job_id=?", (jid,))
             db.execute("UPDATE jobs SET state='queued', attempts=0, not_before=?, expires_at=?, deferred=0,"
                        " done_at=NULL, lease_owner=NULL, lease_until=NULL WHERE id=?",
                        (now, now + self.validity, jid))
-            return Change(jid, row["state"], "queued")
+            return admin.Change(jid, row["state"], "queued")
 
         changes = self._change(job_ids, fn)
         if any(c.changed for c in changes):
             self.wake()
         return changes
 
-    def delete_jobs(self, job_ids: list[int]) -> list[Change]:
-        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> Change:
+    def delete_jobs(self, job_ids: list[int]) -> list[admin.Change]:
+        def fn(db: sqlite3.Connection, jid: int, row: sqlite3.Row | None, now: float) -> admin.Change:
             if row is None:
-                return Change(jid, None, None, "no such job")
+                return admin.Change(jid, None, None, "no such job")
             if row["state"] == "submitted":
-                return Change(jid, "submitted", None, "is submitted (its receipt is pending); not deleted")
+                return admin.Change(jid, "submitted", None,
+                                    "is submitted (its receipt is pending); not deleted")
             if self._in_flight(row, now):
-                return Change(jid, "queued", None, self.IN_FLIGHT)
+                return admin.Change(jid, "queued", None, self.IN_FLIGHT)
             self._delete(db, [jid])
-            return Change(jid, row["state"], "deleted")
+            return admin.Change(jid, row["state"], "deleted")
 
         return self._change(job_ids, fn)
 
@@ -1216,28 +1211,28 @@ class SqliteSpool:
 
         return self._run(fn)
 
-    def detail(self, job_id: int) -> JobDetail | None:
+    def detail(self, job_id: int) -> admin.JobDetail | None:
         job = self.get(job_id)
         if job is None:
             return None
-        parts = [Part(r["seq"], r["ref"], r["state"]) for r in self._read(
+        parts = [admin.Part(r["seq"], r["ref"], r["state"]) for r in self._read(
             "SELECT seq, ref, state FROM parts WHERE job_id=? ORDER BY seq", (job_id,))]
-        notes = [Notification(r["id"], r["kind"], r["status"], r["at"], r["next_at"], r["attempts"],
+        notes = [admin.Notification(r["id"], r["kind"], r["status"], r["at"], r["next_at"], r["attempts"],
                               r["last_error"]) for r in self._read(
             "SELECT id, kind, status, at, next_at, attempts, last_error FROM events WHERE job_id=?"
             " ORDER BY id", (job_id,))]
-        return JobDetail(job, parts, notes)
+        return admin.JobDetail(job, parts, notes)
 
-    def stats(self, day_start: float, month_start: float) -> SpoolStats:
-        states = dict.fromkeys(STATES, 0)
+    def stats(self, day_start: float, month_start: float) -> admin.SpoolStats:
+        states = dict.fromkeys(admin.STATES, 0)
         for r in self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
             states[r["state"]] = r["n"]
-        accounts = {r["account"]: AccountStats(int(r["today"]), int(r["month"])) for r in self._read(
+        accounts = {r["account"]: admin.AccountStats(int(r["today"]), int(r["month"])) for r in self._read(
             "SELECT account, sum(CASE WHEN submitted_at>=? THEN parts ELSE 0 END) AS today,"
             " sum(parts) AS month FROM jobs WHERE submitted_at>=? GROUP BY account",
             (day_start, month_start))}
         oldest = self._read("SELECT min(created_at) AS t FROM jobs WHERE state='queued'")[0]["t"]
-        return SpoolStats(states, accounts, oldest)
+        return admin.SpoolStats(states, accounts, oldest)
 
 
 def open_spool(cfg: Config, busy_timeout: float | None = None) -> SqliteSpool:
