@@ -62,7 +62,7 @@ def parse_duration(text: str) -> float:
 
 def job_id(text: str) -> int:
     """A job id as `queue list` prints it (argparse type)."""
-    if not text.isdigit() or int(text) <= 0:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2**63:
         raise argparse.ArgumentTypeError(f"invalid job id {text!r}: a job id is a positive number")
     return int(text)
 

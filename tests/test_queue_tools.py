@@ -327,7 +327,8 @@ def test_read_only_commands_never_create_a_spool(tb):
         assert r.returncode == 1, (args, r.stderr)
         assert "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not tb.spool_path.exists(), args
-    for args in (("queue", "show", "abc"), ("queue", "retry"), ("queue", "delete", "-3")):
+    for args in (("queue", "show", "abc"), ("queue", "retry"), ("queue", "delete", "-3"),
+                 ("queue", "show", "9" * 20), ("queue", "release", "1e3")):
         r = tb.cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
