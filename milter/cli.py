@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from .config import DEFAULT_PATH, Config, ConfigError, load
 from .spool.base import STATES, Job, SpoolError
@@ -241,18 +242,35 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage: one line on stderr (what is wrong, and where to get help), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _config_options(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """-c/-v on a sub-command too: `sms-milter -c F queue list`, `sms-milter queue -c F list` and
+    `sms-milter queue list -c F` all work (SUPPRESS: an absent option keeps the outer value)."""
+    sp.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                    help=f"configuration file (default {DEFAULT_PATH})")
+    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return sp
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sms-milter",
-                                description="E-mail-to-SMS gateway for Postfix and Sendmail")
+    from . import queuecli
+
+    p = _Parser(prog="sms-milter", description="E-mail-to-SMS gateway for Postfix and Sendmail")
+    p.add_argument("--version", action="version", version=f"%(prog)s {queuecli.version()}")
+    p.add_argument("-c", "--config", default=DEFAULT_PATH,
+                   help=f"configuration file (default {DEFAULT_PATH})")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("-c", "--config", default=DEFAULT_PATH,
-                        help=f"configuration file (default {DEFAULT_PATH})")
-        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        return sp
+        return _config_options(sub.add_parser(name, help=help_))
 
     for name in ("milter", "dispatcher"):
         daemon = with_config(name, f"run the {name} until SIGTERM/SIGINT (SIGHUP reloads the configuration)")
@@ -261,9 +279,10 @@ def _parser() -> argparse.ArgumentParser:
     q = with_config("queue", "inspect the spool")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION")
     qsub.required = True
-    ql = qsub.add_parser("list", help="list spooled jobs")
+    ql = _config_options(qsub.add_parser("list", help="list spooled jobs"))
     ql.add_argument("--json", action="store_true", help="one JSON array of job objects")
     ql.add_argument("--state", choices=STATES, help="only jobs in this state")
+    queuecli.add_parsers(qsub, sub, with_config, _config_options)
     with_config("check-config", "validate the configuration file")
     sb = with_config("submit", "pipe(8) transport: decide one message on stdin like the milter")
     sb.add_argument("-f", "--sender", required=True, help="envelope sender ('' for <>)")
@@ -273,8 +292,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue,
-            "check-config": cmd_check_config, "submit": cmd_submit}
+def cmd_queue_action(cfg: Config, args: argparse.Namespace) -> int:
+    """`queue list` here, the other queue tools in queuecli.py."""
+    if args.queue_command == "list":
+        return cmd_queue(cfg, args)
+    from .queuecli import run_queue
+
+    return run_queue(cfg, args)
+
+
+def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
+    from .queuecli import run_stats
+
+    return run_stats(cfg, args)
+
+
+COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue_action,
+            "check-config": cmd_check_config, "submit": cmd_submit, "stats": cmd_stats}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ from typing import Protocol
 # A job's parts accepted by the provider: (job_id, message ids one per part[, provider name]).
 SubmittedItem = tuple[int, list[str]] | tuple[int, list[str], str]
 
-STATES = ("queued", "submitted", "delivered", "buffered", "failed", "expired")
+STATES = ("queued", "held", "submitted", "delivered", "buffered", "failed", "expired")
 FINAL_STATES = ("delivered", "failed", "expired")
+# `held`: set by `queue hold`, cleared by `queue release`; the dispatcher claims `queued` only.
 
 
 class SpoolError(Exception):
@@ -252,3 +253,90 @@ class Spool(Protocol):
     def parts_used(self, account: str) -> int: ...
 
     def close(self) -> None: ...
+
+
+# -- the administrator's queue tools (`sms-milter queue show/hold/...`, `stats`) --------
+@dataclass(frozen=True)
+class Change:
+    """What an administrator's queue command did to one job (or why it did nothing)."""
+
+    job_id: int
+    before: str | None  # the job's state before; None: no such job
+    after: str | None  # its state after ("deleted" when removed); None: left unchanged
+    reason: str = ""  # why it was left unchanged
+
+    @property
+    def changed(self) -> bool:
+        return self.after is not None
+
+
+@dataclass(frozen=True)
+class Part:
+    seq: int  # 0-based
+    ref: str  # the provider's message id (normalized)
+    state: str  # submitted, delivered, buffered, failed, expired
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A notification (mail or URL callback) a job still owes: sent ones are not kept."""
+
+    id: int
+    kind: str  # "mail" | "url"
+    status: str  # the job state that caused it
+    at: float
+    next_at: float
+    attempts: int
+    last_error: str
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    job: Job
+    parts: list[Part]
+    notifications: list[Notification]
+
+
+@dataclass
+class AccountStats:
+    """Per account: SMS parts handed to the provider (by submit time, UTC calendar).
+    A dict per account in `stats --json`, so more figures (caps) can sit beside these."""
+
+    parts_today: int = 0
+    parts_month: int = 0
+
+
+@dataclass
+class SpoolStats:
+    states: dict[str, int]  # every state in STATES, 0 included
+    accounts: dict[str, AccountStats]
+    oldest_queued_at: float | None  # created_at of the oldest `queued` job
+
+
+class QueueAdmin(Protocol):
+    """What the CLI's queue tools and `stats` ask of a spool (besides get / list_jobs)."""
+
+    def detail(self, job_id: int) -> JobDetail | None: ...
+
+    def hold_jobs(self, job_ids: list[int] | None) -> list[Change]:
+        """`queued` -> `held`; None: every queued job. A job being submitted right now (leased
+        by a dispatcher) is left unchanged, with the reason."""
+
+    def release_held(self, job_ids: list[int]) -> list[Change]:
+        """`held` -> `queued`."""
+
+    def retry_jobs(self, job_ids: list[int]) -> list[Change]:
+        """`failed` / `expired` -> `queued`, due now: attempts reset, validity renewed, the old
+        parts (and their message ids) forgotten."""
+
+    def delete_jobs(self, job_ids: list[int]) -> list[Change]:
+        """Remove jobs that are not `submitted` (nor being submitted now), with their parts and
+        owed notifications."""
+
+    def purge(self, before: float, states: tuple[str, ...] = FINAL_STATES, limit: int = 5000,
+              ) -> list[tuple[int, str]]:
+        """Retention: remove up to `limit` final jobs finished before `before` (epoch seconds),
+        with their parts and owed notifications, in one transaction; (id, state) of each.
+        Never a job in a state that is not final, whatever `states` says."""
+
+    def stats(self, day_start: float, month_start: float) -> SpoolStats: ...
