@@ -60,9 +60,12 @@ _NOT_CHARSETS = frozenset({"punycode", "idna", "undefined", "unicode-escape", "r
                            "charmap", "mbcs", "oem", "unicode-internal"})
 
 
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.:-]+")  # RFC 2978 mime-charset-chars
+
+
 def _codec(charset: str) -> codecs.CodecInfo | None:
     """The codec of a real text charset named in mail, else None (rot13, base64, zlib, punycode...)."""
-    if len(charset) > 64 or not charset.isascii():
+    if len(charset) > 64 or not _CHARSET_NAME.fullmatch(charset):
         return None
     try:
         info = codecs.lookup(charset)
