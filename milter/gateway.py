@@ -330,9 +330,9 @@ class Gateway:
         for value in dict.fromkeys(fields.recipients):
             number = addresses.parse_number(value)
             if number is None:
-                return Refusal("550", "5.1.1", f"Recipient={value} in the Subject is not a valid "
-                                               "international phone number; write it as 00<country code>"
-                                               "<number>.")
+                return Refusal("550", "5.1.1", f"{subject.recipient_label(value)} in the Subject is not a "
+                                               "valid international phone number; write it as 00<country "
+                                               "code><number>.")
             if number in numbers:  # R=0041..., R=+41... and R=0041-... are one SMS
                 continue
             numbers.add(number)

@@ -319,7 +319,13 @@ class SqliteSpool:
     def _connect(self, busy_timeout: float | None = None) -> sqlite3.Connection:
         timeout = self.busy_timeout if busy_timeout is None else busy_timeout
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            # The spool holds sender addresses (secrets): 0640 whatever the umask; SQLite gives
+            # the -wal and -shm files the database file's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640))
+            st = os.stat(self.path)
+            if st.st_mode & 0o037 and st.st_uid == os.geteuid():
+                os.chmod(self.path, st.st_mode & 0o7740)
             db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                  check_same_thread=False)
             db.row_factory = sqlite3.Row
