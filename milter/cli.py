@@ -205,7 +205,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         msg = Message(sender=args.sender, queue_id=args.queue_id or "", headers=headers)
         msg.add_body(body, cfg.milter.max_message_bytes)
         for rcpt in args.recipients:
-            refusal = gateway.rcpt(msg, f"<{rcpt}>".encode(), rcpt)
+            refusal = gateway.rcpt(msg, f"<{rcpt}>".encode("utf-8", "surrogateescape"), rcpt)
             if refusal:
                 break
         else:

@@ -211,6 +211,8 @@ class Gateway:
 
     def _decide(self, msg: Message) -> Refusal | tuple[list[NewJob], list[OutMail], list[str]]:
         limit = self.cfg.milter.max_message_bytes
+        # Stored as given: nothing a client sends may make the spool's INSERT fail.
+        msg.sender, msg.queue_id = content.safe_text(msg.sender), content.safe_text(msg.queue_id)
         if msg.failed is not None:
             return msg.failed
         if msg.size > limit:
