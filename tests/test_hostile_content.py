@@ -161,3 +161,43 @@ def test_rfc2231_parameters_for_xml_at(gw):
     assert_data(r, 250)
     jobs = gw.jobs(recipient=e164)
     assert [j["text"] for j in jobs] == ["Käse flowed text"], jobs
+
+
+@pytest.mark.parametrize("kind", ["textsms", "xml"])
+def test_eight_bit_headers_for_textsms_and_xml(gw, kind):
+    num, e164 = bed.unique_number()
+    poison = [b"Message-ID: <" + bed.unique("p").encode() + b"\xd6\xff@x>", b"X-Junk: \x80\xfe",
+              b"From: J\xf6rg <a@b.example>"]
+    if kind == "textsms":
+        rcpt = TEXTSMS
+        raw = raw_mail([b"Subject: U=ACME123 P=s3cret R=" + num.encode() + b" \xd6", *poison], b"poison text")
+        want_text = "poison text"
+    else:
+        rcpt = "xml@sms.example.com"
+        doc = ("<aspsms><Userkey>ACME123</Userkey><Password>s3cret</Password>"
+               f"<Recipient><PhoneNumber>{num}</PhoneNumber></Recipient>"
+               "<MessageData>poison xml</MessageData><Action>SendTextSMS</Action></aspsms>")
+        raw = raw_mail([b"Subject: \xd6\xd6", *poison, b"Content-Type: text/xml"], doc.encode())
+        want_text = "poison xml"
+    r = gw.send("someone@anywhere.example", [rcpt], raw)
+    code, text = r["data"]
+    assert code in (250, 550), r
+    jobs = gw.jobs(recipient=e164)
+    if code == 250:
+        assert [j["text"] for j in jobs] == [want_text]
+    else:
+        assert jobs == [] and "internal error" not in text
+
+
+def test_xml_from_a_utf8_sender_is_decided(gw):
+    """SMTPUTF8 sender: the request is executed; no reply mail (its address cannot go into a
+    7-bit header), never a 451."""
+    num, e164 = bed.unique_number()
+    doc = ("<aspsms><Userkey>ACME123</Userkey><Password>s3cret</Password>"
+           f"<Recipient><PhoneNumber>{num}</PhoneNumber></Recipient>"
+           "<MessageData>utf8 sender</MessageData><Action>SendTextSMS</Action></aspsms>")
+    raw = raw_mail(plain_headers("xml@sms.example.com", b"Content-Type: text/xml"), doc.encode())
+    r = gw.send("j\u00f6rg@anywhere.example", ["xml@sms.example.com"], raw, mail_options=["SMTPUTF8"])
+    assert r["mail"][0] == 250, r
+    assert_data(r, 250)
+    assert [j["text"] for j in gw.jobs(recipient=e164)] == ["utf8 sender"]

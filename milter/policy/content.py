@@ -371,7 +371,7 @@ def _unflow(text: bytes, delsp: bool) -> bytes:
 # ------------------------------------------------------------------ xml@: the same MIME rules
 
 XML_TYPES = ("text/plain", "text/xml", "application/xml")
-_MSGID = re.compile(r"<[^<>\s\x00-\x1f\x7f]{1,250}>")
+_MSGID = re.compile(r"<[!-;=?-~]{1,250}>")  # printable ASCII only: it goes into the reply's In-Reply-To
 _HTML_START = re.compile(rb"\A(?:\xef\xbb\xbf)?\s*(?:<!doctype\s+html|<html[\s>])", re.IGNORECASE)
 
 

@@ -142,7 +142,8 @@ def handle(raw_message: bytes, sender: str, client_ip: str | None, cfg: Config, 
 
 def _should_reply(sender: str, cfg: Config, auto_replied: bool) -> bool:
     s = sender.strip().strip("<>").strip()
-    return bool(s) and not auto_replied and s.lower() != cfg.notify.sender.lower()
+    # A non-ASCII (SMTPUTF8) address cannot be written into the reply's 7-bit header: no reply.
+    return bool(s) and s.isascii() and not auto_replied and s.lower() != cfg.notify.sender.lower()
 
 
 def _execute(req: XmlRequest, client_ip: str | None, ctx: _Ctx) -> tuple[Account | None, _Answer]:

@@ -65,6 +65,11 @@ def mails(draw) -> bytes:
     return b"\r\n".join(headers) + b"\r\n\r\n" + body
 
 
+XML_REQUEST = ("<aspsms><Userkey>ACME123</Userkey><Password>s3cret</Password><Recipient><PhoneNumber>"
+               "0041791234567</PhoneNumber></Recipient><MessageData>TEXT</MessageData>"
+               "<Action>SendTextSMS</Action></aspsms>")
+
+
 @st.composite
 def near_valid_mails(draw) -> bytes:
     """A mail the gateway would accept, with sender-controlled values made hostile."""
@@ -74,7 +79,8 @@ def near_valid_mails(draw) -> bytes:
     subject += draw(st.sampled_from([b"", b" \xd6\xff", b" =?utf-7?Q?+2AA-?=", b" =?utf-8?Q?=ED=A0=80?="]))
     mid = draw(st.one_of(st.none(), header_value))
     charset = draw(st.sampled_from(["utf-8", "iso-8859-1", "utf-7", "utf-16", "us-ascii", "cp1252"]))
-    body = draw(st.one_of(st.text(min_size=1, max_size=80), st.binary(min_size=1, max_size=80)))
+    body = draw(st.one_of(st.text(min_size=1, max_size=80), st.binary(min_size=1, max_size=80),
+                          st.text(max_size=20).map(lambda t: XML_REQUEST.replace("TEXT", t))))
     raw_body = body if isinstance(body, bytes) else body.encode(charset, "replace")
     headers = [b"From: <a@b.example>", b"Subject: " + subject,
                b"Content-Type: text/plain; charset=" + charset.encode(),
