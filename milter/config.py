@@ -567,16 +567,23 @@ def load(path: str | Path) -> Config:
     return parse(data, str(p), words)
 
 
-def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None) -> dict[str, str]:
-    """Every scalar of the document as written, by the YAML path problems are reported with."""
+def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None,
+                  seen: set[int] | None = None) -> dict[str, str]:
+    """Every scalar of the document as written, by the YAML path problems are reported with.
+    A collection reached again through an alias is not walked again (no blow-up, no loop)."""
     out = {} if out is None else out
+    seen = set() if seen is None else seen
     if isinstance(node, yaml.ScalarNode):
         out.setdefault(path, str(node.value))
-    elif isinstance(node, yaml.SequenceNode):
+        return out
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _scalar_words(item, f"{path}[{i}]", out)
+            _scalar_words(item, f"{path}[{i}]", out, seen)
     elif isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
-            _scalar_words(value, f"{path}.{name}" if path else name, out)
+            _scalar_words(value, f"{path}.{name}" if path else name, out, seen)
     return out

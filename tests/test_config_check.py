@@ -113,3 +113,15 @@ def test_empty_file_and_top_level_list(tmp_path):
         code, lines = check(tmp_path, text)
         assert code == 2 and len(lines) == 1, (text, lines)
         assert lines[0].startswith(f"sms-milter: {tmp_path / 'c.yaml'}: {want}"), (text, lines)
+
+
+def test_alias_bomb_and_recursive_alias_are_answered(tmp_path):
+    """YAML aliases are not walked again: a billion-laughs file is answered at once."""
+    lines = ["a: &a [" + ",".join(["x"] * 10) + "]"]
+    for i in range(1, 12):
+        lines.append(f"l{i}: &l{i} [" + ",".join([f"*{'a' if i == 1 else f'l{i - 1}'}"] * 10) + "]")
+    lines.append("milter: *l11")
+    code, lines_out = check(tmp_path, "\n".join(lines) + "\n")
+    assert code == 2 and "sms-milter: milter: must be a mapping, got a list" in lines_out
+    code, lines_out = check(tmp_path, "a: &a [*a]\nmilter: *a\n")
+    assert code == 2 and "sms-milter: milter: must be a mapping, got a list" in lines_out
