@@ -196,7 +196,7 @@ class _Reader:
         v = d[key]
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
         if isinstance(v, bool) or not ok:
-            self.bad(f"{path}.{key}", f"must be {'a whole number' if integer else 'a number'}, got "
+            self.bad(f"{path}.{key}", f"must be {'an integer' if integer else 'a number'}, got "
                                       f"{self.got(v, f'{path}.{key}')}")
             return default
         if not lo <= v <= hi:

@@ -94,8 +94,8 @@ def test_network_with_host_bits_set(tmp_path):
 @pytest.mark.parametrize("key,value,words", [
     ("spool_timeout", "yes", "must be a number, got a boolean (yes)"),
     ("spool_timeout", "off", "must be a number, got a boolean (off)"),
-    ("max_message_bytes", "'100000'", "must be a whole number, got a string (100000)"),
-    ("max_message_bytes", "1.5e+6", "must be a whole number, got a decimal number (1.5e+6)"),
+    ("max_message_bytes", "'100000'", "must be an integer, got a string (100000)"),
+    ("max_message_bytes", "1.5e+6", "must be an integer, got a decimal number (1.5e+6)"),
     ("socket", "[a, b]", "must be a string, got a list"),
     ("socket", "true", "must be a string, got a boolean (true)"),
 ])
