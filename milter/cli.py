@@ -115,9 +115,12 @@ def _on_signals(stop: Callable[[], None], reload: Callable[[], None] | None = No
         signal.signal(signal.SIGHUP, hup)
 
 
-def _open_spool(cfg: Config):
+def _open_spool(cfg: Config, create: bool = True):
     from .spool.sqlite import open_spool
 
+    if not create and not cfg.spool.url and not os.path.exists(cfg.spool.path):
+        raise Fatal(f"the spool {cfg.spool.path} does not exist (nothing has been spooled yet, or "
+                    "spool.path is wrong)")
     try:
         return open_spool(cfg)
     except SpoolError as e:
@@ -165,7 +168,7 @@ def cmd_dispatcher(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_queue(cfg: Config, args: argparse.Namespace) -> int:
-    spool = _open_spool(cfg)
+    spool = _open_spool(cfg, create=False)
     try:
         jobs = spool.list_jobs(state=args.state)
     except SpoolError as e:
@@ -203,7 +206,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
         msg = Message(sender=args.sender, queue_id=args.queue_id or "", headers=headers)
         msg.add_body(body, cfg.milter.max_message_bytes)
         for rcpt in args.recipients:
-            refusal = gateway.rcpt(msg, f"<{rcpt}>".encode(), rcpt)
+            refusal = gateway.rcpt(msg, f"<{rcpt}>".encode("utf-8", "surrogateescape"), rcpt)
             if refusal:
                 break
         else:

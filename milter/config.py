@@ -8,6 +8,7 @@ Nothing else in the package reads YAML.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,20 +137,38 @@ class Config:
         )
 
 
+_KINDS = ((bool, "a boolean"), (int, "a number"), (float, "a decimal number"), (str, "a string"),
+          (list, "a list"), (dict, "a mapping"))
+
+
 class _Reader:
     """Collects problems instead of stopping at the first one."""
 
-    def __init__(self) -> None:
+    def __init__(self, words: dict[str, str] | None = None) -> None:
         self.problems: list[str] = []
+        self.words = words or {}  # YAML path -> the scalar as written in the file
 
     def bad(self, path: str, msg: str) -> None:
         self.problems.append(f"{path}: {msg}")
+
+    def got(self, value: Any, path: str) -> str:
+        """`value` in YAML's words: `a boolean (yes)`, `a list`, `a number (7)`."""
+        if value is None:
+            return "nothing (null)"
+        kind = next((k for t, k in _KINDS if isinstance(value, t)), "a value")
+        if isinstance(value, (list, dict)):
+            return kind
+        text = self.words.get(path)
+        if text is None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return f"{kind} ({text})"
 
     def mapping(self, node: Any, path: str, known: tuple[str, ...] | None = None) -> dict[str, Any]:
         if node is None:
             return {}
         if not isinstance(node, dict):
-            self.bad(path, f"must be a mapping, got {type(node).__name__}")
+            self.bad(path, f"must be a mapping, got {self.got(node, path)}")
             return {}
         for key in node:
             if not isinstance(key, str):
@@ -166,7 +185,7 @@ class _Reader:
             return default
         v = d[key]
         if isinstance(v, bool) or not isinstance(v, (str, int)):
-            self.bad(f"{path}.{key}", f"must be a string, got {type(v).__name__}")
+            self.bad(f"{path}.{key}", f"must be a string, got {self.got(v, f'{path}.{key}')}")
             return default
         return str(v)
 
@@ -177,26 +196,51 @@ class _Reader:
         v = d[key]
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
         if isinstance(v, bool) or not ok:
-            self.bad(f"{path}.{key}", f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+            self.bad(f"{path}.{key}", f"must be {'an integer' if integer else 'a number'}, got "
+                                      f"{self.got(v, f'{path}.{key}')}")
             return default
         if not lo <= v <= hi:
-            self.bad(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got {v!r}")
+            self.bad(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got "
+                                      f"{self.got(v, f'{path}.{key}')}")
             return default
         return v
 
 
-def _host_port(r: _Reader, value: str, path: str, default_port: int) -> tuple[str, int]:
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _host_ok(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.fullmatch(host)) and not host.replace(".", "").isdigit()
+
+
+def _host_port(r: _Reader, value: str, path: str, default_port: int) -> tuple[str, int] | None:
+    """(host, port) of `HOST:PORT` / `[IPv6]:PORT` / `HOST`; None (after one problem line) if bad."""
     host, sep, port = value.rpartition(":")
     if not sep:
-        return value, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        r.bad(path, f"port in {value!r} must be 1-65535")
-        return host, default_port
-    return host.strip("[]"), int(port)
+        host, port = value, ""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        r.bad(path, f"port {port!r} in {value!r} must be a number from 1 to 65535")
+        return None
+    if not host or not _host_ok(host):
+        r.bad(path, f"{host!r} in {value!r} is not a host name or IP address")
+        return None
+    return host, int(port) if port else default_port
 
 
 def _socket_spec(r: _Reader, value: str, path: str) -> str:
-    if value.startswith("unix:") and len(value) > 5:
+    if value.startswith("unix:"):
+        where = value[5:]
+        if not where.startswith("/"):
+            r.bad(path, f"{value!r}: a unix socket needs an absolute path, e.g. "
+                        "unix:/run/sms-milter/milter.sock")
         return value
     if value.startswith(("inet:", "inet6:")):
         rest = value.partition(":")[2]
@@ -204,9 +248,13 @@ def _socket_spec(r: _Reader, value: str, path: str) -> str:
         if "@" in rest:
             port, _, host = rest.partition("@")
             rest = f"{host}:{port}"
-        host, port = _host_port(r, rest, path, 0)
-        if not host or not port:
+        found = _host_port(r, rest, path, 0)
+        if found is None:
+            return value
+        host, port = found
+        if not port:
             r.bad(path, f"{value!r} needs a host and a port, e.g. inet:127.0.0.1:8894")
+            return value
         return f"inet:{host}:{port}"
     r.bad(path, f"{value!r} must be inet:HOST:PORT, inet:[IPv6]:PORT or unix:/PATH")
     return value
@@ -280,6 +328,30 @@ def _sender(r: _Reader, node: Any, path: str) -> SenderRule | None:
     )
 
 
+def _host_bits(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=True)
+        return False
+    except ValueError:
+        return True
+
+
+_FIELD = re.compile(r"\{\{|\}\}|\{(subject|body)\}")
+
+
+def _template_problem(template: str) -> str | None:
+    """Templates may name {subject} and {body} only (and {{ / }} for literal braces)."""
+    rest = _FIELD.sub("", template)
+    for ch in ("{", "}"):
+        at = rest.find(ch)
+        if at >= 0:
+            m = re.search(r"\{[^{}]{0,40}\}?", rest[at:]) if ch == "{" else None
+            what = f"'{m.group()}'" if m else f"a lone '{ch}'"
+            return (f"may use only {{subject}} and {{body}} (and {{{{ or }}}} for a literal brace), "
+                    f"found {what}")
+    return None
+
+
 def _check_originator(r: _Reader, value: str, path: str) -> None:
     from .policy.addresses import originator_problem  # local: policy imports config types
 
@@ -307,10 +379,20 @@ def _account(r: _Reader, name: str, node: Any) -> Account:
         r.bad(f"{path}.networks", "must be a list")
         raw_nets = []
     for i, n in enumerate(raw_nets):
+        where = f"{path}.networks[{i}]"
+        if not isinstance(n, str):
+            r.bad(where, f"must be an IP network such as 192.0.2.0/24, got {r.got(n, where)}")
+            continue
         try:
-            networks.append(ipaddress.ip_network(str(n), strict=False))
+            net = ipaddress.ip_network(n, strict=False)
         except ValueError:
-            r.bad(f"{path}.networks[{i}]", f"{n!r} is not an IP network")
+            r.bad(where, f"{n!r} is not an IP network")
+            continue
+        if _host_bits(n):
+            r.bad(where, f"{n!r} has host bits set; write the network address {net} "
+                         "(or a single address without /prefix)")
+            continue
+        networks.append(net)
     password = r.string(d, "password", path)
     password_hash = r.string(d, "password_hash", path)
     if password is not None and password_hash is not None:
@@ -327,16 +409,15 @@ def _account(r: _Reader, name: str, node: Any) -> Account:
     originator = r.string(d, "originator", path, "SMS") or "SMS"
     _check_originator(r, originator, f"{path}.originator")
     template = r.string(d, "template", path, "{subject},{body}") or ""
-    try:
-        template.format(subject="", body="")
-    except (KeyError, IndexError, ValueError) as e:
-        r.bad(f"{path}.template", f"may use only {{subject}} and {{body}} ({e})")
+    problem = _template_problem(template)
+    if problem:
+        r.bad(f"{path}.template", problem)
     notify = (r.string(d, "notify", path, "") or "").upper()
     if notify not in NOTIFY_POLICIES:
         r.bad(f"{path}.notify", f"must be one of \"\", ALWAYS, NONE, FAILED, got {notify!r}")
     credits = d.get("credits")
     if credits is not None and (isinstance(credits, bool) or not isinstance(credits, int) or credits < 0):
-        r.bad(f"{path}.credits", f"must be a whole number >= 0, got {credits!r}")
+        r.bad(f"{path}.credits", f"must be a whole number >= 0, got {r.got(credits, f'{path}.credits')}")
         credits = None
     return Account(
         name=name, userkey=userkey, password=password, password_hash=password_hash,
@@ -372,7 +453,7 @@ def _smpp(r: _Reader, node: Any) -> SmppConfig:
 def _notify(r: _Reader, node: Any) -> NotifyConfig:
     d = r.mapping(node, "notify", ("smtp", "from"))
     host, port = _host_port(r, r.string(d, "smtp", "notify", "127.0.0.1:25") or "127.0.0.1:25",
-                            "notify.smtp", 25)
+                            "notify.smtp", 25) or ("127.0.0.1", 25)
     sender = r.string(d, "from", "notify", NotifyConfig.sender) or NotifyConfig.sender
     if "@" not in sender:
         r.bad("notify.from", f"{sender!r} is not an e-mail address")
@@ -397,13 +478,14 @@ def _metrics(r: _Reader, node: Any) -> MetricsConfig:
     for key in ("milter", "dispatcher"):
         value = r.string(d, key, "metrics")
         if value is not None:
-            before = len(r.problems)
-            host, port = _host_port(r, value, f"metrics.{key}", 0)
-            if not host or not port:
-                if len(r.problems) == before:
-                    r.bad(f"metrics.{key}", f"{value!r} needs a host and a port, e.g. 127.0.0.1:9894")
+            found = _host_port(r, value, f"metrics.{key}", 0)  # a bad host or port: one line already
+            if found is None:
+                value = None
+            elif not found[1]:
+                r.bad(f"metrics.{key}", f"{value!r} needs a host and a port, e.g. 127.0.0.1:9894")
                 value = None
             else:
+                host, port = found
                 value = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         out[key] = value
     if out["milter"] and out["milter"] == out["dispatcher"]:
@@ -411,12 +493,23 @@ def _metrics(r: _Reader, node: Any) -> MetricsConfig:
     return MetricsConfig(**out)
 
 
-def parse(data: Any, source: str = "<config>") -> Config:
-    r = _Reader()
+REQUIRED_SECTIONS = ("milter", "spool", "domains", "accounts", "provider", "notify")
+
+
+def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = None) -> Config:
+    r = _Reader(words)
+    if data is None:
+        raise ConfigError([f"{source}: the file is empty; a configuration needs the sections "
+                           f"{', '.join(REQUIRED_SECTIONS)} (see README)"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections "
+                           f"({', '.join(REQUIRED_SECTIONS)}), got {r.got(data, '')}"])
     top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml",
                                   "metrics"))
-    if data is None:
-        r.bad("(top)", "the file is empty")
+    for section in REQUIRED_SECTIONS:
+        present = section in top or (section == "provider" and "providers" in top)
+        if not present and section not in ("domains", "accounts"):  # those two say so themselves
+            r.bad(section, "the section is missing (see the example in README)")
     accounts_node = r.mapping(top.get("accounts"), "accounts")
     accounts = {str(n): _account(r, str(n), spec) for n, spec in accounts_node.items()}
     cfg = Config(
@@ -464,8 +557,33 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{p}: not UTF-8 text"]) from None
     try:
         data = yaml.safe_load(text)
+        words = _scalar_words(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
-    return parse(data, str(p))
+    except RecursionError:
+        raise ConfigError([f"{p}: not valid YAML: nested too deeply"]) from None
+    return parse(data, str(p), words)
+
+
+def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None,
+                  seen: set[int] | None = None) -> dict[str, str]:
+    """Every scalar of the document as written, by the YAML path problems are reported with.
+    A collection reached again through an alias is not walked again (no blow-up, no loop)."""
+    out = {} if out is None else out
+    seen = set() if seen is None else seen
+    if isinstance(node, yaml.ScalarNode):
+        out.setdefault(path, str(node.value))
+        return out
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _scalar_words(item, f"{path}[{i}]", out, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            _scalar_words(value, f"{path}.{name}" if path else name, out, seen)
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .config import Account, Config, SenderRule
@@ -165,7 +166,7 @@ class Gateway:
             log.info("%s: refused: %s", qid, decided)
             return Outcome(refusal=decided)
         jobs, mails, notes = decided
-        key, ttl = self._idempotency_key(msg)
+        key, ttl = self._idempotency_key(msg, jobs)
         return Commit(key=key, key_ttl=ttl, jobs=jobs, mails=mails, notes=notes)
 
     def committed(self, msg: Message, commit: Commit, result: AddResult | SpoolError) -> Outcome:
@@ -210,6 +211,8 @@ class Gateway:
 
     def _decide(self, msg: Message) -> Refusal | tuple[list[NewJob], list[OutMail], list[str]]:
         limit = self.cfg.milter.max_message_bytes
+        # Stored as given: nothing a client sends may make the spool's INSERT fail.
+        msg.sender, msg.queue_id = content.safe_text(msg.sender), content.safe_text(msg.queue_id)
         if msg.failed is not None:
             return msg.failed
         if msg.size > limit:
@@ -330,9 +333,9 @@ class Gateway:
         for value in dict.fromkeys(fields.recipients):
             number = addresses.parse_number(value)
             if number is None:
-                return Refusal("550", "5.1.1", f"Recipient={value} in the Subject is not a valid "
-                                               "international phone number; write it as 00<country code>"
-                                               "<number>.")
+                return Refusal("550", "5.1.1", f"{subject.recipient_label(value)} in the Subject is not a "
+                                               "valid international phone number; write it as 00<country "
+                                               "code><number>.")
             if number in numbers:  # R=0041..., R=+41... and R=0041-... are one SMS
                 continue
             numbers.add(number)
@@ -347,7 +350,7 @@ class Gateway:
             return Refusal("550", "5.5.4", f"Originator {problem}.")
         return None
 
-    def _idempotency_key(self, msg: Message) -> tuple[str, float]:
+    def _idempotency_key(self, msg: Message, jobs: Sequence[NewJob] = ()) -> tuple[str, float]:
         """The same message sent again (a client that lost our 250) must not add jobs twice.
 
         A Message-ID the client wrote identifies the message for `dedupe_seconds`; without
@@ -358,6 +361,10 @@ class Gateway:
         h.update(msg.sender.lower().encode() + b"\0")
         for addr in sorted(r.address.lower() for r in msg.sms):
             h.update(addr.encode() + b"\0")
+        # textsms@ and xml@ carry their numbers inside the message: a resend to a new number
+        # is a new message, not a duplicate.
+        for number, device in sorted({(j.recipient, j.device) for j in jobs}):
+            h.update(f"to\0{number}\0{device}\0".encode())
         mid = msg.header("Message-ID")
         if mid and not (msg.queue_id and msg.queue_id in mid):
             h.update(b"mid\0" + mid.encode())

@@ -112,7 +112,10 @@ def test_submit_textsms_never_echoes_the_password(config: Path) -> None:
 
 
 def test_submit_spool_locked_is_exit_75(config: Path, tmp_path: Path) -> None:
-    assert run_cli(config, "queue", "list").returncode == 0  # creates the spool
+    from sms_milter.spool.sqlite import SqliteSpool
+
+    SqliteSpool(tmp_path / "spool.sqlite3").close()  # the spool exists (queue list creates none)
+    assert run_cli(config, "queue", "list").returncode == 0
     db = sqlite3.connect(tmp_path / "spool.sqlite3", isolation_level=None)
     db.execute("BEGIN EXCLUSIVE")
     try:

@@ -411,6 +411,13 @@ def test_notification_mail_per_notify_policy(tb, nsink):
             assert ACCOUNT_PASSWORD not in m.text() and SMPP_PASSWORD not in m.text()
     d.stop()
     assert SMPP_PASSWORD not in d.log() and ACCOUNT_PASSWORD not in d.log()
+    # the sender address is the account's secret: logs name a stable alias instead
+    from sms_milter.dispatcher.notify import sender_alias
+
+    for _, _, sender in meta:
+        assert sender not in d.log()
+    delivered_sender = meta[0][2]  # ALWAYS, delivered: two mails, two log lines with the same alias
+    assert d.log().count(f"notification mailed to {sender_alias(delivered_sender, 'acme')}") == 2
 
 
 def test_notification_retried_when_smtp_is_down(tb, tmp_path):
@@ -420,12 +427,18 @@ def test_notification_retried_when_smtp_is_down(tb, tmp_path):
     ids = tb.spool.add_jobs([job("+41791610001", "later mail", sender="late@client.example")])
     d = tb.dispatcher()
     wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
-    wait_until(lambda: "notification mail to late@client.example failed" in d.log(), 10, "a failed hand-over",
+    from sms_milter.dispatcher.notify import sender_alias
+
+    alias = sender_alias("late@client.example", "acme")
+    wait_until(lambda: f"notification mail to {alias} failed" in d.log(), 10, "a failed hand-over",
                detail=d.log_tail)
     with tb.spool._lock:  # make the retry due now instead of in 30 s
         tb.spool._db.execute("UPDATE events SET next_at=0")
     with MailSink(port) as late:
         late.wait_for(lambda m: m.rcpt_tos == ["late@client.example"], timeout=10)
+        wait_until(lambda: f"notification mailed to {alias}" in d.log(), 10, "the hand-over logged",
+                   detail=d.log_tail)
+    assert "late@client.example" not in d.log()
 
 
 def test_url_callbacks_and_outbox(tb, nsink):

@@ -13,6 +13,7 @@ backoff (for up to 5 days); a URL callback is retried for up to 24 hours.
 from __future__ import annotations
 
 import email.policy
+import hashlib
 import logging
 import re
 import smtplib
@@ -37,6 +38,20 @@ URL_GIVE_UP = 24 * 3600.0
 
 def backoff(attempts: int, base: float = 30.0, cap: float = 3600.0) -> float:
     return min(base * 2 ** attempts, cap)
+
+
+def sender_alias(address: str, account: str | None = None) -> str:
+    """How logs name a sender: the account and a hash prefix, never the address (the
+    authorized sender address is the account's secret). Stable, so lines can be followed."""
+    digest = hashlib.sha256(address.strip().lower().encode("utf-8", "replace")).hexdigest()[:10]
+    return f"{account or 'sender'}/{digest}"
+
+
+def _scrub(error: str, address: str, alias: str) -> str:
+    """An SMTP error text with the address replaced by its alias (smtplib names the recipient)."""
+    if not address:
+        return error
+    return re.sub(re.escape(address), alias, error, flags=re.IGNORECASE)
 
 
 def _angle(mid: str) -> str:
@@ -159,15 +174,17 @@ class Notifier:
             self.spool.event_done(ev.id)
             return
         msg = build_notification(job, ev, self.cfg.notify.sender)
+        alias = sender_alias(job.sender, job.account)
         try:
             smtp.send(job.sender, msg.as_bytes(policy=email.policy.SMTP))
         except (OSError, smtplib.SMTPException) as e:
-            self._retry(ev, f"{type(e).__name__}: {e}", MAIL_GIVE_UP, f"notification mail to {job.sender}")
+            self._retry(ev, _scrub(f"{type(e).__name__}: {e}", job.sender, alias), MAIL_GIVE_UP,
+                        f"notification mail to {alias}")
             return
         self.spool.event_done(ev.id)
         self.sent += 1
         log.info("job %d: %s notification mailed to %s", job.id, STATUS_LABEL.get(ev.status, ev.status),
-                 job.sender)
+                 alias)
 
     def _url(self, ev: Event, job: Job) -> None:
         key = "failed" if ev.status == "expired" else ev.status
@@ -201,19 +218,21 @@ class Notifier:
         self.spool.event_retry(ev.id, error, delay)
 
     def _outbox(self, mail_id: int, mail: OutMail, attempts: int, smtp: _Smtp) -> None:
+        alias = sender_alias(mail.rcpt)
         try:
             smtp.send(mail.rcpt, mail.content)
         except (OSError, smtplib.SMTPException) as e:
             delay = backoff(attempts)
+            error = _scrub(f"{type(e).__name__}: {e}", mail.rcpt, alias)
             if attempts >= 40:
-                log.error("reply mail %d to %s given up: %s", mail_id, mail.rcpt, e)
+                log.error("reply mail %d to %s given up: %s", mail_id, alias, error)
                 self.spool.outbox_done(mail_id)
                 return
-            log.warning("reply mail %d to %s failed (%s); retry in %.0fs", mail_id, mail.rcpt, e, delay)
-            self.spool.outbox_retry(mail_id, f"{type(e).__name__}: {e}", delay)
+            log.warning("reply mail %d to %s failed (%s); retry in %.0fs", mail_id, alias, error, delay)
+            self.spool.outbox_retry(mail_id, error, delay)
             return
         self.spool.outbox_done(mail_id)
-        log.info("reply mail %d handed over for %s", mail_id, mail.rcpt)
+        log.info("reply mail %d handed over for %s", mail_id, alias)
 
 
 class _Smtp:

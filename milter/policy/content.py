@@ -6,6 +6,7 @@ import base64
 import binascii
 import codecs
 import email.policy
+import email.utils
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -53,12 +54,53 @@ def _unfold(value: str) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", value).replace("\r", "").replace("\n", "")
 
 
+# Codecs Python calls text encodings that are no mail charset: they transform text
+# (punycode, idna, the escape codecs) or refuse everything (undefined).
+_NOT_CHARSETS = frozenset({"punycode", "idna", "undefined", "unicode-escape", "raw-unicode-escape",
+                           "charmap", "mbcs", "oem", "unicode-internal"})
+
+
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.:-]+")  # RFC 2978 mime-charset-chars
+
+
 def _codec(charset: str) -> codecs.CodecInfo | None:
+    """The codec of a real text charset named in mail, else None (rot13, base64, zlib, punycode...)."""
+    if len(charset) > 64 or not _CHARSET_NAME.fullmatch(charset):
+        return None
     try:
         info = codecs.lookup(charset)
-    except (LookupError, ValueError):
+    except (LookupError, ValueError, TypeError):
         return None
-    return info if getattr(info, "_is_text_encoding", True) else None
+    if not getattr(info, "_is_text_encoding", False) or info.name in _NOT_CHARSETS:
+        return None
+    return info
+
+
+def charset_codec(charset: str) -> str | None:
+    """The Python codec name for a MIME charset, or None if it is not a real text charset."""
+    info = _codec(charset)
+    return info.name if info is not None else None
+
+
+def safe_text(s: str) -> str:
+    """`s` as text any store can hold: 8-bit bytes kept as surrogate escapes by the email
+    package become their characters (UTF-8, else ISO-8859-1); any other lone surrogate
+    (say, from UTF-7) and NUL become U+FFFD."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            raw = s.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = None
+        if raw is not None:
+            try:
+                s = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                s = raw.decode("latin-1")
+        else:
+            s = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in s)
+    return s.replace("\0", "\ufffd")
 
 
 def _line_of(data: bytes, index: int) -> int:
@@ -74,12 +116,20 @@ def _decode(data: bytes, charset: str | None, where: str) -> str | Refusal:
             return data.decode("latin-1")
     info = _codec(charset)
     if info is None:
-        return _fail(f"Unknown charset '{charset}' in the {where}; use ISO-8859-1 or UTF-8.", "5.6.0")
+        name = safe_text(charset)
+        name = name if len(name) <= 40 else name[:37] + "..."
+        return _fail(f"Unknown charset '{name}' in the {where}; use ISO-8859-1 or UTF-8.", "5.6.0")
     try:
         return data.decode(info.name)
     except UnicodeDecodeError as e:
-        return _fail(f"The {where} is not valid {charset} (byte 0x{data[e.start]:02X} at line "
-                     f"{_line_of(data, e.start)}); declare the right charset or fix the text.", "5.6.0")
+        at = min(e.start, len(data) - 1) if data else 0
+        byte = f"byte 0x{data[at]:02X} at line {_line_of(data, at)}" if data else "no data"
+        return _fail(f"The {where} is not valid {safe_text(charset)} ({byte}); declare the right charset "
+                     "or fix the text.", "5.6.0")
+    except (UnicodeError, ValueError, LookupError):  # a codec's own complaint: still bad text
+        return _fail(f"The {where} is not valid {safe_text(charset)}; declare the right charset or fix "
+                     "the text.",
+                     "5.6.0")
 
 
 def _surrogate_bytes(s: str) -> bytes:
@@ -246,7 +296,30 @@ def _extract(msg: Message) -> MessageText | Refusal:
         return subject
     mid = _raw_header(msg, "message-id")
     message_id = _unfold(mid).strip() or None if mid is not None else None
+    found = _the_part(msg, ("text/plain",), _SMS_TEXT)
+    if isinstance(found, Refusal):
+        return found
+    part, data, charset = found
+    return _plain_text(data, charset, subject, message_id)
 
+
+_SMS_TEXT = "the SMS text"
+
+
+def _param(part: Message, name: str) -> str | None:
+    """A Content-Type parameter as text, RFC 2231 forms (`format*=us-ascii''flowed`) included."""
+    value = part.get_param(name)
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = email.utils.collapse_rfc2231_value(value)
+    return safe_text(str(value)).strip() or None
+
+
+def _the_part(msg: Message, types: tuple[str, ...], what: str
+              ) -> tuple[Message, bytes, str | None] | Refusal:
+    """The one MIME part carrying `what` (a type in `types`), transfer encoding and
+    format=flowed undone, with its declared charset: the MIME rules of every path."""
     texts: list[Message] = []
     others: list[str] = []
     for leaf in _leaves(msg):
@@ -254,28 +327,102 @@ def _extract(msg: Message) -> MessageText | Refusal:
             return leaf
         ctype = leaf.get_content_type()
         if ctype == "text/html":
-            return _fail("The message contains an HTML part; send the SMS text as plain text only "
-                         "(text/plain).")
-        if ctype == "text/plain":
+            return _fail(f"The message contains an HTML part; send {what} as plain text only (text/plain).")
+        if ctype in types:
             texts.append(leaf)
         else:
             others.append(ctype)
     if others:
-        return _fail(f"The message contains an attachment ({others[0]}); SMS mail must be plain text only.")
+        only = ("SMS mail must be plain text only." if what == _SMS_TEXT
+                else f"mail to xml@ must carry {what} as its only part.")
+        return _fail(f"The message contains an attachment ({safe_text(others[0])[:60]}); {only}")
     if len(texts) != 1:
         if not texts:
-            return _fail("The message contains no text part; send the SMS text as plain text (text/plain).")
-        return _fail(f"The message contains {len(texts)} text parts; send the SMS text as one plain text "
+            return _fail(f"The message contains no text part; send {what} as plain text (text/plain).")
+        return _fail(f"The message contains {len(texts)} text parts; send {what} as one plain text "
                      "part without attachments.")
     part = texts[0]
     data = _transfer_decode(part)
     if isinstance(data, Refusal):
         return data
-    charset = part.get_param("charset")
-    if isinstance(charset, tuple):  # RFC 2231 form
-        charset = charset[2]
-    charset = str(charset).strip() if charset is not None else None
-    return _plain_text(data, charset or None, subject, message_id)
+    if part.get_content_type() == "text/plain" and (_param(part, "format") or "").lower() == "flowed":
+        data = _unflow(data, (_param(part, "delsp") or "").lower() == "yes")
+    return part, data, _param(part, "charset")
+
+
+def _unflow(text: bytes, delsp: bool) -> bytes:
+    """Undo RFC 3676 format=flowed: a line ending in a space continues on the next line."""
+    out: list[bytes] = []
+    pending = b""
+    for line in text.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line.startswith(b" "):
+            line = line[1:]  # space-stuffing
+        if line.endswith(b" ") and line != b"-- ":
+            pending += line[:-1] if delsp else line
+            continue
+        out.append(pending + line)
+        pending = b""
+    if pending:
+        out.append(pending)
+    return b"\r\n".join(out)
+
+
+# ------------------------------------------------------------------ xml@: the same MIME rules
+
+XML_TYPES = ("text/plain", "text/xml", "application/xml")
+_MSGID = re.compile(r"<[!-;=?-~]{1,250}>")  # printable ASCII only: it goes into the reply's In-Reply-To
+_HTML_START = re.compile(rb"\A(?:\xef\xbb\xbf)?\s*(?:<!doctype\s+html|<html[\s>])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class XmlMail:
+    body: bytes  # the request document as bytes (transfer encoding undone, format=flowed joined)
+    charset: str | None  # the part's MIME charset as a Python codec name, if declared
+    message_id: str  # the request's Message-ID ("" if none or malformed)
+    auto_replied: bool  # Auto-Submitted: auto-replied (never answer an autoresponder)
+
+
+def _xml_refusal(what: str) -> Refusal:
+    return _fail(f"Mail to xml@ must carry the XML request as its only, plain-text part (text/plain or "
+                 f"text/xml); {what}.")
+
+
+def extract_xml(raw: bytes) -> XmlMail | Refusal:
+    """The XML request of an xml@ mail, read by the same MIME rules as SMS text, or a Refusal."""
+    try:
+        msg = BytesParser(policy=email.policy.default).parsebytes(raw)
+        found = _the_part(msg, XML_TYPES, "the XML request")
+    except Exception:  # a parser bug on hostile input must become an answer, not a crash
+        return _fail("The message could not be parsed as MIME; send the XML request as plain text only "
+                     "(text/plain or text/xml).", "5.6.0")
+    if isinstance(found, Refusal):
+        return found
+    part, body, charset = found
+    disposition = (_raw_header(part, "content-disposition") or "").strip().lower()
+    if _param_filename(part) or disposition.startswith("attachment"):
+        return _xml_refusal("the XML arrived as an attachment")
+    codec = None
+    if charset is not None:
+        codec = charset_codec(charset)
+        if codec is None:
+            return _fail(f"Unknown charset '{charset[:40]}' in the XML request; use ISO-8859-1 or UTF-8.",
+                         "5.6.0")
+    if not body.strip():
+        return _xml_refusal("this message has no body")
+    if _HTML_START.match(body):
+        return _xml_refusal("HTML is not accepted, send the XML as plain text")
+    mid = safe_text(_unfold(_raw_header(msg, "message-id") or "")).strip()
+    m = _MSGID.search(mid)
+    auto = safe_text(_raw_header(msg, "auto-submitted") or "").strip().lower().startswith("auto-replied")
+    return XmlMail(body=body, charset=codec, message_id=m.group(0) if m else "", auto_replied=auto)
+
+
+def _param_filename(part: Message) -> bool:
+    try:
+        return bool(part.get_filename())
+    except Exception:  # a malformed Content-Disposition: no usable file name
+        return False
 
 
 def _plain_text(data: bytes, charset: str | None, subject: str, message_id: str | None
@@ -284,11 +431,12 @@ def _plain_text(data: bytes, charset: str | None, subject: str, message_id: str 
     body = _decode(data, charset, "text part")
     if isinstance(body, Refusal):
         return body
-    body = body.replace("\r\n", "\n").replace("\r", "\n").rstrip()
+    body = safe_text(body.replace("\r\n", "\n").replace("\r", "\n").rstrip())
     problem = _markup_problem(body)
     if problem:
         return problem
-    return MessageText(subject=subject.strip(), body=body, message_id=message_id)
+    return MessageText(subject=safe_text(subject.strip()), body=body,
+                       message_id=safe_text(message_id) if message_id is not None else None)
 
 
 def latin1_problem(text: str, where: str) -> Refusal | None:

@@ -86,6 +86,17 @@ def _tokens(s: str) -> list[_Token]:
             out.append(_Token(None, run, start, pos))
 
 
+# What may be echoed from a Subject: a keyword-like name, a phone-number-like value.
+# Anything else could be (part of) a credential and is named by its position instead.
+_ECHO_KEY = re.compile(r"[A-Za-z]{1,20}")
+_ECHO_NUMBER = re.compile(r"[0-9+()./-]{1,30}")
+_CREDENTIAL_WORD = re.compile(r"(userkey|password|u|p)\b", re.IGNORECASE)
+
+
+def _word(n: int) -> str:
+    return f"word {n} of the Subject"
+
+
 def _bad(text: str) -> Refusal:
     return Refusal("550", "5.5.4", text)
 
@@ -99,17 +110,23 @@ def parse_subject(subject: str) -> SubjectFields | Refusal:
     seen: dict[str, str] = {}
     recipients: list[str] = []
     after_password = False
-    for tok in _tokens(subject):
+    for n, tok in enumerate(_tokens(subject), 1):
         if tok.key is None:
             if after_password:
                 return _AFTER_PASSWORD
-            return _bad(f"'{tok.value}' in the Subject is not a keyword=value pair; write pairs such as "
+            cred = _CREDENTIAL_WORD.match(tok.value)
+            if cred:
+                label = _NAMES[_KEYWORDS[cred.group(1).lower()]]
+                return _bad(f"W{_word(n)[1:]} starts with {label} but is not a {label}=<value> pair; "
+                            f"write {label}=<value> with '=' and no blanks.")
+            return _bad(f"W{_word(n)[1:]} is not a keyword=value pair; write pairs such as "
                         "Recipient=0041791234567 separated by blanks, commas or semicolons.")
         name = _KEYWORDS.get(tok.key.lower())
         if name is None:
             if after_password:
                 return _AFTER_PASSWORD
-            return _bad(f"Unknown keyword '{tok.key}' in the Subject; use Userkey, Password, Recipient, "
+            key = f"'{tok.key}'" if _ECHO_KEY.fullmatch(tok.key) else f"in {_word(n)}"
+            return _bad(f"Unknown keyword {key} in the Subject; use Userkey, Password, Recipient, "
                         "Originator or Notify.")
         after_password = name == "password"
         label = _NAMES[name]
@@ -125,13 +142,18 @@ def parse_subject(subject: str) -> SubjectFields | Refusal:
         if name in ("userkey", "password") and not tok.value:
             return _bad(f"The Subject has an empty {label}= value; write {label}=<value> without blanks.")
         if name == "notify" and tok.value.upper() not in NOTIFY_POLICIES:
-            return _bad(f"Notify={tok.value} in the Subject is not allowed; use Notify=ALWAYS, Notify=NONE, "
+            return _bad(f"The Notify= value in {_word(n)} is not allowed; use Notify=ALWAYS, Notify=NONE, "
                         "Notify=FAILED or an empty Notify=.")
         seen[name] = tok.value
     originator = seen.get("originator") or None
     notify = seen["notify"].upper() if "notify" in seen else None
     return SubjectFields(userkey=seen.get("userkey"), password=seen.get("password"),
                          recipients=tuple(recipients), originator=originator, notify=notify)
+
+
+def recipient_label(value: str) -> str:
+    """How a reply names a Recipient= value: the value if it looks like a number, else not at all."""
+    return f"Recipient={value}" if _ECHO_NUMBER.fullmatch(value) else "A Recipient= value"
 
 
 def textsms_problem(f: SubjectFields) -> Refusal | None:

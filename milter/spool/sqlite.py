@@ -320,7 +320,16 @@ class SqliteSpool:
     def _connect(self, busy_timeout: float | None = None) -> sqlite3.Connection:
         timeout = self.busy_timeout if busy_timeout is None else busy_timeout
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            # The spool holds sender addresses (secrets): 0640 whatever the umask; SQLite gives
+            # the -wal and -shm files the database file's mode. Only a missing file is opened
+            # here: closing a descriptor of a file this process has open in SQLite would drop
+            # SQLite's POSIX locks on it.
+            if not os.path.exists(self.path):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640))
+            st = os.stat(self.path)
+            if st.st_mode & 0o037 and st.st_uid == os.geteuid():
+                os.chmod(self.path, st.st_mode & 0o7740)
             db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                  check_same_thread=False)
             db.row_factory = sqlite3.Row

@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 from ..config import Account, Config
 from ..policy.addresses import normalize_originator, originator_problem, parse_number
 from ..policy.auth import find_userkey_account, network_allowed
+from ..policy.content import extract_xml
 from ..policy.refusal import SPOOL_UNAVAILABLE, Refusal
 from ..policy.smstext import count_parts
 from ..spool.base import Job, NewJob, OutMail, Spool, SpoolError
 from . import codes, reply
-from .mime import extract
 from .request import (
     DEFERRED_MAX_AHEAD,
     DEFERRED_PAST_GRACE,
@@ -104,7 +104,7 @@ class _Ctx:
 
 def handle(raw_message: bytes, sender: str, client_ip: str | None, cfg: Config, spool: Spool,
            queue_id: str, now: float) -> XmlOutcome | Refusal:
-    mail = extract(raw_message)
+    mail = extract_xml(raw_message)
     if isinstance(mail, Refusal):
         return mail
     parsed = parse_request(mail.body, mail.charset)
@@ -142,7 +142,8 @@ def handle(raw_message: bytes, sender: str, client_ip: str | None, cfg: Config, 
 
 def _should_reply(sender: str, cfg: Config, auto_replied: bool) -> bool:
     s = sender.strip().strip("<>").strip()
-    return bool(s) and not auto_replied and s.lower() != cfg.notify.sender.lower()
+    # A non-ASCII (SMTPUTF8) address cannot be written into the reply's 7-bit header: no reply.
+    return bool(s) and s.isascii() and not auto_replied and s.lower() != cfg.notify.sender.lower()
 
 
 def _execute(req: XmlRequest, client_ip: str | None, ctx: _Ctx) -> tuple[Account | None, _Answer]:

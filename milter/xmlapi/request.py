@@ -134,6 +134,9 @@ def parse_request(data: bytes, encoding: str | None = None) -> XmlRequest | Pars
             code, desc = PARSER_EXTERNAL_FORBIDDEN, "external entities are not allowed"
         return _failure(code, desc, data, expat.CurrentLineNumber, expat.CurrentColumnNumber,
                         expat.CurrentByteIndex, skipped)
+    except (ValueError, LookupError):  # an encoding expat cannot read (multi-byte, say UTF-7)
+        return _failure(18, "unknown encoding", data, expat.CurrentLineNumber, expat.CurrentColumnNumber,
+                        expat.CurrentByteIndex, skipped)
     return _read(root)
 
 

@@ -42,7 +42,23 @@ def test_unknown_keyword() -> None:
 def test_token_without_equals() -> None:
     r = parse_subject("Userkey=A hello")
     assert isinstance(r, Refusal) and (r.code, r.xcode) == ("550", "5.5.4")
-    assert r.text.startswith("'hello' in the Subject is not a keyword=value pair")
+    assert r.text.startswith("Word 2 of the Subject is not a keyword=value pair")
+    assert "hello" not in r.text  # a bare word may be a credential: named by position only
+
+
+@pytest.mark.parametrize("subject", [
+    "U=ACME123 Password:secret R=0041791234567", "U=ACME123 P:secret R=0041791234567",
+    "U=ACME123 secret R=0041791234567", "Userkey:ACME123 P=secret R=0041791234567",
+    "U=ACME123 P=secret,more R=1", "U=ACME123 P=secret N=secret", "U=ACME123 P=x secret=1",
+    "U=ACME123 R=secret P=x", "U=ACME123 Pass-word=secret", "U=ACME123 password;secret",
+])
+def test_no_refusal_echoes_a_credential_value(subject: str) -> None:
+    from sms_milter.policy.subject import recipient_label
+
+    r = parse_subject(subject)
+    texts = [r.text] if isinstance(r, Refusal) else [recipient_label(v) for v in r.recipients]
+    for t in texts:
+        assert "secret" not in t and "ACME123" not in t, t
 
 
 def test_duplicate_keyword() -> None:
@@ -54,7 +70,8 @@ def test_duplicate_keyword() -> None:
 def test_bad_notify() -> None:
     r = parse_subject("N=sometimes")
     assert isinstance(r, Refusal) and r.xcode == "5.5.4"
-    assert "Notify=sometimes" in r.text and "ALWAYS" in r.text and "FAILED" in r.text
+    assert "Notify= value in word 1" in r.text and "sometimes" not in r.text
+    assert "ALWAYS" in r.text and "FAILED" in r.text
 
 
 @pytest.mark.parametrize("subject", [
