@@ -50,7 +50,7 @@ C, A = lm.CONTINUE, lm.ACCEPT
 
 
 class InstantSpool:
-    def add_message(self, key, jobs, key_ttl=0.0, mails=None) -> AddResult:
+    def add_message(self, key, jobs, key_ttl=0.0, mails=None, limits=None) -> AddResult:
         return AddResult(tuple(range(1, len(jobs) + 1)), False)
 
 
