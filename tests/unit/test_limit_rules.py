@@ -360,3 +360,16 @@ def test_one_batch_per_recipient_and_requests_without_a_decision(tmp_path):
     assert [r.result.refused is None for r in reqs] == [True, True, False, True, True, False]
     refused = [r.result.refused.rule for r in reqs if r.result.refused is not None]
     assert refused == ["per_recipient_per_hour", "parts_per_hour"]
+
+
+def test_global_monitor_mode_applies_to_every_account_unless_overridden():
+    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+                        "limits": {"mode": "monitor", "countries": ["CH"]},
+                        "accounts": {"a": {}, "b": {"limits": {"mode": "enforce"}}}})
+    assert cfg.accounts["a"].limits.monitor and not cfg.accounts["b"].limits.monitor
+    gw = Gateway(cfg, None)  # type: ignore[arg-type]  # RCPT rules need no spool
+    assert gw._limit_hit(Message(), cfg.accounts["a"], limits.destination_hit(cfg.accounts["a"].limits,
+                                                                               "+33612345678")) is None
+    refusal = gw._limit_hit(Message(), cfg.accounts["b"], limits.destination_hit(cfg.accounts["b"].limits,
+                                                                                  "+33612345678"))
+    assert refusal is not None and refusal.code == "550"
