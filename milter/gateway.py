@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from . import metrics
 from .config import Account, BreakerConfig, Config, SenderRule
 from .policy import addresses, auth, content, limits, smstext, subject
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
@@ -165,6 +166,7 @@ class Gateway:
             return None
         qid = msg.queue_id or "NOQUEUE"
         where = f" {what}" if what else ""
+        metrics.limit_hit(hit.rule, account.limits.mode)
         if account.limits.monitor:
             log.info("%s: limit %s (monitor mode, not enforced) would refuse%s for account %s: %s",
                      qid, hit.rule, where, account.name, hit.refusal)
@@ -209,6 +211,7 @@ class Gateway:
             return
         self._breaker, tripped = limits.breaker_update(cfg, state, stats, now)
         for p in tripped:
+            metrics.limit_hit("breaker", "tripped")
             _until, finished, failed = self._breaker.open[p]
             log.warning("limit breaker: circuit breaker open for %s...: %d of %d SMS finished in the last "
                         "%gs failed; new mail there gets 451 for %gs", p, failed, finished, cfg.window,
@@ -309,6 +312,7 @@ class Gateway:
             hit = result.refused
             assert isinstance(hit, limits.Hit)
             log.info("%s: limit %s refused: %s", qid, hit.rule, hit.refusal)
+            metrics.limit_hit(hit.rule, "enforce")
             return Outcome(refusal=hit.refusal)
         shown = result.job_ids if len(result.job_ids) <= 10 else (*result.job_ids[:10], "...")
         ids = ",".join(str(i) for i in shown) or "-"

@@ -373,3 +373,21 @@ def test_global_monitor_mode_applies_to_every_account_unless_overridden():
     refusal = gw._limit_hit(Message(), cfg.accounts["b"], limits.destination_hit(cfg.accounts["b"].limits,
                                                                                   "+33612345678"))
     assert refusal is not None and refusal.code == "550"
+
+
+def test_metrics_count_refusals_and_monitor_hits():
+    from sms_milter import metrics
+
+    def value(rule: str, mode: str) -> float:
+        labels = {"rule": rule, "mode": mode}
+        return metrics.REGISTRY.get_sample_value("sms_milter_limit_hits_total", labels) or 0
+
+    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+                        "accounts": {"m": {"limits": {"mode": "monitor", "countries": ["CH"]}},
+                                     "e": {"limits": {"countries": ["CH"]}}}})
+    gw = Gateway(cfg, None)  # type: ignore[arg-type]
+    before = value("countries", "monitor"), value("countries", "enforce")
+    for name in ("m", "e"):
+        acc = cfg.accounts[name]
+        gw._limit_hit(Message(), acc, limits.destination_hit(acc.limits, "+33612345678"))
+    assert (value("countries", "monitor"), value("countries", "enforce")) == (before[0] + 1, before[1] + 1)
