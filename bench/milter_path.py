@@ -369,6 +369,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=15, help="functions shown by --profile")
     ap.add_argument("--metrics", action="store_true",
                     help="serve the milter's /metrics and scrape it every second during the run")
+    ap.add_argument("--limits", action="store_true",
+                    help="account acme with every limit on (caps far above the run: nothing refused)")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     n = a.messages or (1000 if a.quick else 5000)
@@ -385,6 +387,15 @@ def main() -> int:
         spool = work / "spool.sqlite3"
         # 1 KB of smtp-source text is ~1,000 GSM-7 characters: 7 SMS parts; allow 10.
         extra: dict = {"accounts": {"acme": {"max_parts": 10}}}
+        # smtp-source sends the same text to the same number every time: identical SMS would be
+        # one job (limits.identical_seconds), so that rule is off here; --limits turns the others on.
+        extra["limits"] = {"identical_seconds": 0}
+        if a.limits:
+            extra["limits"].update({
+                "parts_per_minute": 10**7, "parts_per_hour": 10**8, "parts_per_day": 10**9,
+                "parts_per_month": 10**10, "per_recipient_per_hour": 10**8, "recipients_per_message": 10,
+                "countries": ["CH", "DE", "FR"], "deny_prefixes": ["+882", "+881"],
+                "number_types": ["mobile", "fixed_line_or_mobile"]})
         milter_spec = f"inet:127.0.0.1:{milter_port}"
         if a.socket == "unix":
             os.chmod(work, 0o755)  # smtpd (user postfix) must reach the socket

@@ -218,6 +218,8 @@ class MilterSession:
         try:
             self._queue_id(md)
             msg.sender = _addr(md.get(b"mail_addr") or cmd[1:])
+            login = md.get(b"auth_authen")  # SMTP AUTH login: limits' smtp_auth (milter_mail_macros)
+            msg.auth_login = login.decode("utf-8", "replace") if login else None
         except Exception:
             self._internal_error("MAIL FROM")
             msg.failed = INTERNAL_ERROR
@@ -432,7 +434,8 @@ class Server:
 
     # -- commits ---------------------------------------------------------------------------------
     def _commit(self, commit: Commit, session: MilterSession) -> AddRequest:
-        request = AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails, context=session)
+        request = AddRequest(commit.key, commit.jobs, commit.key_ttl, commit.mails, context=session,
+                             limits=commit.limits)
         request.deadline = session.deadline
         if not self.to_commit:
             self.commit_due = time.monotonic() + self.commit_delay

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,58 @@ class SenderRule:
     originator: str | None = None  # default SMS originator for this sender
 
 
+# -- limits (abuse control): see policy/limits.py for the rules, INTERFACE.md "Limits" for the keys
+LIMIT_MODES = ("enforce", "monitor")
+# phonenumbers number types by their config name (PhoneNumberType values).
+NUMBER_TYPES = {"fixed_line": 0, "mobile": 1, "fixed_line_or_mobile": 2, "toll_free": 3, "premium_rate": 4,
+                "shared_cost": 5, "voip": 6, "personal": 7, "personal_number": 7, "pager": 8, "uan": 9,
+                "voicemail": 10, "unknown": 99}
+# Allowed when `number_types` is absent: premium-rate, shared-cost, UAN, personal, pager, voip and
+# unknown are refused unless listed.
+DEFAULT_NUMBER_TYPES = ("fixed_line", "mobile", "fixed_line_or_mobile", "toll_free", "voicemail")
+CAP_KEYS = ("parts_per_minute", "parts_per_hour", "parts_per_day", "parts_per_month",
+            "per_recipient_per_hour")
+LIMIT_KEYS = ("mode", "recipients_per_message", *CAP_KEYS, "countries", "deny_prefixes", "number_types",
+              "identical_seconds")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One account's effective limits (None: no cap)."""
+
+    mode: str = "enforce"
+    recipients_per_message: int = 100
+    parts_per_minute: int | None = None
+    parts_per_hour: int | None = None
+    parts_per_day: int | None = None
+    parts_per_month: int | None = None
+    per_recipient_per_hour: int | None = None
+    countries: tuple[str, ...] | None = None  # ISO 3166 alpha-2, upper case; None = all
+    deny_prefixes: tuple[str, ...] = ()  # E.164 with '+'
+    number_types: tuple[str, ...] = DEFAULT_NUMBER_TYPES
+    identical_seconds: int = 600  # the same text to the same number within this is one SMS; 0 = off
+
+    @property
+    def monitor(self) -> bool:
+        return self.mode == "monitor"
+
+    @property
+    def counted(self) -> bool:
+        """Does any rule need the usage counters?"""
+        return any(getattr(self, k) is not None for k in CAP_KEYS)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The circuit breaker on failing destinations (`limits.breaker`, off when absent)."""
+
+    window: float = 3600.0  # seconds of finished jobs looked at
+    min_jobs: int = 20  # fewer finished jobs to a prefix than this: never trips
+    failure_rate: float = 0.5  # failed+expired / finished at or above this: trips
+    cooldown: float = 1800.0  # seconds new mail to the prefix gets 451
+    prefix_digits: int = 3  # destinations grouped by '+' and this many digits
+
+
 @dataclass(frozen=True)
 class Account:
     name: str
@@ -53,6 +105,8 @@ class Account:
     max_parts: int = 6
     notify: str = ""
     credits: int | None = None  # remaining allowance (xml@ ShowCredits); None = unlimited
+    limits: Limits = field(default_factory=Limits)  # top-level `limits:` merged with its own
+    smtp_auth: tuple[str, ...] | None = None  # SMTP AUTH logins bound to the account; None = any/none
 
 
 @dataclass(frozen=True)
@@ -128,6 +182,8 @@ class Config:
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     xml: XmlConfig = field(default_factory=XmlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: Limits = field(default_factory=Limits)  # the top-level defaults
+    breaker: BreakerConfig | None = None
     source: str = ""
 
     def summary(self) -> str:
@@ -360,10 +416,74 @@ def _check_originator(r: _Reader, value: str, path: str) -> None:
         r.bad(path, problem)
 
 
-def _account(r: _Reader, name: str, node: Any) -> Account:
+def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -> Limits:
+    d = r.mapping(node, path, (*LIMIT_KEYS, "breaker") if top else LIMIT_KEYS)
+    values: dict[str, Any] = {}
+    mode = r.string(d, "mode", path)
+    if mode is not None:
+        if mode not in LIMIT_MODES:
+            r.bad(f"{path}.mode", f"must be enforce or monitor, got {mode!r}")
+        else:
+            values["mode"] = mode
+    if "recipients_per_message" in d:
+        values["recipients_per_message"] = r.number(d, "recipients_per_message", path,
+                                                    base.recipients_per_message, 1, 1000)
+    for key in CAP_KEYS:
+        if key in d:
+            values[key] = r.number(d, key, path, None, 0, 1 << 40)
+    if "identical_seconds" in d:
+        values["identical_seconds"] = r.number(d, "identical_seconds", path, base.identical_seconds, 0,
+                                               7 * 86400)
+    if "countries" in d:
+        c = d["countries"]
+        if c is None:
+            values["countries"] = None
+        elif not isinstance(c, list) or not all(isinstance(x, str) and len(x) == 2 and x.isalpha()
+                                                and x.isascii() for x in c):
+            r.bad(f"{path}.countries", "must be a list of ISO 3166 alpha-2 codes such as [CH, DE]")
+        else:
+            values["countries"] = tuple(x.upper() for x in c)
+    if "deny_prefixes" in d:
+        p = d["deny_prefixes"] or []
+        if not isinstance(p, list) or not all(isinstance(x, str) and x.startswith("+") and x[1:].isdigit()
+                                              and x[1:].isascii() for x in p):
+            r.bad(f"{path}.deny_prefixes", 'must be a list of E.164 prefixes such as ["+882"] (quoted)')
+        else:
+            values["deny_prefixes"] = tuple(p)
+    if "number_types" in d:
+        t = d["number_types"] or []
+        if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
+            r.bad(f"{path}.number_types", f"must be a list of: {', '.join(NUMBER_TYPES)}")
+        else:
+            unknown = [x for x in t if x.lower() not in NUMBER_TYPES]
+            if unknown:
+                r.bad(f"{path}.number_types", f"unknown type(s) {', '.join(map(str, unknown))} "
+                                              f"(known: {', '.join(NUMBER_TYPES)})")
+            else:
+                values["number_types"] = tuple(x.lower() for x in t)
+    return replace(base, **values)
+
+
+def _breaker(r: _Reader, node: Any) -> BreakerConfig | None:
+    if node is None or node is False:
+        return None
+    path = "limits.breaker"
+    d = r.mapping(node, path, ("window", "min_jobs", "failure_rate", "cooldown", "prefix_digits"))
+    b = BreakerConfig()
+    return BreakerConfig(
+        window=r.number(d, "window", path, b.window, 10, 30 * 86400, integer=False),
+        min_jobs=r.number(d, "min_jobs", path, b.min_jobs, 1, 1 << 30),
+        failure_rate=r.number(d, "failure_rate", path, b.failure_rate, 0.01, 1.0, integer=False),
+        cooldown=r.number(d, "cooldown", path, b.cooldown, 1, 30 * 86400, integer=False),
+        prefix_digits=r.number(d, "prefix_digits", path, b.prefix_digits, 1, 15),
+    )
+
+
+def _account(r: _Reader, name: str, node: Any, limits: Limits | None = None) -> Account:
     path = f"accounts.{name}"
     d = r.mapping(node, path, ("userkey", "password", "password_hash", "senders", "networks",
-                               "originator", "template", "max_parts", "notify", "credits"))
+                               "originator", "template", "max_parts", "notify", "credits",
+                               "limits", "smtp_auth"))
     senders: list[SenderRule] = []
     raw_senders = d.get("senders") or []
     if not isinstance(raw_senders, list):
@@ -419,10 +539,17 @@ def _account(r: _Reader, name: str, node: Any) -> Account:
     if credits is not None and (isinstance(credits, bool) or not isinstance(credits, int) or credits < 0):
         r.bad(f"{path}.credits", f"must be a whole number >= 0, got {r.got(credits, f'{path}.credits')}")
         credits = None
+    smtp_auth = d.get("smtp_auth")
+    if smtp_auth is not None and (not isinstance(smtp_auth, list) or not smtp_auth
+                                  or not all(isinstance(x, str) and x for x in smtp_auth)):
+        r.bad(f"{path}.smtp_auth", "must be a non-empty list of SMTP AUTH login names")
+        smtp_auth = None
     return Account(
         name=name, userkey=userkey, password=password, password_hash=password_hash,
         senders=tuple(senders), networks=tuple(networks), originator=originator, template=template,
         max_parts=r.number(d, "max_parts", path, 6, 1, 255), notify=notify, credits=credits,
+        limits=_limits(r, d.get("limits"), f"{path}.limits", limits or Limits()),
+        smtp_auth=tuple(smtp_auth) if smtp_auth is not None else None,
     )
 
 
@@ -505,13 +632,16 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
         raise ConfigError([f"{source}: the top level must be a mapping of sections "
                            f"({', '.join(REQUIRED_SECTIONS)}), got {r.got(data, '')}"])
     top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml",
-                                  "metrics"))
+                                  "metrics", "limits"))
     for section in REQUIRED_SECTIONS:
         present = section in top or (section == "provider" and "providers" in top)
         if not present and section not in ("domains", "accounts"):  # those two say so themselves
             r.bad(section, "the section is missing (see the example in README)")
+    limits = _limits(r, top.get("limits"), "limits", Limits(), top=True)
+    limits_node = top.get("limits")
+    breaker = _breaker(r, limits_node.get("breaker")) if isinstance(limits_node, dict) else None
     accounts_node = r.mapping(top.get("accounts"), "accounts")
-    accounts = {str(n): _account(r, str(n), spec) for n, spec in accounts_node.items()}
+    accounts = {str(n): _account(r, str(n), spec, limits) for n, spec in accounts_node.items()}
     cfg = Config(
         milter=_milter(r, top.get("milter")),
         spool=_spool(r, top.get("spool")),
@@ -521,6 +651,8 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
         notify=_notify(r, top.get("notify")),
         xml=_xml(r, top.get("xml")),
         metrics=_metrics(r, top.get("metrics")),
+        limits=limits,
+        breaker=breaker,
         source=source,
     )
     _cross_checks(r, cfg)

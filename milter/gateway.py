@@ -15,10 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .config import Account, Config, SenderRule
-from .policy import addresses, auth, content, smstext, subject
+from . import metrics
+from .config import Account, BreakerConfig, Config, SenderRule
+from .policy import addresses, auth, content, limits, smstext, subject
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
-from .spool.base import AddResult, NewJob, OutMail, Spool, SpoolDataError, SpoolError
+from .spool.base import AddResult, LimitPlan, LimitUsage, NewJob, OutMail, Spool, SpoolDataError, SpoolError
 
 log = logging.getLogger("sms_milter.gateway")
 
@@ -53,6 +54,8 @@ class Message:
     size: int = 0
     failed: Refusal | None = None  # an error in a no-reply callback, reported at the end
     targets: set[tuple[str, str, str]] = field(default_factory=set)  # SmsRecipient.target_key seen
+    auth_login: str | None = None  # the SMTP AUTH login ({auth_authen}), None when not authenticated
+    numbers: set[str] = field(default_factory=set)  # E.164 of the <number>@ recipients accepted so far
 
     def add_body(self, chunk: bytes, limit: int) -> None:
         self.size += len(chunk)
@@ -99,6 +102,7 @@ class Commit:
     jobs: list[NewJob]
     mails: list[OutMail]
     notes: list[str]
+    limits: LimitPlan | None = None  # checked and counted by the spool inside the commit
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,12 @@ def _sms_text_problem(text: str, parts: int, account: Account) -> Refusal | None
 
 
 class Gateway:
-    def __init__(self, cfg: Config, spool: Spool):
+    def __init__(self, cfg: Config, spool: Spool, clock=time.time):
         self.cfg = cfg
         self.spool = spool
+        self.clock = clock  # for the circuit breaker; the spool's counters use the spool's clock
+        self._breaker = limits.EMPTY_BREAKER
+        self._breaker_due = 0.0
 
     # -- RCPT ------------------------------------------------------------------------------
     def rcpt(self, msg: Message, raw: bytes, address: str) -> Refusal | None:
@@ -143,9 +150,131 @@ class Gateway:
             if isinstance(who, Refusal):
                 return self._refused(msg, who, address)
             rcpt.account, rcpt.rule = who
+            hit = self._rcpt_limits(msg, rcpt.account, found.number or "")
+            if hit is not None:
+                return hit
+            msg.numbers.add(found.number or "")
         msg.targets.add(rcpt.target_key)
         msg.sms.append(rcpt)
         return None
+
+    # -- limits (abuse control; rules in policy/limits.py) ----------------------------------
+    def _limit_hit(self, msg: Message, account: Account, hit: limits.Hit | None,
+                   what: str = "") -> Refusal | None:
+        """One log line per refusal by a limit, with the rule's name; in monitor mode the line
+        says what would have happened and nothing is refused."""
+        if hit is None:
+            return None
+        qid = msg.queue_id or "NOQUEUE"
+        where = f" {what}" if what else ""
+        metrics.limit_hit(hit.rule, account.limits.mode)
+        if account.limits.monitor:
+            log.info("%s: limit %s (monitor mode, not enforced) would refuse%s for account %s: %s",
+                     qid, hit.rule, where, account.name, hit.refusal)
+            return None
+        log.info("%s: limit %s refused%s for account %s: %s", qid, hit.rule, where, account.name, hit.refusal)
+        return hit.refusal
+
+    def _rcpt_limits(self, msg: Message, account: Account, number: str) -> Refusal | None:
+        """The rules decided at RCPT for a <number>@ recipient: smtp_auth, recipients_per_message,
+        destination (deny_prefixes, countries, number_types) and the circuit breaker."""
+        lim = account.limits
+        count = len(msg.numbers) + (number not in msg.numbers)
+        for hit in (lambda: limits.smtp_auth_hit(account, msg.auth_login),
+                    lambda: limits.recipients_hit(lim, count),
+                    lambda: limits.destination_hit(lim, number),
+                    lambda: self._breaker_hit(number)):
+            refusal = self._limit_hit(msg, account, hit(), f"recipient {number}")
+            if refusal is not None:
+                return refusal
+        return None
+
+    def _breaker_hit(self, number: str) -> limits.Hit | None:
+        cfg = self.cfg.breaker
+        if cfg is None:
+            return None
+        now = self.clock()
+        if now >= self._breaker_due:  # re-read the finished jobs now and then, not per message
+            self._breaker_due = now + min(5.0, cfg.cooldown)
+            self._breaker_refresh(cfg, now)
+        return limits.breaker_hit(self._breaker, number, now)
+
+    def _breaker_refresh(self, cfg: BreakerConfig, now: float) -> None:
+        state = limits.breaker_expire(self._breaker, now)
+        try:
+            stats = self.spool.finished_by_prefix(now - cfg.window, cfg.prefix_digits)
+            # After a cool-down only what finished since it ended counts.
+            for p, closed in state.closed_at.items():
+                if p in stats and closed > now - cfg.window:
+                    stats[p] = self.spool.finished_by_prefix(closed, cfg.prefix_digits).get(p, (0, 0))
+        except SpoolError as e:
+            log.warning("circuit breaker: cannot read the spool (%s); keeping its state", e)
+            return
+        self._breaker, tripped = limits.breaker_update(cfg, state, stats, now)
+        for p in tripped:
+            metrics.limit_hit("breaker", "tripped")
+            _until, finished, failed = self._breaker.open[p]
+            log.warning("limit breaker: circuit breaker open for %s...: %d of %d SMS finished in the last "
+                        "%gs failed; new mail there gets 451 for %gs", p, failed, finished, cfg.window,
+                        cfg.cooldown)
+
+    def _eom_limits(self, msg: Message, jobs: list[NewJob], late: list[int],
+                    xml_jobs: int = 0) -> Refusal | LimitPlan:
+        """The rules decided at the end of the message for jobs[i] for i in `late` (textsms@, xml@:
+        their recipients and account are known only now): smtp_auth, recipients_per_message,
+        the destination rules and the breaker; then the plan the spool runs in its commit."""
+        by_account: dict[str, set[str]] = {}
+        textsms: dict[str, set[str]] = {}  # recipients_per_message counts textsms@ R= only
+        for i in late:
+            by_account.setdefault(jobs[i].account, set()).add(jobs[i].recipient)
+            if i >= xml_jobs:
+                textsms.setdefault(jobs[i].account, set()).add(jobs[i].recipient)
+        for name, numbers in by_account.items():
+            account = self.cfg.accounts.get(name)
+            if account is None:
+                continue
+            lim = account.limits
+            found = self._limit_hit(msg, account, limits.smtp_auth_hit(account, msg.auth_login))
+            many = limits.recipients_hit(lim, len(textsms.get(name, ())))
+            found = found or self._limit_hit(msg, account, many)
+            for number in sorted(numbers):
+                what = f"recipient {number}"
+                found = found or self._limit_hit(msg, account, limits.destination_hit(lim, number), what)
+                found = found or self._limit_hit(msg, account, self._breaker_hit(number), what)
+            if found is not None:
+                return found
+        counted = any((a := self.cfg.accounts.get(j.account)) is not None and a.limits.counted for j in jobs)
+        keys = tuple(self._sms_key(j, self._identical_seconds(j.account))
+                     if j.trans_ref is None and not j.urls else "" for j in jobs)
+        return LimitPlan(decide=self._decide_usage(msg) if counted else None,
+                         dedupe_keys=keys if any(keys) else (), dedupe_ttl=1.0)
+
+    def _identical_seconds(self, name: str) -> int:
+        account = self.cfg.accounts.get(name)
+        return account.limits.identical_seconds if account is not None else self.cfg.limits.identical_seconds
+
+    @staticmethod
+    def _sms_key(j: NewJob, seconds: int) -> str:
+        """Identical SMS: same account, number, device, originator and text; "" = not deduplicated.
+        The window is part of the key: `<seconds>:<hash>` (the spool keeps it that long)."""
+        if seconds <= 0:
+            return ""
+        fields = ("sms", j.account, j.recipient, j.device, j.originator, j.text)
+        return f"{seconds}:" + hashlib.sha256("\0".join(fields).encode()).hexdigest()
+
+    def _decide_usage(self, msg: Message):
+        def decide(account_name: str, usage: LimitUsage, parts: int,
+                   per: dict[str, int]) -> limits.Hit | None:
+            account = self.cfg.accounts.get(account_name)
+            if account is None or not account.limits.counted:
+                return None
+            hit = limits.usage_hit(account.limits, usage, parts, per)
+            if hit is None or account.limits.monitor:
+                self._limit_hit(msg, account, hit)  # the monitor-mode line (nothing when None)
+                return None
+            return hit  # logged by committed(), once the transaction is over
+
+        return decide
 
     def _refused(self, msg: Message, r: Refusal, what: str) -> Refusal:
         log.info("%s: refused recipient %s: %s", msg.queue_id or "NOQUEUE", what, r)
@@ -165,9 +294,9 @@ class Gateway:
         if isinstance(decided, Refusal):
             log.info("%s: refused: %s", qid, decided)
             return Outcome(refusal=decided)
-        jobs, mails, notes = decided
+        jobs, mails, notes, plan = decided
         key, ttl = self._idempotency_key(msg, jobs)
-        return Commit(key=key, key_ttl=ttl, jobs=jobs, mails=mails, notes=notes)
+        return Commit(key=key, key_ttl=ttl, jobs=jobs, mails=mails, notes=notes, limits=plan)
 
     def committed(self, msg: Message, commit: Commit, result: AddResult | SpoolError) -> Outcome:
         """The Outcome once the spool answered: 250 with the SMS recipients removed, or 451."""
@@ -180,6 +309,12 @@ class Gateway:
         if isinstance(result, SpoolError):
             log.error("%s: spool unavailable, answering 451: %s", qid, result)
             return Outcome(refusal=SPOOL_UNAVAILABLE)
+        if result.refused is not None:  # a velocity/month cap, decided inside the commit
+            hit = result.refused
+            assert isinstance(hit, limits.Hit)
+            log.info("%s: limit %s refused: %s", qid, hit.rule, hit.refusal)
+            metrics.limit_hit(hit.rule, "enforce")
+            return Outcome(refusal=hit.refusal)
         shown = result.job_ids if len(result.job_ids) <= 10 else (*result.job_ids[:10], "...")
         ids = ",".join(str(i) for i in shown) or "-"
         what = "duplicate of an accepted message, nothing added" if result.duplicate else "accepted"
@@ -204,12 +339,13 @@ class Gateway:
     def commit_and_wait(self, msg: Message, decided: Commit) -> Outcome:
         try:
             result: AddResult | SpoolError = self.spool.add_message(
-                decided.key, decided.jobs, key_ttl=decided.key_ttl, mails=decided.mails)
+                decided.key, decided.jobs, key_ttl=decided.key_ttl, mails=decided.mails,
+                limits=decided.limits)
         except SpoolError as e:
             result = e
         return self.committed(msg, decided, result)
 
-    def _decide(self, msg: Message) -> Refusal | tuple[list[NewJob], list[OutMail], list[str]]:
+    def _decide(self, msg: Message) -> Refusal | tuple[list[NewJob], list[OutMail], list[str], LimitPlan]:
         limit = self.cfg.milter.max_message_bytes
         # Stored as given: nothing a client sends may make the spool's INSERT fail.
         msg.sender, msg.queue_id = content.safe_text(msg.sender), content.safe_text(msg.queue_id)
@@ -236,25 +372,31 @@ class Gateway:
                 if out.reply is not None:
                     mails.append(out.reply)
                 notes.append(f"xml@: {out.log}")
-        if not text_rcpts:
-            return jobs, mails, notes
-        text = content.extract_text(raw)
-        if isinstance(text, Refusal):
-            return text
-        memo: dict[tuple, Refusal | dict] = {}
-        seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= for it are one SMS
-        for r in text_rcpts:
-            made = self._jobs_for(msg, r, text, memo)
-            if isinstance(made, Refusal):
-                return made
-            fresh = [j for j in made if (j.recipient, j.device) not in seen]
-            seen.update((j.recipient, j.device) for j in fresh)
-            jobs += fresh
-            if made:
-                notes.append(f"{r.target.kind} for account {made[0].account}")
-            else:
-                notes.append(r.target.kind)
-        return jobs, mails, notes
+        xml_jobs = len(jobs)  # xml@ keeps its own recipient limit (1,000), not recipients_per_message
+        late = list(range(len(jobs)))  # jobs whose limits were not decided at RCPT (xml@, textsms@)
+        if text_rcpts:
+            text = content.extract_text(raw)
+            if isinstance(text, Refusal):
+                return text
+            memo: dict[tuple, Refusal | dict] = {}
+            seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= are one SMS
+            for r in text_rcpts:
+                made = self._jobs_for(msg, r, text, memo)
+                if isinstance(made, Refusal):
+                    return made
+                fresh = [j for j in made if (j.recipient, j.device) not in seen]
+                seen.update((j.recipient, j.device) for j in fresh)
+                if r.target.kind != "number":
+                    late += range(len(jobs), len(jobs) + len(fresh))
+                jobs += fresh
+                if made:
+                    notes.append(f"{r.target.kind} for account {made[0].account}")
+                else:
+                    notes.append(r.target.kind)
+        plan = self._eom_limits(msg, jobs, late, xml_jobs)
+        if isinstance(plan, Refusal):
+            return plan
+        return jobs, mails, notes, plan
 
     def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText,
                   memo: dict[tuple, Refusal | dict]) -> Refusal | list[NewJob]:

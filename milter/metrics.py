@@ -54,6 +54,13 @@ RECEIPTS = Counter("sms_milter_receipts", "Delivery receipts stored, by part sta
 RELOADS = Counter("sms_milter_config_reloads", "Configuration reloads (SIGHUP), by result",
                   ["result"], registry=REGISTRY)
 BINDS = Counter("sms_milter_binds", "Binds to the provider", ["provider"], registry=REGISTRY)
+# Limits (abuse control): every rule that refused (mode enforce) or would have (mode monitor).
+LIMIT_HITS = Counter("sms_milter_limit_hits", "Limits that refused (enforce) or would have refused "
+                     "(monitor), by rule", ["rule", "mode"], registry=REGISTRY)
+
+
+def limit_hit(rule: str, mode: str) -> None:
+    LIMIT_HITS.labels(rule, mode).inc()
 BOUND = Gauge("sms_milter_provider_bound", "1 while bound to the provider", ["provider"],
               registry=REGISTRY)
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -7,6 +7,7 @@ hosts implements the same methods later. Nothing outside `spool/` knows SQL.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -86,15 +87,59 @@ class OutMail:
 class AddResult:
     job_ids: tuple[int, ...]
     duplicate: bool  # True: the same message was spooled before; nothing new was added
+    refused: object = None  # a limit refused it inside the transaction (LimitPlan.decide's answer)
+
+
+# -- limits (abuse control): counters the commit checks and updates in its own transaction ----------
+# Slot widths of the usage counters: 10 s slots for the minute and hour windows, 1 h slots for the
+# day window, 60 s slots per destination number (per_recipient_per_hour).
+SLOT_SHORT = 10
+SLOT_LONG = 3600
+SLOT_RCPT = 60
+
+
+@dataclass(frozen=True)
+class LimitUsage:
+    """What one account has committed so far, as the counters tell it at `now` (values only)."""
+
+    now: float
+    short: tuple[tuple[int, int], ...] = ()  # (slot start, parts) of SLOT_SHORT slots, last hour, ascending
+    long: tuple[tuple[int, int], ...] = ()  # (slot start, parts) of SLOT_LONG slots, last day, ascending
+    month: int = 0  # parts this calendar month (UTC)
+    recipients: dict[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)  # number -> SLOT_RCPT
+
+
+@dataclass
+class LimitPlan:
+    """What the commit must do about limits for one message, inside its transaction.
+
+    `dedupe_keys` (parallel to the request's jobs, "" = none) drop a job whose identical SMS was
+    committed within `dedupe_ttl` (a key `<seconds>:...` carries its own lifetime); then, per
+    account of the remaining jobs, `decide(account, usage, parts, parts_by_recipient)` answers
+    None (commit and count) or a refusal object
+    (nothing of the message is written; AddResult.refused carries it)."""
+
+    decide: Callable[[str, LimitUsage, int, dict[str, int]], object | None] | None = None
+    dedupe_keys: tuple[str, ...] = ()
+    dedupe_ttl: float = 0.0
+
+
+@dataclass(frozen=True)
+class AccountUsage:
+    """Parts an account committed today and this calendar month (UTC), for `stats`."""
+
+    account: str
+    today: int
+    month: int
 
 
 class AddRequest:
     """One message's commit: what to write, then its result or error."""
 
-    __slots__ = ("key", "jobs", "mails", "key_ttl", "result", "error", "context", "deadline")
+    __slots__ = ("key", "jobs", "mails", "key_ttl", "result", "error", "context", "deadline", "limits")
 
     def __init__(self, key: str | None, jobs: list[NewJob], key_ttl: float, mails: list[OutMail],
-                 context: object = None):
+                 context: object = None, limits: LimitPlan | None = None):
         self.key = key
         self.jobs = jobs
         self.mails = mails
@@ -103,6 +148,7 @@ class AddRequest:
         self.error: SpoolError | None = None
         self.context = context  # the caller's (the milter's session)
         self.deadline = 0.0  # monotonic: not committed after this (the caller answered 451)
+        self.limits = limits  # abuse control: checked and counted in the commit (w7-limits)
 
 
 @dataclass(frozen=True)
@@ -160,7 +206,7 @@ class OverduePart:
 class Spool(Protocol):
     # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
-                    mails: list[OutMail] | None = None) -> AddResult:
+                    mails: list[OutMail] | None = None, limits: LimitPlan | None = None) -> AddResult:
         """Commit all jobs (and mails) of one message durably in one transaction, or raise SpoolError.
 
         `key` identifies the message: a second call with the same key within `key_ttl`
@@ -251,6 +297,13 @@ class Spool(Protocol):
     def find_by_trans_ref(self, account: str, refs: list[str]) -> dict[str, list[Job]]: ...
 
     def parts_used(self, account: str) -> int: ...
+
+    def account_usage(self, now: float | None = None) -> list[AccountUsage]:
+        """Per account: parts committed today and this calendar month (UTC), from the limit counters."""
+
+    def finished_by_prefix(self, since: float, digits: int) -> dict[str, tuple[int, int]]:
+        """Jobs that reached a final state since `since`, by destination prefix ('+' and `digits`
+        digits): prefix -> (finished, failed or expired). The circuit breaker's input."""
 
     def close(self) -> None: ...
 

@@ -50,7 +50,7 @@ C, A = lm.CONTINUE, lm.ACCEPT
 
 
 class InstantSpool:
-    def add_message(self, key, jobs, key_ttl=0.0, mails=None) -> AddResult:
+    def add_message(self, key, jobs, key_ttl=0.0, mails=None, limits=None) -> AddResult:
         return AddResult(tuple(range(1, len(jobs) + 1)), False)
 
 
@@ -228,7 +228,7 @@ def test_a_message_decided_after_its_deadline_is_answered_451_and_never_committe
     class CountingSpool(InstantSpool):
         calls = 0
 
-        def add_message(self, key, jobs, key_ttl=0.0, mails=None) -> AddResult:
+        def add_message(self, key, jobs, key_ttl=0.0, mails=None, limits=None) -> AddResult:
             CountingSpool.calls += 1
             return super().add_message(key, jobs, key_ttl, mails)
 
