@@ -21,6 +21,17 @@ from sms_milter.spool.sqlite import SqliteSpool
 T0 = float(calendar.timegm((2026, 12, 1, 10, 0, 0, 0, 0, 0)))  # a Tuesday, 10:00:00 UTC
 
 
+# The sections every configuration needs (check-config refuses a file without them).
+_SECTIONS = {"milter": {"socket": "inet:127.0.0.1:8894"}, "spool": {"path": "/nonexistent/spool.sqlite3"},
+             "provider": {"smpp": {"host": "127.0.0.1", "port": 2775, "system_id": "gw", "password": "pw"}},
+             "notify": {"smtp": "127.0.0.1:25", "from": "sms-gateway@example.com"}}
+
+
+def _parse(data: dict) -> config.Config:
+    return config.parse({**_SECTIONS, **data})
+
+
+
 class Clock:
     def __init__(self, t: float = T0):
         self.t = t
@@ -254,7 +265,7 @@ def test_breaker_trips_on_failure_rate_and_reopens_after_cooldown():
 
 
 def test_gateway_breaker_reads_finished_jobs_from_the_spool(tmp_path):
-    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+    cfg = _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                         "accounts": {"acme": {"senders": ["a@client.example"]}},
                         "limits": {"breaker": {"min_jobs": 3, "failure_rate": 0.6, "cooldown": 300,
                                                "prefix_digits": 4}}})
@@ -279,7 +290,7 @@ def test_gateway_breaker_reads_finished_jobs_from_the_spool(tmp_path):
 
 
 def test_config_keys_and_problems():
-    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+    cfg = _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                         "limits": {"parts_per_hour": 5, "countries": ["ch", "DE"], "deny_prefixes": ["+882"]},
                         "accounts": {"acme": {"smtp_auth": ["alice"], "limits": {"parts_per_hour": 7,
                                                                                   "mode": "monitor"}},
@@ -289,7 +300,7 @@ def test_config_keys_and_problems():
     assert cfg.accounts["other"].limits.parts_per_hour == 5 and cfg.accounts["acme"].smtp_auth == ("alice",)
     assert cfg.breaker is None  # off by default
     with pytest.raises(config.ConfigError) as e:
-        config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+        _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                       "limits": {"mode": "off", "countries": ["CHE"], "number_types": ["cheap"],
                                  "deny_prefixes": [882]},
                       "accounts": {"acme": {"smtp_auth": "alice", "limits": {"parts_per_day": -1}}}})
@@ -308,7 +319,7 @@ def test_smtp_auth_login_with_a_realm():
 
 
 def _gateway(tmp_path: Path, **account_limits) -> Gateway:
-    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+    cfg = _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                         "accounts": {"acme": {"senders": ["a@client.example"], "limits": account_limits}}})
     return Gateway(cfg, SqliteSpool(tmp_path / "spool.sqlite3"))
 
@@ -331,7 +342,7 @@ def test_identical_seconds_zero_turns_the_identical_sms_rule_off(tmp_path):
 
 
 def test_usage_report_for_stats(tmp_path):
-    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+    cfg = _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                         "limits": {"parts_per_month": 1000},
                         "accounts": {"acme": {"limits": {"parts_per_day": 200}}, "idle": {}}})
     c = Counted(tmp_path, lim())
@@ -363,7 +374,7 @@ def test_one_batch_per_recipient_and_requests_without_a_decision(tmp_path):
 
 
 def test_global_monitor_mode_applies_to_every_account_unless_overridden():
-    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+    cfg = _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                         "limits": {"mode": "monitor", "countries": ["CH"]},
                         "accounts": {"a": {}, "b": {"limits": {"mode": "enforce"}}}})
     assert cfg.accounts["a"].limits.monitor and not cfg.accounts["b"].limits.monitor
@@ -382,7 +393,7 @@ def test_metrics_count_refusals_and_monitor_hits():
         labels = {"rule": rule, "mode": mode}
         return metrics.REGISTRY.get_sample_value("sms_milter_limit_hits_total", labels) or 0
 
-    cfg = config.parse({"domains": {"sms.example.com": {"style": "aspsms"}},
+    cfg = _parse({"domains": {"sms.example.com": {"style": "aspsms"}},
                         "accounts": {"m": {"limits": {"mode": "monitor", "countries": ["CH"]}},
                                      "e": {"limits": {"countries": ["CH"]}}}})
     gw = Gateway(cfg, None)  # type: ignore[arg-type]
