@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .policy.limits import usage_report
 from .spool.base import FINAL_STATES, Change, JobDetail, SpoolError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -238,9 +239,14 @@ def stats_record(cfg: Config, spool: Any, now: float | None = None) -> dict[str,
     day = t.replace(hour=0, minute=0, second=0, microsecond=0)
     month = _month_start(t)
     s = spool.stats(day.timestamp(), month.timestamp())
-    accounts: dict[str, dict[str, int]] = {n: {"parts_today": 0, "parts_month": 0} for n in cfg.accounts}
+    accounts: dict[str, dict[str, Any]] = {n: {"parts_today": 0, "parts_month": 0} for n in cfg.accounts}
     for name, a in s.accounts.items():
         accounts[name] = {"parts_today": a.parts_today, "parts_month": a.parts_month}
+    # Against the caps: the parts counted by the limits (accepted at SMTP time, whether sent yet or not).
+    for u in usage_report(cfg.accounts, spool.account_usage(now)):
+        accounts.setdefault(u["account"], {"parts_today": 0, "parts_month": 0}).update(
+            counted_today=u["parts_today"], counted_month=u["parts_month"],
+            parts_per_day=u["parts_per_day"], parts_per_month=u["parts_per_month"], limits_mode=u["mode"])
     oldest = s.oldest_queued_at
     return {
         "at": iso(now),
@@ -260,6 +266,10 @@ def _age(seconds: float) -> str:
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
     return " ".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m"), (s, "s")) if v) or "0s"
+
+
+def _against(counted: int, cap: int | None) -> str:
+    return f"{counted}/{cap if cap is not None else '-'}"
 
 
 def run_stats(cfg: Config, args: argparse.Namespace) -> int:
@@ -283,7 +293,10 @@ def run_stats(cfg: Config, args: argparse.Namespace) -> int:
         print("oldest queued: none")
     else:
         print(f"oldest queued: {_age(rec['oldest_queued_age'])} ago ({rec['oldest_queued_at']})")
-    print(f"{'parts sent (UTC)':<24}{'today ' + rec['day']:>18}{'month ' + rec['month']:>16}")
+    print(f"{'parts sent (UTC)':<24}{'today ' + rec['day']:>18}{'month ' + rec['month']:>16}"
+          f"{'counted/cap today':>20}{'counted/cap month':>20}")
     for name, a in rec["accounts"].items():
-        print(f"  {name:<22}{a['parts_today']:>18}{a['parts_month']:>16}")
+        print(f"  {name:<22}{a['parts_today']:>18}{a['parts_month']:>16}"
+              f"{_against(a.get('counted_today', 0), a.get('parts_per_day')):>20}"
+              f"{_against(a.get('counted_month', 0), a.get('parts_per_month')):>20}")
     return 0

@@ -7,6 +7,7 @@ tests/unit/test_limit_rules.py; SMTP AUTH binding with a real SASL Postfix in te
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -113,6 +114,13 @@ def test_month_cap_is_552(lgw):
     code, text = lgw.send("month@client.example", [addr(number)], msg(f"{token} over"))["data"]
     assert code == 552 and text.startswith("5.2.2") and "parts_per_month" in text
     assert len(lgw.jobs(text_contains=token)) == 2
+    # stats shows the account's counted parts against its caps
+    r = bed.run_cli(lgw.config, "stats", "--json")
+    assert r.returncode == 0, r.stderr
+    month = json.loads(r.stdout)["accounts"]["month"]
+    assert month["counted_month"] == 2 and month["parts_per_month"] == 2 and month["parts_per_day"] is None
+    r = bed.run_cli(lgw.config, "stats")
+    assert r.returncode == 0 and "2/2" in r.stdout, r.stdout
 
 
 def test_per_recipient_per_hour_floods_one_handset_only(lgw):
