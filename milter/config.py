@@ -623,7 +623,10 @@ def _metrics(r: _Reader, node: Any) -> MetricsConfig:
 REQUIRED_SECTIONS = ("milter", "spool", "domains", "accounts", "provider", "notify")
 
 
-def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = None) -> Config:
+def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = None,
+          complete: bool = False) -> Config:
+    """`complete`: a whole configuration file (load), whose missing sections are problems;
+    partial dicts (tests, tools) get the defaults."""
     r = _Reader(words)
     if data is None:
         raise ConfigError([f"{source}: the file is empty; a configuration needs the sections "
@@ -633,7 +636,7 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
                            f"({', '.join(REQUIRED_SECTIONS)}), got {r.got(data, '')}"])
     top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml",
                                   "metrics", "limits"))
-    for section in REQUIRED_SECTIONS:
+    for section in REQUIRED_SECTIONS if complete else ():
         present = section in top or (section == "provider" and "providers" in top)
         if not present and section not in ("domains", "accounts"):  # those two say so themselves
             r.bad(section, "the section is missing (see the example in README)")
@@ -696,7 +699,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
     except RecursionError:
         raise ConfigError([f"{p}: not valid YAML: nested too deeply"]) from None
-    return parse(data, str(p), words)
+    return parse(data, str(p), words, complete=True)
 
 
 def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None,
