@@ -50,10 +50,10 @@ def _setup_logging(verbose: bool, command: str, log_format: str = "text") -> Non
         root = logging.getLogger()
         root.setLevel(logging.INFO)
         if os.path.exists("/dev/log"):
-            handler = logging.handlers.SysLogHandler(
+            syslog = logging.handlers.SysLogHandler(
                 "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-            handler.setFormatter(logging.Formatter("sms-milter[%(process)d]: %(message)s"))
-            root.addHandler(handler)
+            syslog.setFormatter(logging.Formatter("sms-milter[%(process)d]: %(message)s"))
+            root.addHandler(syslog)
         else:
             root.addHandler(logging.NullHandler())
         return
@@ -93,7 +93,7 @@ class _Formatter(logging.Formatter):
         if second != self._second:
             self._second = second
             self._text = time.strftime(self.default_time_format, self.converter(second))
-        return self.default_msec_format % (self._text, record.msecs)
+        return (self.default_msec_format or "%s,%03d") % (self._text, record.msecs)
 
 
 def _on_signals(stop: Callable[[], None], reload: Callable[[], None] | None = None) -> None:

@@ -245,7 +245,7 @@ class _Reader:
             return default
         return str(v)
 
-    def number(self, d: dict, key: str, path: str, default: float, lo: float, hi: float,
+    def number(self, d: dict, key: str, path: str, default: float | None, lo: float, hi: float,
                integer: bool = True) -> Any:
         if key not in d or d[key] is None:
             return default
@@ -302,8 +302,8 @@ def _socket_spec(r: _Reader, value: str, path: str) -> str:
         rest = value.partition(":")[2]
         # Both Postfix (inet:host:port) and Sendmail (inet:port@host) spellings.
         if "@" in rest:
-            port, _, host = rest.partition("@")
-            rest = f"{host}:{port}"
+            sm_port, _, sm_host = rest.partition("@")
+            rest = f"{sm_host}:{sm_port}"
         found = _host_port(r, rest, path, 0)
         if found is None:
             return value

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import metrics
 from .config import Account, BreakerConfig, Config, SenderRule
@@ -378,7 +379,7 @@ class Gateway:
             text = content.extract_text(raw)
             if isinstance(text, Refusal):
                 return text
-            memo: dict[tuple, Refusal | dict] = {}
+            memo: dict[tuple, Refusal | dict[str, Any]] = {}
             seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= are one SMS
             for r in text_rcpts:
                 made = self._jobs_for(msg, r, text, memo)
@@ -399,10 +400,10 @@ class Gateway:
         return jobs, mails, notes, plan
 
     def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText,
-                  memo: dict[tuple, Refusal | dict]) -> Refusal | list[NewJob]:
+                  memo: dict[tuple, Refusal | dict[str, Any]]) -> Refusal | list[NewJob]:
         style = r.target.domain.style
-        common = dict(sender=msg.sender, message_id=mt.message_id or "", queue_id=msg.queue_id,
-                      device=r.target.device)
+        common: dict[str, Any] = dict(sender=msg.sender, message_id=mt.message_id or "",
+                                      queue_id=msg.queue_id, device=r.target.device)
         if r.target.kind == "textsms":
             return self._textsms_jobs(msg, mt, common)
         account, rule = r.account, r.rule
@@ -418,7 +419,7 @@ class Gateway:
         return [NewJob(recipient=r.target.number, **fields, **common)]
 
     def _number_job_fields(self, mt: content.MessageText, style: str, account: Account,
-                           rule: SenderRule | None) -> Refusal | dict:
+                           rule: SenderRule | None) -> Refusal | dict[str, Any]:
         if style == "telemessage":
             text = content.render_template(account.template, mt.subject, mt.body)
             originator, notify = account.originator, account.notify

@@ -85,8 +85,11 @@ class Engine:
         self.provider.start(self._on_result, self._on_receipt, self._wake)
         waker = threading.Thread(target=self._wake_loop, args=(stop,), name="spool-wake", daemon=True)
         waker.start()
-        watch = threading.Thread(target=lambda: (stop.wait(), self._kick.set()), name="stop-watch",
-                                 daemon=True)
+        def watch_stop() -> None:
+            stop.wait()
+            self._kick.set()
+
+        watch = threading.Thread(target=watch_stop, name="stop-watch", daemon=True)
         watch.start()
         next_expire = 0.0
         next_prune = 0.0

@@ -75,6 +75,10 @@ class Provider(Protocol):
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         """Acknowledge receipts the engine has stored (or given up on)."""
 
+    def drain(self, timeout: float) -> None:
+        """Stop sending new jobs (those not yet on the wire are reported as temporary failures)
+        and wait up to `timeout` for the answers to what is in flight."""
+
     def close(self, timeout: float) -> None:
         """Stop sending, wait up to `timeout` for answers to what is in flight, report every job
         still open as a temporary failure (count_attempt=False), disconnect cleanly."""

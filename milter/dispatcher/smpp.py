@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import smpplib.client
 import smpplib.consts
@@ -489,7 +490,7 @@ class SmppProvider:
                 try:
                     conn = self._connect()
                 except (smpplib.exceptions.ConnectionError, smpplib.exceptions.PDUError, OSError) as e:
-                    args = getattr(e, "args", ())
+                    args: tuple[Any, ...] = getattr(e, "args", ())
                     why = status_text(args[1]) if len(args) > 1 else (str(e) or type(e).__name__)
                     with self._cond:
                         self._last_life = 0.0

@@ -200,7 +200,8 @@ def _leaves(part: Message) -> Iterator[Message | Refusal]:
             yield _fail(f"The message is {ctype}; SMS mail must be plain text only (one text/plain part).")
             return
         for sub in part.get_payload():
-            yield from _leaves(sub)
+            if isinstance(sub, Message):  # is_multipart(): always a Message
+                yield from _leaves(sub)
         return
     yield part
 

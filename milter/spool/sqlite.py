@@ -645,7 +645,7 @@ class SqliteSpool:
                 out.append(known[r.key])
                 continue
             # -- limits (w7-limits): checked here, counted below, inside this transaction --------
-            jobs, dedupe_keys = r.jobs, []
+            jobs, dedupe_keys = r.jobs, list[str]()
             if r.limits is not None:
                 stop, jobs, dedupe_keys = self._limits_check(db, r, r.limits, now)
                 if stop is not None:
@@ -1066,8 +1066,8 @@ class SqliteSpool:
             provider = item[4] if len(item) > 4 else ""
             src = number_key(source or "")
             best: tuple | None = None
-            for rank, f in enumerate(forms):
-                for jid, seq, part_provider in cands.get(f, ()):
+            for rank, form in enumerate(forms):
+                for jid, seq, part_provider in cands.get(form, ()):
                     j = usable(jid, part_provider, src, provider)
                     if j is None:
                         continue
