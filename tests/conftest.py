@@ -144,3 +144,19 @@ def gw(gateway):
     """The session gateway, with a running milter guaranteed for this test."""
     gateway.ensure_milter()
     return gateway
+
+
+@pytest.fixture(scope="module")
+def smsc_node() -> None:
+    """Fails the module's tests at once (not one by one) when the SMSC simulator cannot run."""
+    from dispatcher_bed import node_ready
+    why = node_ready()
+    if why:
+        pytest.fail(f"the SMSC simulator cannot run: {why}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def nsink():
+    """A mailbox for notification mail, one per test module."""
+    with bed.MailSink() as s:
+        yield s

@@ -18,7 +18,6 @@ from dispatcher_bed import (
     Smsc,
     dispatcher_config,
     job,
-    node_ready,
     states,
     wait_states,
 )
@@ -29,17 +28,8 @@ SMPP_PASSWORD = "Pw-77sec"  # SMPP 3.4 passwords have at most 8 characters
 ACCOUNT_PASSWORD = "s3cret"  # the acme account's password in bed.write_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _node() -> None:
-    why = node_ready()
-    if why:
-        pytest.fail(f"the SMSC simulator cannot run: {why}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def nsink():
-    with MailSink() as s:
-        yield s
+# The SMSC simulator must be able to run; nsink (a mailbox for notifications) is in conftest.py.
+pytestmark = pytest.mark.usefixtures("smsc_node")
 
 
 class Bed:

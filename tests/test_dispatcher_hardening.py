@@ -8,22 +8,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from bed import MailSink, wait_until
-from dispatcher_bed import job, node_ready, states, wait_states
+from bed import wait_until
+from dispatcher_bed import job, states, wait_states
 from test_dispatcher import Bed
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _node() -> None:
-    why = node_ready()
-    if why:
-        pytest.fail(f"the SMSC simulator cannot run: {why}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def nsink():
-    with MailSink() as s:
-        yield s
+# The SMSC simulator must be able to run; nsink (a mailbox for notifications) is in conftest.py.
+pytestmark = pytest.mark.usefixtures("smsc_node")
 
 
 @pytest.fixture

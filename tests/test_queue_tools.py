@@ -17,8 +17,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from bed import MailSink, free_port, milter_command, wait_until
-from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, node_ready, states, wait_states
+from bed import free_port, milter_command, wait_until
+from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, states, wait_states
 from sms_milter.spool.base import STATES
 from sms_milter.spool.sqlite import SqliteSpool
 
@@ -26,17 +26,8 @@ SMPP_PASSWORD = "Pw-77sec"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _node() -> None:
-    why = node_ready()
-    if why:
-        pytest.fail(f"the SMSC simulator cannot run: {why}", pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def nsink():
-    with MailSink() as s:
-        yield s
+# The SMSC simulator must be able to run; nsink (a mailbox for notifications) is in conftest.py.
+pytestmark = pytest.mark.usefixtures("smsc_node")
 
 
 class Bed:
