@@ -22,17 +22,78 @@ from .config import Config, ConfigError, load
 log = logging.getLogger("sms_milter")
 
 
-class MilterRuntime:
+class DaemonRuntime:
+    """What a daemon's loop does on every turn besides its work: WATCHDOG, a STATUS line every
+    5 s, and a SIGHUP reload between two pieces of work. A daemon says how to describe itself
+    (`status`), which settings only a restart changes (`restart_only`) and how to put a new
+    configuration to use (`apply`, which returns the detail of the reload's log line)."""
+
+    name = "daemon"
+
+    def __init__(self, config_path: str | None, reload: threading.Event, sd: sdnotify.Notifier,
+                 logger: logging.Logger):
+        self.config_path = config_path
+        self.reload = reload
+        self.sd = sd
+        self.log = logger
+        self.next_status = 0.0
+
+    @property
+    def cfg(self) -> Config:
+        raise NotImplementedError
+
+    def status(self) -> str:
+        raise NotImplementedError
+
+    def restart_only(self, old: Config, new: Config) -> list[tuple[str, object, object]]:
+        raise NotImplementedError
+
+    def apply(self, old: Config, new: Config) -> str:
+        raise NotImplementedError
+
+    def on_turn(self) -> None:
+        """Anything else a turn of the loop does first."""
+
+    def tick(self) -> None:
+        try:
+            self.sd.tick()
+            self.on_turn()
+            if self.reload.is_set():
+                self.reload.clear()
+                self.do_reload()
+            now = time.monotonic()
+            if now >= self.next_status:
+                self.next_status = now + 5.0
+                self.sd.status(self.status())
+        except Exception:  # noqa: BLE001 (bookkeeping never stops the daemon's work)
+            self.log.exception("%s housekeeping failed", self.name)
+
+    def do_reload(self) -> None:
+        """Re-read the file; on success the next piece of work uses it (open sessions go on)."""
+        self.sd.reloading()
+        new = reload_config(self.config_path)
+        if new is not None:
+            old = self.cfg
+            later = [what for what, a, b in self.restart_only(old, new) if a != b]
+            detail = self.apply(old, new)
+            metrics.RELOADS.labels("ok").inc()
+            self.log.info("configuration reloaded from %s: %s%s", self.config_path, detail,
+                          f"; {', '.join(later)} changed: takes effect at restart" if later else "")
+        self.sd.ready(self.status())
+
+
+class MilterRuntime(DaemonRuntime):
+    """`tick()` runs on the milter's event loop (Server.on_tick, at least every 0.2 s)."""
+
+    name = "milter"
+
     def __init__(self, server: object, config_path: str, reload: threading.Event,
                  sd: sdnotify.Notifier):
         from .adapter import Server
 
         assert isinstance(server, Server)
+        super().__init__(config_path, reload, sd, log)
         self.server = server
-        self.config_path = config_path
-        self.reload = reload
-        self.sd = sd
-        self.next_status = 0.0
 
     @property
     def cfg(self) -> Config:
@@ -43,45 +104,25 @@ class MilterRuntime:
         return (f"listening on {self.server.spec}; {len(self.server.conns)} MTA connection(s); "
                 f"{t['accepted']} accepted, {t['rejected']} rejected, {t['tempfailed']} tempfailed")
 
-    def tick(self) -> None:
-        try:
-            self.sd.tick()
-            if self.reload.is_set():
-                self.reload.clear()
-                self.do_reload()
-            now = time.monotonic()
-            if now >= self.next_status:
-                self.next_status = now + 5.0
-                self.sd.status(self.status())
-        except Exception:  # noqa: BLE001 (bookkeeping never stops mail)
-            log.exception("milter housekeeping failed")
+    def restart_only(self, old: Config, new: Config) -> list[tuple[str, object, object]]:
+        return [("milter.socket", old.milter.socket, new.milter.socket), ("spool", old.spool, new.spool),
+                ("metrics.milter", old.metrics.milter, new.metrics.milter)]
 
-    def do_reload(self) -> None:
-        """Re-read the file; on success the next decision uses it (open sessions go on)."""
-        self.sd.reloading()
-        new = reload_config(self.config_path)
-        if new is None:
-            self.sd.ready(self.status())
-            return
-        old = self.cfg
-        later = [what for what, a, b in (
-            ("milter.socket", old.milter.socket, new.milter.socket),
-            ("spool", old.spool, new.spool),
-            ("metrics.milter", old.metrics.milter, new.metrics.milter)) if a != b]
+    def apply(self, old: Config, new: Config) -> str:
         gateway = self.server.gateway
         gateway.cfg = new
         spool = gateway.spool
         if hasattr(spool, "validity"):
             spool.validity = new.smpp.validity
-        metrics.RELOADS.labels("ok").inc()
-        log.info("configuration reloaded from %s: %d domain(s), %d account(s)%s", self.config_path,
-                 len(new.domains), len(new.accounts),
-                 f"; {', '.join(later)} changed: takes effect at restart" if later else "")
-        self.sd.ready(self.status())
+        return f"{len(new.domains)} domain(s), {len(new.accounts)} account(s)"
 
 
-def reload_config(path: str) -> Config | None:
+def reload_config(path: str | None) -> Config | None:
     """The configuration file read again, or None after one log line saying why not."""
+    if path is None:
+        log.error("configuration reload: no configuration file to re-read; keeping the old one")
+        metrics.RELOADS.labels("failed").inc()
+        return None
     try:
         return load(path)
     except ConfigError as e:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from .. import metrics, sdnotify
 from ..config import DEFAULT_PATH, Config, ConfigError, load
-from ..runtime import JOB_QUEUE_IDS, reload_config
+from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
 from ..spool.base import STATES, Job, SpoolError
 from ..spool.sqlite import SqliteSpool, open_spool
 from .engine import Engine
@@ -143,22 +143,25 @@ class MeteredProvider:
         self._start(inner)
 
 
-class Runtime:
+class Runtime(DaemonRuntime):
     """What the engine loop does besides dispatching: systemd notifications, SIGHUP reloads."""
+
+    name = "dispatcher"
 
     def __init__(self, cfg: Config, config_path: str | None, engine: Engine, provider: MeteredProvider,
                  notifier: Notifier, spool: SqliteSpool, reload: threading.Event,
                  sd: sdnotify.Notifier):
-        self.cfg = cfg
-        self.config_path = config_path
+        super().__init__(config_path, reload, sd, log)
+        self._cfg = cfg
         self.engine = engine
         self.provider = provider
         self.notifier = notifier
         self.spool = spool
-        self.reload = reload
-        self.sd = sd
         self.ready_sent = False
-        self.next_status = 0.0
+
+    @property
+    def cfg(self) -> Config:
+        return self._cfg
 
     def status(self) -> str:
         s = self.cfg.smpp
@@ -167,49 +170,25 @@ class Runtime:
         return (f"{link} SMSC {s.host}:{s.port}; {st['submitted']} submitted, {st['receipts']} receipt(s), "
                 f"{st['failed']} failed, {len(self.engine._jobs)} in flight")  # noqa: SLF001
 
-    def tick(self) -> None:
-        try:
-            self.sd.tick()
-            if not self.ready_sent:  # the first turn of the loop: spool open, provider started
-                self.ready_sent = True
-                self.sd.ready(self.status())
-            if self.reload.is_set():
-                self.reload.clear()
-                self.do_reload()
-            now = time.monotonic()
-            if now >= self.next_status:
-                self.next_status = now + 5.0
-                self.sd.status(self.status())
-        except Exception:  # noqa: BLE001 (never stop dispatching for bookkeeping)
-            log.exception("dispatcher housekeeping failed")
+    def on_turn(self) -> None:
+        if not self.ready_sent:  # the first turn of the loop: spool open, provider started
+            self.ready_sent = True
+            self.sd.ready(self.status())
 
-    def do_reload(self) -> None:
-        self.sd.reloading()
-        if self.config_path is None:
-            log.error("configuration reload: no configuration file to re-read; keeping the old one")
-            metrics.RELOADS.labels("failed").inc()
-            self.sd.ready(self.status())
-            return
-        new = reload_config(self.config_path)
-        if new is None:
-            self.sd.ready(self.status())
-            return
-        old = self.cfg
-        later = [what for what, a, b in (
-            ("spool", old.spool, new.spool),
-            ("metrics.dispatcher", old.metrics.dispatcher, new.metrics.dispatcher)) if a != b]
-        self.cfg = new
+    def restart_only(self, old: Config, new: Config) -> list[tuple[str, object, object]]:
+        return [("spool", old.spool, new.spool),
+                ("metrics.dispatcher", old.metrics.dispatcher, new.metrics.dispatcher)]
+
+    def apply(self, old: Config, new: Config) -> str:
+        self._cfg = new
         self.engine.cfg = new
         self.notifier.cfg = new
         self.spool.validity = new.smpp.validity
         rebind = new.smpp != old.smpp
         if rebind:
             self.provider.swap(SmppProvider(new.smpp))
-        metrics.RELOADS.labels("ok").inc()
-        log.info("configuration reloaded from %s: %d account(s); provider %s%s", self.config_path,
-                 len(new.accounts), "settings changed: re-binding" if rebind else "unchanged: binding kept",
-                 f"; {', '.join(later)} changed: takes effect at restart" if later else "")
-        self.sd.ready(self.status())
+        return (f"{len(new.accounts)} account(s); provider "
+                + ("settings changed: re-binding" if rebind else "unchanged: binding kept"))
 
 
 def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Event | None = None,
