@@ -241,7 +241,10 @@ class MilterSession:
         msg = self.msg
         if msg.sms:
             key, _, rest = cmd[1:].partition(b"\0")
-            val = rest.split(b"\0", 1)[0]
+            # The value is everything up to the packet's final NUL: a NUL inside it (the MTA
+            # passes one on) is kept, and made safe later like any other unsafe byte; cutting
+            # the value there made distinct Message-IDs collide (one mail taken for a resend).
+            val = rest[:-1] if rest.endswith(b"\0") else rest
             msg.headers.append((key, val))
             msg.size += len(key) + len(val) + 4  # "Key: value\r\n"
         if not self.protos & lm.SMFIP_NR_HDR:

@@ -84,6 +84,18 @@ def test_eight_bit_message_id_still_deduplicates(gw):
     assert len(gw.jobs(recipient=e164)) == 1
 
 
+def test_a_nul_in_a_message_id_does_not_make_distinct_mails_one(gw):
+    """A NUL inside a header value is kept (made safe), not cut there: two mails whose
+    Message-IDs differ only after the NUL are two mails, not a resend of one."""
+    num, e164 = bed.unique_number()
+    token = bed.unique("n").encode()
+    for tail, body in ((b"one", b"first text"), (b"two", b"second text")):
+        raw = _poison(num, [b"Message-ID: <" + token + b"\x00" + tail + b"@x>"], True).replace(
+            b"poison body", body)
+        assert_data(gw.send(ACME, [sms(num)], raw), 250)
+    assert sorted(j["text"] for j in gw.jobs(recipient=e164)) == ["first text", "second text"]
+
+
 # --------------------------------------------------------------------------- item 2
 
 NOT_CHARSETS = ["punycode", "undefined", "rot13", "rot_13", "base64", "hex", "zlib", "idna", "uu", "quopri",
