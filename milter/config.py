@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import phonenumbers
 import yaml
 
 DEFAULT_PATH = "/etc/sms-milter/sms-milter.yaml"
@@ -416,6 +417,26 @@ def _check_originator(r: _Reader, value: str, path: str) -> None:
         r.bad(path, problem)
 
 
+# Codes operators write by mistake for a real one (ISO 3166 says otherwise).
+_COUNTRY_HINTS = {"UK": "the United Kingdom is GB", "EL": "Greece is GR", "EU": "list the member states",
+                  "KS": "Kosovo is XK"}
+
+
+def _country(r: _Reader, value: Any, path: str) -> str | None:
+    """An ISO 3166 alpha-2 region code phonenumbers knows, upper case (`ch` is accepted as CH);
+    None after one problem line."""
+    if not isinstance(value, str) or isinstance(value, bool):
+        r.bad(path, f"must be an ISO 3166 alpha-2 code such as CH, got {r.got(value, path)}")
+        return None
+    code = value.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        hint = _COUNTRY_HINTS.get(code)
+        r.bad(path, f"{value!r} is not an ISO 3166 alpha-2 region code known to phonenumbers"
+                    + (f" ({hint})" if hint else ""))
+        return None
+    return code
+
+
 def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -> Limits:
     d = r.mapping(node, path, (*LIMIT_KEYS, "breaker") if top else LIMIT_KEYS)
     values: dict[str, Any] = {}
@@ -438,11 +459,15 @@ def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -
         c = d["countries"]
         if c is None:
             values["countries"] = None
-        elif not isinstance(c, list) or not all(isinstance(x, str) and len(x) == 2 and x.isalpha()
-                                                and x.isascii() for x in c):
+        elif not isinstance(c, list):
             r.bad(f"{path}.countries", "must be a list of ISO 3166 alpha-2 codes such as [CH, DE]")
+        elif not c:
+            r.bad(f"{path}.countries", "an empty list refuses every destination; leave countries out "
+                                       "to allow all")
         else:
-            values["countries"] = tuple(x.upper() for x in c)
+            codes = [_country(r, x, f"{path}.countries[{i}]") for i, x in enumerate(c)]
+            if all(codes):
+                values["countries"] = tuple(x for x in codes if x)
     if "deny_prefixes" in d:
         p = d["deny_prefixes"] or []
         if not isinstance(p, list) or not all(isinstance(x, str) and x.startswith("+") and x[1:].isdigit()
@@ -451,9 +476,12 @@ def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -
         else:
             values["deny_prefixes"] = tuple(p)
     if "number_types" in d:
-        t = d["number_types"] or []
-        if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
+        t = d["number_types"]
+        if t is None or not isinstance(t, list) or not all(isinstance(x, str) for x in t):
             r.bad(f"{path}.number_types", f"must be a list of: {', '.join(NUMBER_TYPES)}")
+        elif not t:
+            r.bad(f"{path}.number_types", "an empty list refuses every destination; leave number_types "
+                                          "out for the default types")
         else:
             unknown = [x for x in t if x.lower() not in NUMBER_TYPES]
             if unknown:

@@ -125,3 +125,39 @@ def test_alias_bomb_and_recursive_alias_are_answered(tmp_path):
     assert code == 2 and "sms-milter: milter: must be a mapping, got a list" in lines_out
     code, lines_out = check(tmp_path, "a: &a [*a]\nmilter: *a\n")
     assert code == 2 and "sms-milter: milter: must be a mapping, got a list" in lines_out
+
+
+@pytest.mark.parametrize("where", ["top", "account"])
+def test_country_codes_that_do_not_exist_are_named_by_index(tmp_path, where):
+    def change(cfg):
+        limits = {"countries": ["UK", "ch", "EU", 1, "ZZ"]}
+        if where == "top":
+            cfg["limits"] = limits
+        else:
+            cfg["accounts"]["tmco"]["limits"] = limits
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    path = "limits" if where == "top" else "accounts.tmco.limits"
+    assert code == 2 and len(lines) == 4, lines
+    assert f"{path}.countries[0]: 'UK' is not an ISO 3166 alpha-2 region code" in lines[0], lines
+    assert "the United Kingdom is GB" in lines[0], lines
+    for i in (2, 3, 4):  # `ch` (index 1) is accepted as CH
+        assert any(f"{path}.countries[{i}]:" in ln for ln in lines), (i, lines)
+
+
+def test_lower_case_country_is_accepted_as_upper_case(tmp_path):
+    def change(cfg):
+        cfg["limits"] = {"countries": ["ch", "DE"]}
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 0, lines
+
+
+@pytest.mark.parametrize("key", ["countries", "number_types"])
+def test_an_empty_allow_list_is_refused(tmp_path, key):
+    def change(cfg):
+        cfg["limits"] = {key: []}
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"limits.{key}: an empty list refuses every destination" in lines[0], lines
