@@ -720,14 +720,46 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{p}: not UTF-8 text"]) from None
     try:
         data = yaml.safe_load(text)
-        words = _scalar_words(yaml.compose(text, Loader=yaml.SafeLoader))
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        words = _scalar_words(root)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
     except RecursionError:
         raise ConfigError([f"{p}: not valid YAML: nested too deeply"]) from None
+    duplicates = _duplicate_keys(root)
+    if duplicates:
+        raise ConfigError(duplicates)
     return parse(data, str(p), words, complete=True)
+
+
+def _duplicate_keys(node: Any, path: str = "", out: list[str] | None = None,
+                    seen: set[int] | None = None) -> list[str]:
+    """One line per key written twice in one mapping (YAML would let the last one win silently).
+    `<<` merge keys may override; a collection reached again through an alias is not walked again."""
+    out = [] if out is None else out
+    seen = set() if seen is None else seen
+    if isinstance(node, yaml.ScalarNode) or id(node) in seen:
+        return out
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{path}[{i}]", out, seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            where = f"{path}.{name}" if path else name
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, name) in first:
+                    out.append(f"{where}: duplicate key {name!r} at line {line} (first at line "
+                               f"{first[key.tag, name]}; write each key once)")
+                else:
+                    first[key.tag, name] = line
+            _duplicate_keys(value, where, out, seen)
+    return out
 
 
 def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None,

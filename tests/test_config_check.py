@@ -161,3 +161,21 @@ def test_an_empty_allow_list_is_refused(tmp_path, key):
     code, lines = check(tmp_path, variant(tmp_path, change))
     assert code == 2 and len(lines) == 1, lines
     assert f"limits.{key}: an empty list refuses every destination" in lines[0], lines
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path):
+    text = variant(tmp_path, lambda cfg: None)
+    lines_before = text.count("\n")
+    text += "milter: {socket: 'inet:127.0.0.1:1'}\n"  # a second top-level milter:
+    code, lines = check(tmp_path, text)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"milter: duplicate key 'milter' at line {lines_before + 1}" in lines[0], lines
+
+
+def test_duplicate_account_name_is_refused(tmp_path):
+    text = ("accounts:\n  acme: {userkey: A1, password: x}\n  acme: {userkey: B2, password: y}\n"
+            "base: &b {k: 1}\nother: {<<: *b, k: 2}\n")
+    code, lines = check(tmp_path, text)
+    assert code == 2, lines
+    dup = [ln for ln in lines if "duplicate key" in ln]
+    assert len(dup) == 1 and "accounts.acme: duplicate key 'acme' at line 3" in dup[0], lines
