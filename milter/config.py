@@ -198,6 +198,11 @@ _KINDS = ((bool, "a boolean"), (int, "a number"), (float, "a decimal number"), (
           (list, "a list"), (dict, "a mapping"))
 
 
+def _num(x: float) -> str:
+    """A bound as an operator writes it: 1099511627776, not 1.09951e+12; 0.1 stays 0.1."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
 class _Reader:
     """Collects problems instead of stopping at the first one."""
 
@@ -257,7 +262,7 @@ class _Reader:
                                       f"{self.got(v, f'{path}.{key}')}")
             return default
         if not lo <= v <= hi:
-            self.bad(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got "
+            self.bad(f"{path}.{key}", f"must be between {_num(lo)} and {_num(hi)}, got "
                                       f"{self.got(v, f'{path}.{key}')}")
             return default
         return v
@@ -337,7 +342,12 @@ def _spool(r: _Reader, node: Any) -> SpoolConfig:
     url = r.string(d, "url", "spool")
     if url is not None:
         r.bad("spool.url", "PostgreSQL spools are not supported by this version; use spool.path")
-    return SpoolConfig(path=r.string(d, "path", "spool", SpoolConfig.path) or SpoolConfig.path, url=None)
+    path = r.string(d, "path", "spool", SpoolConfig.path)
+    if path is not None and not path.startswith("/"):
+        r.bad("spool.path", f"{path!r}: the spool needs an absolute path, e.g. "
+                            f"{SpoolConfig.path}")
+        path = None
+    return SpoolConfig(path=path or SpoolConfig.path, url=None)
 
 
 def _domains(r: _Reader, node: Any) -> dict[str, Domain]:
@@ -588,8 +598,12 @@ def _smpp(r: _Reader, node: Any) -> SmppConfig:
         "reconnect_min", "reconnect_max", "validity", "submit_timeout", "receipt_timeout"))
     b = SmppConfig()
     p = "provider.smpp"
+    host = r.string(s, "host", p, b.host)
+    if host is not None and not _host_ok(host.strip()):
+        r.bad(f"{p}.host", f"{host!r} is not a host name or IP address")
+        host = None
     return SmppConfig(
-        host=r.string(s, "host", p, b.host) or b.host,
+        host=host.strip() if host else b.host,
         port=r.number(s, "port", p, b.port, 1, 65535),
         system_id=r.string(s, "system_id", p, "") or "",
         password=r.string(s, "password", p, "") or "",

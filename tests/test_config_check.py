@@ -179,3 +179,35 @@ def test_duplicate_account_name_is_refused(tmp_path):
     assert code == 2, lines
     dup = [ln for ln in lines if "duplicate key" in ln]
     assert len(dup) == 1 and "accounts.acme: duplicate key 'acme' at line 3" in dup[0], lines
+
+
+@pytest.mark.parametrize("host", ["", " ", "-bad-", "1234"])
+def test_smpp_host_must_be_a_host(tmp_path, host):
+    def change(cfg):
+        cfg.setdefault("provider", {}).setdefault("smpp", {})["host"] = host
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 1, lines
+    assert "provider.smpp.host:" in lines[0] and "is not a host name or IP address" in lines[0], lines
+
+
+def test_relative_spool_path_is_refused(tmp_path):
+    def change(cfg):
+        cfg["spool"] = {"path": "relative.sqlite3"}
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 1, lines
+    assert "spool.path: 'relative.sqlite3': the spool needs an absolute path" in lines[0], lines
+
+
+def test_range_bounds_are_printed_as_written(tmp_path):
+    def change(cfg):
+        cfg["limits"] = {"parts_per_day": -1}
+        cfg.setdefault("provider", {}).setdefault("smpp", {})["submit_timeout"] = 0
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 2, lines
+    text = "\n".join(lines)
+    assert "limits.parts_per_day: must be between 0 and 1099511627776, got" in text, lines
+    assert "provider.smpp.submit_timeout: must be between 0.1 and 3600, got" in text, lines
+    assert "e+" not in text, lines
