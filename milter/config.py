@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import phonenumbers
 import yaml
 
 DEFAULT_PATH = "/etc/sms-milter/sms-milter.yaml"
@@ -197,6 +198,11 @@ _KINDS = ((bool, "a boolean"), (int, "a number"), (float, "a decimal number"), (
           (list, "a list"), (dict, "a mapping"))
 
 
+def _num(x: float) -> str:
+    """A bound as an operator writes it: 1099511627776, not 1.09951e+12; 0.1 stays 0.1."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
 class _Reader:
     """Collects problems instead of stopping at the first one."""
 
@@ -256,7 +262,7 @@ class _Reader:
                                       f"{self.got(v, f'{path}.{key}')}")
             return default
         if not lo <= v <= hi:
-            self.bad(f"{path}.{key}", f"must be between {lo:g} and {hi:g}, got "
+            self.bad(f"{path}.{key}", f"must be between {_num(lo)} and {_num(hi)}, got "
                                       f"{self.got(v, f'{path}.{key}')}")
             return default
         return v
@@ -336,7 +342,12 @@ def _spool(r: _Reader, node: Any) -> SpoolConfig:
     url = r.string(d, "url", "spool")
     if url is not None:
         r.bad("spool.url", "PostgreSQL spools are not supported by this version; use spool.path")
-    return SpoolConfig(path=r.string(d, "path", "spool", SpoolConfig.path) or SpoolConfig.path, url=None)
+    path = r.string(d, "path", "spool", SpoolConfig.path)
+    if path is not None and not path.startswith("/"):
+        r.bad("spool.path", f"{path!r}: the spool needs an absolute path, e.g. "
+                            f"{SpoolConfig.path}")
+        path = None
+    return SpoolConfig(path=path or SpoolConfig.path, url=None)
 
 
 def _domains(r: _Reader, node: Any) -> dict[str, Domain]:
@@ -416,6 +427,26 @@ def _check_originator(r: _Reader, value: str, path: str) -> None:
         r.bad(path, problem)
 
 
+# Codes operators write by mistake for a real one (ISO 3166 says otherwise).
+_COUNTRY_HINTS = {"UK": "the United Kingdom is GB", "EL": "Greece is GR", "EU": "list the member states",
+                  "KS": "Kosovo is XK"}
+
+
+def _country(r: _Reader, value: Any, path: str) -> str | None:
+    """An ISO 3166 alpha-2 region code phonenumbers knows, upper case (`ch` is accepted as CH);
+    None after one problem line."""
+    if not isinstance(value, str) or isinstance(value, bool):
+        r.bad(path, f"must be an ISO 3166 alpha-2 code such as CH, got {r.got(value, path)}")
+        return None
+    code = value.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        hint = _COUNTRY_HINTS.get(code)
+        r.bad(path, f"{value!r} is not an ISO 3166 alpha-2 region code known to phonenumbers"
+                    + (f" ({hint})" if hint else ""))
+        return None
+    return code
+
+
 def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -> Limits:
     d = r.mapping(node, path, (*LIMIT_KEYS, "breaker") if top else LIMIT_KEYS)
     values: dict[str, Any] = {}
@@ -438,11 +469,15 @@ def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -
         c = d["countries"]
         if c is None:
             values["countries"] = None
-        elif not isinstance(c, list) or not all(isinstance(x, str) and len(x) == 2 and x.isalpha()
-                                                and x.isascii() for x in c):
+        elif not isinstance(c, list):
             r.bad(f"{path}.countries", "must be a list of ISO 3166 alpha-2 codes such as [CH, DE]")
+        elif not c:
+            r.bad(f"{path}.countries", "an empty list refuses every destination; leave countries out "
+                                       "to allow all")
         else:
-            values["countries"] = tuple(x.upper() for x in c)
+            codes = [_country(r, x, f"{path}.countries[{i}]") for i, x in enumerate(c)]
+            if all(codes):
+                values["countries"] = tuple(x for x in codes if x)
     if "deny_prefixes" in d:
         p = d["deny_prefixes"] or []
         if not isinstance(p, list) or not all(isinstance(x, str) and x.startswith("+") and x[1:].isdigit()
@@ -451,9 +486,12 @@ def _limits(r: _Reader, node: Any, path: str, base: Limits, top: bool = False) -
         else:
             values["deny_prefixes"] = tuple(p)
     if "number_types" in d:
-        t = d["number_types"] or []
-        if not isinstance(t, list) or not all(isinstance(x, str) for x in t):
+        t = d["number_types"]
+        if t is None or not isinstance(t, list) or not all(isinstance(x, str) for x in t):
             r.bad(f"{path}.number_types", f"must be a list of: {', '.join(NUMBER_TYPES)}")
+        elif not t:
+            r.bad(f"{path}.number_types", "an empty list refuses every destination; leave number_types "
+                                          "out for the default types")
         else:
             unknown = [x for x in t if x.lower() not in NUMBER_TYPES]
             if unknown:
@@ -560,8 +598,12 @@ def _smpp(r: _Reader, node: Any) -> SmppConfig:
         "reconnect_min", "reconnect_max", "validity", "submit_timeout", "receipt_timeout"))
     b = SmppConfig()
     p = "provider.smpp"
+    host = r.string(s, "host", p, b.host)
+    if host is not None and not _host_ok(host.strip()):
+        r.bad(f"{p}.host", f"{host!r} is not a host name or IP address")
+        host = None
     return SmppConfig(
-        host=r.string(s, "host", p, b.host) or b.host,
+        host=host.strip() if host else b.host,
         port=r.number(s, "port", p, b.port, 1, 65535),
         system_id=r.string(s, "system_id", p, "") or "",
         password=r.string(s, "password", p, "") or "",
@@ -692,14 +734,46 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{p}: not UTF-8 text"]) from None
     try:
         data = yaml.safe_load(text)
-        words = _scalar_words(yaml.compose(text, Loader=yaml.SafeLoader))
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        words = _scalar_words(root)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
     except RecursionError:
         raise ConfigError([f"{p}: not valid YAML: nested too deeply"]) from None
+    duplicates = _duplicate_keys(root)
+    if duplicates:
+        raise ConfigError(duplicates)
     return parse(data, str(p), words, complete=True)
+
+
+def _duplicate_keys(node: Any, path: str = "", out: list[str] | None = None,
+                    seen: set[int] | None = None) -> list[str]:
+    """One line per key written twice in one mapping (YAML would let the last one win silently).
+    `<<` merge keys may override; a collection reached again through an alias is not walked again."""
+    out = [] if out is None else out
+    seen = set() if seen is None else seen
+    if isinstance(node, yaml.ScalarNode) or id(node) in seen:
+        return out
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, f"{path}[{i}]", out, seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            where = f"{path}.{name}" if path else name
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, name) in first:
+                    out.append(f"{where}: duplicate key {name!r} at line {line} (first at line "
+                               f"{first[key.tag, name]}; write each key once)")
+                else:
+                    first[key.tag, name] = line
+            _duplicate_keys(value, where, out, seen)
+    return out
 
 
 def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None,

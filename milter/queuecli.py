@@ -31,6 +31,7 @@ from .policy.limits import usage_report
 from .spool.base import FINAL_STATES, Change, JobDetail, SpoolError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = 100 * 365 * 86400  # seconds; anything longer overflows dates and means "everything"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 PURGE_BATCH = 5000  # jobs per transaction: the milter never waits long for the write lock
 
@@ -58,7 +59,11 @@ def parse_duration(text: str) -> float:
     if not m:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: write a number and a unit s, m, h, d or w (e.g. 30d)")
-    return float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * DURATION_UNITS[m.group(2)]
+    if not seconds <= MAX_DURATION:  # also catches inf from an absurdly long number
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: too large (at most {MAX_DURATION // (365 * 86400)} years)")
+    return seconds
 
 
 def job_id(text: str) -> int:

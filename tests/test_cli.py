@@ -147,3 +147,12 @@ def test_module_entry_point_matches_console_script() -> None:
     r = subprocess.run([sys.executable, "-m", "sms_milter.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "check-config" in r.stdout
     assert json.dumps(sorted(REQUIRED))  # the contract list itself is well-formed
+
+
+@pytest.mark.parametrize("duration", ["99999999999999d", "3000000d", "1000000000w",
+                                      "999999999999999999999999s", "36501d"])
+def test_purge_with_an_absurd_duration_is_one_line_and_exit_2(config: Path, duration: str) -> None:
+    r = run_cli(config, "queue", "purge", "--older-than", duration)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert "invalid duration" in lines[-1] and "too large" in lines[-1], lines

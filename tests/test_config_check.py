@@ -125,3 +125,89 @@ def test_alias_bomb_and_recursive_alias_are_answered(tmp_path):
     assert code == 2 and "sms-milter: milter: must be a mapping, got a list" in lines_out
     code, lines_out = check(tmp_path, "a: &a [*a]\nmilter: *a\n")
     assert code == 2 and "sms-milter: milter: must be a mapping, got a list" in lines_out
+
+
+@pytest.mark.parametrize("where", ["top", "account"])
+def test_country_codes_that_do_not_exist_are_named_by_index(tmp_path, where):
+    def change(cfg):
+        limits = {"countries": ["UK", "ch", "EU", 1, "ZZ"]}
+        if where == "top":
+            cfg["limits"] = limits
+        else:
+            cfg["accounts"]["tmco"]["limits"] = limits
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    path = "limits" if where == "top" else "accounts.tmco.limits"
+    assert code == 2 and len(lines) == 4, lines
+    assert f"{path}.countries[0]: 'UK' is not an ISO 3166 alpha-2 region code" in lines[0], lines
+    assert "the United Kingdom is GB" in lines[0], lines
+    for i in (2, 3, 4):  # `ch` (index 1) is accepted as CH
+        assert any(f"{path}.countries[{i}]:" in ln for ln in lines), (i, lines)
+
+
+def test_lower_case_country_is_accepted_as_upper_case(tmp_path):
+    def change(cfg):
+        cfg["limits"] = {"countries": ["ch", "DE"]}
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 0, lines
+
+
+@pytest.mark.parametrize("key", ["countries", "number_types"])
+def test_an_empty_allow_list_is_refused(tmp_path, key):
+    def change(cfg):
+        cfg["limits"] = {key: []}
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"limits.{key}: an empty list refuses every destination" in lines[0], lines
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path):
+    text = variant(tmp_path, lambda cfg: None)
+    lines_before = text.count("\n")
+    text += "milter: {socket: 'inet:127.0.0.1:1'}\n"  # a second top-level milter:
+    code, lines = check(tmp_path, text)
+    assert code == 2 and len(lines) == 1, lines
+    assert f"milter: duplicate key 'milter' at line {lines_before + 1}" in lines[0], lines
+
+
+def test_duplicate_account_name_is_refused(tmp_path):
+    text = ("accounts:\n  acme: {userkey: A1, password: x}\n  acme: {userkey: B2, password: y}\n"
+            "base: &b {k: 1}\nother: {<<: *b, k: 2}\n")
+    code, lines = check(tmp_path, text)
+    assert code == 2, lines
+    dup = [ln for ln in lines if "duplicate key" in ln]
+    assert len(dup) == 1 and "accounts.acme: duplicate key 'acme' at line 3" in dup[0], lines
+
+
+@pytest.mark.parametrize("host", ["", " ", "-bad-", "1234"])
+def test_smpp_host_must_be_a_host(tmp_path, host):
+    def change(cfg):
+        cfg.setdefault("provider", {}).setdefault("smpp", {})["host"] = host
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 1, lines
+    assert "provider.smpp.host:" in lines[0] and "is not a host name or IP address" in lines[0], lines
+
+
+def test_relative_spool_path_is_refused(tmp_path):
+    def change(cfg):
+        cfg["spool"] = {"path": "relative.sqlite3"}
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 1, lines
+    assert "spool.path: 'relative.sqlite3': the spool needs an absolute path" in lines[0], lines
+
+
+def test_range_bounds_are_printed_as_written(tmp_path):
+    def change(cfg):
+        cfg["limits"] = {"parts_per_day": -1}
+        cfg.setdefault("provider", {}).setdefault("smpp", {})["submit_timeout"] = 0
+
+    code, lines = check(tmp_path, variant(tmp_path, change))
+    assert code == 2 and len(lines) == 2, lines
+    text = "\n".join(lines)
+    assert "limits.parts_per_day: must be between 0 and 1099511627776, got" in text, lines
+    assert "provider.smpp.submit_timeout: must be between 0.1 and 3600, got" in text, lines
+    assert "e+" not in text, lines
