@@ -125,9 +125,8 @@ def parse_subject(subject: str) -> SubjectFields | Refusal:
         if name is None:
             if after_password:
                 return _AFTER_PASSWORD
-            key = f"'{tok.key}'" if _ECHO_KEY.fullmatch(tok.key) else f"in {_word(n)}"
-            return _bad(f"Unknown keyword {key} in the Subject; use Userkey, Password, Recipient, "
-                        "Originator or Notify.")
+            where = f"'{tok.key}' in the Subject" if _ECHO_KEY.fullmatch(tok.key) else f"in {_word(n)}"
+            return _bad(f"Unknown keyword {where}; use Userkey, Password, Recipient, Originator or Notify.")
         after_password = name == "password"
         label = _NAMES[name]
         if name == "recipient":

@@ -39,6 +39,12 @@ def test_unknown_keyword() -> None:
         "Unknown keyword 'Foo' in the Subject; use Userkey, Password, Recipient, Originator or Notify.")
 
 
+def test_unknown_keyword_that_could_be_a_secret_is_named_by_its_place() -> None:
+    assert parse_subject("U=ACME123 SECRETKW1=x R=0041791234567") == Refusal(
+        "550", "5.5.4",
+        "Unknown keyword in word 2 of the Subject; use Userkey, Password, Recipient, Originator or Notify.")
+
+
 def test_token_without_equals() -> None:
     r = parse_subject("Userkey=A hello")
     assert isinstance(r, Refusal) and (r.code, r.xcode) == ("550", "5.5.4")
