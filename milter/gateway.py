@@ -451,6 +451,14 @@ class Gateway:
                     account=account.name, subject=subj, notify=notify)
 
     def _textsms_jobs(self, msg: Message, mt: content.MessageText, common: dict) -> Refusal | list[NewJob]:
+        # Decided before parsing: a longer Subject may have been cut on its way (by Postfix at
+        # ~60 KB), and a cut R= value can be another number. Before the account is known, the
+        # highest recipients_per_message of any account bounds the R= count.
+        most = max([self.cfg.limits.recipients_per_message,
+                    *(a.limits.recipients_per_message for a in self.cfg.accounts.values())])
+        too_long = subject.textsms_length_problem(mt.subject, most)
+        if too_long is not None:
+            return too_long
         fields = subject.parse_subject(mt.subject)
         if isinstance(fields, Refusal):
             return fields
