@@ -225,20 +225,25 @@ class Gateway:
         their recipients and account are known only now): smtp_auth, recipients_per_message,
         the destination rules and the breaker; then the plan the spool runs in its commit."""
         by_account: dict[str, set[str]] = {}
-        textsms: dict[str, set[str]] = {}  # recipients_per_message counts textsms@ R= only
         for i in late:
             by_account.setdefault(jobs[i].account, set()).add(jobs[i].recipient)
-            if i >= xml_jobs:
-                textsms.setdefault(jobs[i].account, set()).add(jobs[i].recipient)
-        for name, numbers in by_account.items():
+        # recipients_per_message: the unique (number, device) of the whole message, number@ RCPTs
+        # and textsms@ R= together (each alone was checked, the sum was not); xml@'s recipients
+        # count too when the message has others, a message to xml@ alone keeps its own 1,000.
+        whole: dict[str, set[tuple[str, str]]] = {}
+        for j in jobs if len(jobs) > xml_jobs else ():
+            whole.setdefault(j.account, set()).add((j.recipient, j.device))
+        for name in dict.fromkeys([*by_account, *whole]):
             account = self.cfg.accounts.get(name)
             if account is None:
                 continue
             lim = account.limits
-            found = self._limit_hit(msg, account, limits.smtp_auth_hit(account, msg.auth_login))
-            many = limits.recipients_hit(lim, len(textsms.get(name, ())))
+            found = None
+            if name in by_account:
+                found = self._limit_hit(msg, account, limits.smtp_auth_hit(account, msg.auth_login))
+            many = limits.recipients_hit(lim, len(whole.get(name, ())))
             found = found or self._limit_hit(msg, account, many)
-            for number in sorted(numbers):
+            for number in sorted(by_account.get(name, ())):
                 what = f"recipient {number}"
                 found = found or self._limit_hit(msg, account, limits.destination_hit(lim, number), what)
                 found = found or self._limit_hit(msg, account, self._breaker_hit(number), what)
@@ -373,7 +378,7 @@ class Gateway:
                 if out.reply is not None:
                     mails.append(out.reply)
                 notes.append(f"xml@: {out.log}")
-        xml_jobs = len(jobs)  # xml@ keeps its own recipient limit (1,000), not recipients_per_message
+        xml_jobs = len(jobs)  # xml@ alone keeps its own recipient limit (1,000), not recipients_per_message
         late = list(range(len(jobs)))  # jobs whose limits were not decided at RCPT (xml@, textsms@)
         if text_rcpts:
             text = content.extract_text(raw)
@@ -446,6 +451,14 @@ class Gateway:
                     account=account.name, subject=subj, notify=notify)
 
     def _textsms_jobs(self, msg: Message, mt: content.MessageText, common: dict) -> Refusal | list[NewJob]:
+        # Decided before parsing: a longer Subject may have been cut on its way (by Postfix at
+        # ~60 KB), and a cut R= value can be another number. Before the account is known, the
+        # highest recipients_per_message of any account bounds the R= count.
+        most = max([self.cfg.limits.recipients_per_message,
+                    *(a.limits.recipients_per_message for a in self.cfg.accounts.values())])
+        too_long = subject.textsms_length_problem(mt.subject, most)
+        if too_long is not None:
+            return too_long
         fields = subject.parse_subject(mt.subject)
         if isinstance(fields, Refusal):
             return fields

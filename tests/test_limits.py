@@ -258,3 +258,37 @@ def test_two_milters_on_one_spool_share_the_counters(tmp_path_factory, sink, not
         for m, pf in gws:
             pf.stop()
             m.stop()
+
+
+def test_recipients_per_message_counts_rcpts_and_subject_together(lgw):
+    """number@ RCPTs and textsms@ R= are one message: their unique numbers count against one limit."""
+    (n1, _), (n2, _), (n3, _), (n4, _) = (bed.unique_number() for _ in range(4))
+    token = bed.unique()
+    rcpts = ["textsms@sms.example.com", addr(n1), addr(n2)]
+    r = lgw.send("rcpts@client.example", rcpts, msg(f"{token} sum", f"U=RC1 P=rcpw R={n3} R={n4}"))
+    assert [r["rcpt"][a][0] for a in rcpts] == [250, 250, 250]
+    assert r["data"][0] == 550 and r["data"][1].startswith("5.5.3"), r
+    assert "recipients_per_message allows 2" in r["data"][1] and "rcpw" not in r["data"][1]
+    assert lgw.jobs(text_contains=token) == []
+    # The same numbers in both places are one SMS each: 2 unique, within the limit.
+    r = lgw.send("rcpts@client.example", rcpts, msg(f"{token} same", f"U=RC1 P=rcpw R={n1} R=+{n2[2:]}"))
+    assert r["data"][0] == 250, r
+    assert len(lgw.jobs(text_contains=token)) == 2
+
+
+def _xml_send(numbers: list[str], token: str) -> bytes:
+    recips = "".join(f"<Recipient><PhoneNumber>{n}</PhoneNumber></Recipient>" for n in numbers)
+    body = ('<?xml version="1.0" encoding="ISO-8859-1"?>\r\n<aspsms>\r\n<Userkey>RC1</Userkey>\r\n'
+            f"<Password>rcpw</Password>\r\n{recips}<MessageData>{token}</MessageData>\r\n"
+            "<Action>SendTextSMS</Action>\r\n</aspsms>\r\n")
+    return bed.make_message("", body)
+
+
+def test_recipients_per_message_xml_alone_keeps_its_own_limit(lgw):
+    """xml@ alone: its own 1,000, not the account's recipients_per_message (2). (Beside number@
+    or textsms@ the XML body is refused as markup in the SMS text before any limit.)"""
+    (n1, _), (n2, _), (n3, _) = (bed.unique_number() for _ in range(3))
+    token = bed.unique()
+    r = lgw.send("rcpts@client.example", ["xml@sms.example.com"], _xml_send([n1, n2, n3], token))
+    assert r["data"][0] == 250, r
+    assert len(lgw.jobs(text_contains=token)) == 3

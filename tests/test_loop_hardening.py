@@ -346,3 +346,37 @@ def test_password_hashes_are_checked_off_the_loop(lone):
         r = bed.smtp_send(lone.port, ANYONE, [TEXTSMS], bed.make_message(subject, "hashed ok"))
         assert code(r["data"]) == 250, r
         assert len(jobs_for(lone.config, e164)) == 1
+
+
+# --------------------------------------------------------------------------- over-long Subject
+
+
+def test_an_over_long_textsms_subject_is_refused_not_cut(gw):
+    """Postfix hands the milter a Subject cut at about 60 KB without saying so: the last R= of a
+    Subject padded with blanks arrived cut to another valid number and was queued (250). A
+    textsms@ Subject over 8,000 characters is refused before it is parsed."""
+    token = bed.unique("cut")
+    subject = "U=ACME123 P=s3cret " + " " * 59957 + "R=00417923300011"
+    r = bed.smtp_send(gw.port, ANYONE, [TEXTSMS], bed.make_message(subject, token))
+    assert r["data"] is not None and code(r["data"]) == 550, r
+    assert r["data"][1].startswith("5.5.4") and "textsms@ takes at most 8000" in r["data"][1], r
+    assert "s3cret" not in r["data"][1]
+    assert gw.jobs(text_contains=token) == []
+    # Just under the bound it is parsed as before (and this number is valid).
+    num, e164 = bed.unique_number()
+    subject = "U=ACME123 P=s3cret " + " " * (8000 - 40) + f"R={num}"
+    r = bed.smtp_send(gw.port, ANYONE, [TEXTSMS], bed.make_message(subject, token))
+    assert code(r["data"]) == 250, r
+    assert [j["recipient"] for j in gw.jobs(text_contains=token)] == [e164]
+
+
+def test_a_subject_with_5000_r_is_too_many_recipients(gw):
+    """Over the length bound, more R= than any account's recipients_per_message is 550 5.5.3."""
+    token = bed.unique("many")
+    numbers = [f"0041791{(i * 7919) % 10**6:06d}" for i in range(5000)]
+    pairs = ["U=ACME123", "P=s3cret"] + [f"R={n}" for n in numbers]
+    folded = "\r\n ".join(" ".join(pairs[i:i + 50]) for i in range(0, len(pairs), 50))
+    r = bed.smtp_send(gw.port, ANYONE, [TEXTSMS], bed.make_message(folded, token))
+    assert r["data"] is not None and code(r["data"]) == 550, r
+    assert r["data"][1].startswith("5.5.3") and "recipients_per_message" in r["data"][1], r
+    assert gw.jobs(text_contains=token) == []

@@ -284,3 +284,19 @@ def test_html_is_refused_inline(xb: XmlBed) -> None:
     result, _ = xb.send("<html><body><p>SendTextSMS</p></body></html>", subtype="html")
     assert result["data"] is not None and result["data"][0] == 550, result
     assert result["data"][1].startswith("5.6.1"), result
+
+
+def test_one_job_per_number_in_any_spelling(xb: XmlBed) -> None:
+    """The same number three times, and in four spellings, is one SMS and one credit."""
+    (n1, e1), (n2, e2) = bed.unique_number(), bed.unique_number()
+    token = bed.unique("dedupe")
+    forms = [n2, "+" + n2[2:], f"{n2[:4]} {n2[4:6]} {n2[6:9]} {n2[9:]}", n2]
+    refs = [bed.unique("r") for _ in range(7)]
+    result, mid = xb.send(request("SendTextSMS", recipients(*zip([n1, n1, n1, *forms], refs, strict=True))
+                                  + f"<MessageData>{token}</MessageData>"))
+    accepted(result)
+    xml = xb.reply_to(mid)
+    assert value(xml, "ErrorCode") == "1" and value(xml, "CreditsUsed") == "2"
+    jobs = [j for j in bed.queue_list(xb.config) if token in j["text"]]
+    # The first spelling's TransRefNumber is the one kept.
+    assert sorted((j["recipient"], j["trans_ref"]) for j in jobs) == sorted([(e1, refs[0]), (e2, refs[3])])

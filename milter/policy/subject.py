@@ -105,6 +105,33 @@ _AFTER_PASSWORD = _bad("The Password value in the Subject is followed by text th
                        "pair; a value may not contain blanks, commas or semicolons.")
 
 
+# A textsms@ Subject longer than this is refused before it is parsed. Postfix passes a header
+# to the milter cut at about 60 KB without saying so: a cut R= value can be another valid
+# number. 100 R= (the default recipients_per_message) fit in about 2,000 characters.
+MAX_TEXTSMS_SUBJECT = 8000
+_RECIPIENT_KEY = re.compile(r"(?:^|[\s,;])(?:r|recipient)[ \t\r\n]*=", re.IGNORECASE)
+
+
+def count_recipient_keys(subject: str) -> int:
+    """How many Recipient= (R=) pairs the Subject has, without parsing it (a cut Subject: at least)."""
+    return len(_RECIPIENT_KEY.findall(subject))
+
+
+def textsms_length_problem(subject: str, max_recipients: int) -> Refusal | None:
+    """A Refusal for a textsms@ Subject over MAX_TEXTSMS_SUBJECT characters: 550 5.5.3 if it
+    gives more Recipient= than `max_recipients` (no account could take them), else 550 5.5.4."""
+    if len(subject) <= MAX_TEXTSMS_SUBJECT:
+        return None
+    many = count_recipient_keys(subject)
+    if many > max_recipients:
+        return Refusal("550", "5.5.3", f"Too many SMS recipients: the Subject gives at least {many} "
+                                       f"Recipient= values; limit recipients_per_message allows at most "
+                                       f"{max_recipients} per message; split the message.")
+    return _bad(f"The Subject is {len(subject)} characters long; textsms@ takes at most "
+                f"{MAX_TEXTSMS_SUBJECT} (mail systems may cut a longer header without saying so); "
+                "write fewer or shorter pairs, or split the message.")
+
+
 def parse_subject(subject: str) -> SubjectFields | Refusal:
     """Parse keyword pairs; a Refusal names the first problem (never a Password value)."""
     seen: dict[str, str] = {}

@@ -244,7 +244,12 @@ def _recipients(req: XmlRequest) -> list[tuple[str, str | None]] | _Answer:
             return _error(codes.MISSING_TRANS_REF, f"Recipient {i}: the TransRefNumber is longer than "
                                                    f"{MAX_TRANS_REF_LEN} characters.")
         out.append((number, r.trans_ref))
-    return out
+    # One SMS per number per request: 0041..., +41... and '0041 79 ...' are one recipient (the
+    # first one's TransRefNumber is kept); credits are counted for the unique numbers only.
+    unique: dict[str, str | None] = {}
+    for number, ref in out:
+        unique.setdefault(number, ref)
+    return list(unique.items())
 
 
 def _schedule(req: XmlRequest, now: float) -> tuple[float | None, float] | _Answer:

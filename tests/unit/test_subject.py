@@ -133,3 +133,17 @@ def test_strip_credentials_and_recipients() -> None:
     subject = f"U=ACME123 P=s3cret {numbers} O=ACME N=ALWAYS"
     assert strip_credentials(subject, drop_recipients=True) == "O=ACME N=ALWAYS"
     assert strip_credentials("Recipient=0041790000000 Server down", drop_recipients=True) == "Server down"
+
+
+def test_textsms_length_bound() -> None:
+    from sms_milter.policy.subject import MAX_TEXTSMS_SUBJECT, textsms_length_problem
+
+    short = "U=A P=b " + " ".join(["R=0041791234567"] * 100)
+    assert len(short) < MAX_TEXTSMS_SUBJECT and textsms_length_problem(short, 100) is None
+    padded = "U=A P=b " + " " * MAX_TEXTSMS_SUBJECT + "R=0041791234567"
+    r = textsms_length_problem(padded, 100)
+    assert r is not None and r.xcode == "5.5.4" and f"takes at most {MAX_TEXTSMS_SUBJECT}" in r.text
+    many = "U=A P=b " + ";".join(["r = 0041791234567"] * 600)
+    r = textsms_length_problem(many, 100)
+    assert r is not None and r.xcode == "5.5.3" and "at least 600 Recipient=" in r.text
+    assert textsms_length_problem(many, 1000).xcode == "5.5.4"  # type: ignore[union-attr]

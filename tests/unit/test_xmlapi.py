@@ -172,8 +172,11 @@ def test_invalid_phone_number_refuses_whole_request_20(spool) -> None:
 def test_more_than_1000_recipients_20(spool) -> None:
     out = send(spool, *(["0041791234567"] * 1001), refs=False)
     assert code_of(out) == 20 and out.jobs == []
-    out = send(spool, *(["0041791234567"] * 1000), refs=False)
+    out = send(spool, *(f"0041791{i:06d}" for i in range(1000)), refs=False)
     assert code_of(out) == 1 and len(out.jobs) == 1000
+    out = send(spool, *(["0041791234567"] * 1000), refs=False)  # one number 1,000 times: one SMS
+    assert code_of(out) == 1 and len(out.jobs) == 1
+    assert value(reply_xml(out), "CreditsUsed") == "1"
 
 
 @pytest.mark.parametrize("text", ["", "   ", "x" * (153 * 3 + 1)])
