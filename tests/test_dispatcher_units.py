@@ -5,7 +5,7 @@ from __future__ import annotations
 import smpplib.client
 import smpplib.smpp
 from sms_milter.dispatcher.notify import build_notification, callback_url
-from sms_milter.dispatcher.pdus import encode_submit_sm, job_parts, parse_deliver_sm
+from sms_milter.dispatcher.pdus import HEADER, SUBMIT_SM, job_parts, parse_deliver_sm, submit_sm_body
 from sms_milter.dispatcher.provider import Receipt, SubmitResult
 from sms_milter.dispatcher.receipts import interpret, parse_receipt_text
 from sms_milter.dispatcher.smpp import status_text
@@ -29,7 +29,8 @@ def test_submit_sm_octets_equal_smpplibs():
                 destination_addr=p.destination, esm_class=p.esm_class, data_coding=p.data_coding,
                 registered_delivery=1, short_message=p.short_message)
             pdu.sequence = 42
-            assert encode_submit_sm(42, p) == pdu.generate()
+            body = submit_sm_body(p)
+            assert HEADER.pack(16 + len(body), SUBMIT_SM, 0, 42) + body == pdu.generate()
 
 
 def test_parts_wire_fields():

@@ -5,7 +5,7 @@ the same, alphanumeric TON 5 / NPI 0; GSM-7 data_coding 0 else UCS-2 8 (flash: m
 class 0, 0x10 / 0x18); long text as parts behind an 8-bit-reference concatenation UDH with
 esm_class 0x40; registered_delivery 1; nothing scheduled on the SMSC side.
 
-`encode_submit_sm` writes the same octets as smpplib's generic generator, and
+`submit_sm_body` (behind `HEADER`) writes the same octets as smpplib's generic generator, and
 `parse_deliver_sm` reads what smpplib's parser reads (unit tests compare them), at a
 fraction of their cost: they are the dispatcher's hot path.
 """
@@ -13,16 +13,17 @@ fraction of their cost: they are the dispatcher's hot path.
 from __future__ import annotations
 
 import itertools
-import re
 import struct
 from dataclasses import dataclass
 
 from ..policy.addresses import originator_wire
 from ..policy.smstext import (
+    ASTRAL,
     GSM7_BASIC,
-    GSM7_EXT,
     GSM7_PART,
     GSM7_SINGLE,
+    NOT_GSM7,
+    NOT_GSM7_BASIC,
     UCS2_PART,
     UCS2_SINGLE,
     encode,
@@ -52,21 +53,18 @@ class Part:
 # The common texts in C: every character the same cost (GSM-7 without extension characters,
 # or UCS-2 inside the BMP), so parts split evenly and no pair must be kept together. Anything
 # else goes through smstext.encode. A unit test checks both give the same octets.
-_NOT_BASIC = re.compile("[^" + re.escape("".join(GSM7_BASIC)) + "]")
-_NOT_GSM = re.compile("[^" + re.escape("".join(GSM7_BASIC) + "".join(GSM7_EXT)) + "]")
-_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
 _SEPTETS = str.maketrans({ch: chr(code) for ch, code in GSM7_BASIC.items()})
 
 
 def encode_text(text: str) -> tuple[int, list[bytes]]:
     """(data_coding, parts without UDH): exactly smstext.encode's, faster for the common texts."""
     n = len(text)
-    if _NOT_BASIC.search(text) is None:
+    if NOT_GSM7_BASIC.search(text) is None:
         raw = text.translate(_SEPTETS).encode("latin-1")
         if n <= GSM7_SINGLE:
             return 0, [raw]
         return 0, [raw[i:i + GSM7_PART] for i in range(0, n, GSM7_PART)]
-    if _NOT_GSM.search(text) is not None and _ASTRAL.search(text) is None:
+    if NOT_GSM7.search(text) is not None and ASTRAL.search(text) is None:
         raw = text.encode("utf-16-be")
         if n <= UCS2_SINGLE:
             return 8, [raw]
@@ -94,11 +92,6 @@ def _c(s: str, limit: int) -> bytes:
 
 
 HEADER = struct.Struct(">LLLL")
-
-
-def encode_submit_sm(seq: int, part: Part, service_type: str = "") -> bytes:
-    body = submit_sm_body(part, service_type)
-    return HEADER.pack(16 + len(body), SUBMIT_SM, 0, seq) + body
 
 
 def submit_sm_body(part: Part, service_type: str = "") -> bytes:

@@ -10,12 +10,10 @@ SMS_MILTER_LEASE_SECONDS overrides that (the crash tests use a short lease).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -23,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .. import metrics, sdnotify
-from ..config import DEFAULT_PATH, Config, ConfigError, load
+from ..config import Config
 from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
 from ..spool.base import STATES, Job, SpoolError
 from ..spool.sqlite import SqliteSpool, open_spool
@@ -241,22 +239,3 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
     log.info("dispatcher stopped: %s", engine.stats)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m sms_milter.dispatcher.service -c FILE`); the CLI uses run()."""
-    ap = argparse.ArgumentParser(prog="sms-milter-dispatcher")
-    ap.add_argument("-c", "--config", default=DEFAULT_PATH)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load(args.config)
-    except ConfigError as e:
-        for p in e.problems:
-            print(p, file=sys.stderr)
-        return 2
-    return run(cfg, config_path=args.config)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

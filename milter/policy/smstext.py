@@ -29,7 +29,6 @@ GSM7_EXT: dict[str, int] = {
     "\f": 0x0A, "^": 0x14, "{": 0x28, "}": 0x29, "\\": 0x2F,
     "[": 0x3C, "~": 0x3D, "]": 0x3E, "|": 0x40, "€": 0x65,
 }
-_EXT_CHARS = {v: k for k, v in GSM7_EXT.items()}
 
 GSM7_SINGLE, GSM7_PART = 160, 153  # septets
 UCS2_SINGLE, UCS2_PART = 70, 67  # UTF-16 code units
@@ -43,14 +42,15 @@ class Encoded:
 
 
 # Character classes for the common cases, matched in C rather than per character in Python.
-_NOT_BASIC = re.compile("[^" + re.escape("".join(GSM7_BASIC)) + "]")
-_NOT_GSM = re.compile("[^" + re.escape("".join(GSM7_BASIC) + "".join(GSM7_EXT)) + "]")
-_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
+# One search tells the fast paths (here and in dispatcher/pdus.py) which alphabet a text needs.
+NOT_GSM7_BASIC = re.compile("[^" + re.escape("".join(GSM7_BASIC)) + "]")
+NOT_GSM7 = re.compile("[^" + re.escape("".join(GSM7_BASIC) + "".join(GSM7_EXT)) + "]")
+ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
 
 
 def is_gsm7(text: str) -> bool:
     """True if every character is in the GSM 03.38 default alphabet or its extension table."""
-    return _NOT_GSM.search(text) is None
+    return NOT_GSM7.search(text) is None
 
 
 def _gsm_cost(ch: str) -> int:
@@ -86,9 +86,9 @@ def count_parts(text: str) -> int:
     n = len(text)
     # Every character costs the same (GSM-7 without extension characters, or UCS-2 inside
     # the BMP): parts split evenly, no pair to keep together. The milter's hot path.
-    if _NOT_BASIC.search(text) is None:
+    if NOT_GSM7_BASIC.search(text) is None:
         return 1 if n <= GSM7_SINGLE else -(-n // GSM7_PART)
-    if _NOT_GSM.search(text) is not None and _ASTRAL.search(text) is None:
+    if NOT_GSM7.search(text) is not None and ASTRAL.search(text) is None:
         return 1 if n <= UCS2_SINGLE else -(-n // UCS2_PART)
     gsm, costs = _costs(text)
     single, part = (GSM7_SINGLE, GSM7_PART) if gsm else (UCS2_SINGLE, UCS2_PART)
@@ -129,22 +129,3 @@ def encode(text: str) -> Encoded:
 def with_udh(part: bytes, ref: int, total: int, seq: int) -> bytes:
     """`part` behind the 6-octet concatenation UDH `05 00 03 ref total seq`."""
     return b"\x05\x00\x03" + bytes((ref & 0xFF, total, seq)) + part
-
-
-def decode_gsm7(data: bytes) -> str:
-    """Unpacked GSM-7 septets (one per byte) to text; ESC selects the extension table."""
-    out: list[str] = []
-    i = 0
-    while i < len(data):
-        code = data[i] & 0x7F
-        i += 1
-        if code == ESC:
-            if i >= len(data):
-                break
-            nxt = data[i] & 0x7F
-            i += 1
-            # An unknown extension code shows as the default-alphabet character (3GPP TS 23.038).
-            out.append(_EXT_CHARS.get(nxt) or GSM7_BASIC_CHARS[nxt] if nxt != ESC else " ")
-        else:
-            out.append(GSM7_BASIC_CHARS[code])
-    return "".join(out)

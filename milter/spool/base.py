@@ -6,7 +6,6 @@ hosts implements the same methods later. Nothing outside `spool/` knows SQL.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -70,9 +69,6 @@ class Job(NewJob):
         d = asdict(self)
         d["provider_refs"] = list(self.provider_refs)
         return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.public(), ensure_ascii=False)
 
 
 @dataclass(frozen=True)

@@ -1277,7 +1277,7 @@ class SqliteSpool:
         return int(rows[0]["n"])
 
     def counts_apart(self) -> dict[str, int]:
-        """counts() on a read-only connection of its own: for the metrics thread, which must
+        """Jobs by state, on a read-only connection of its own: for the metrics thread, which must
         never hold the lock the daemon's own spool work takes."""
         try:
             db = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True, timeout=self.busy_timeout,
@@ -1289,10 +1289,6 @@ class SqliteSpool:
         except sqlite3.Error as e:
             raise SpoolError(f"spool read failed: {e}") from None
         return {state: n for state, n in rows}
-
-    def counts(self) -> dict[str, int]:
-        rows = self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state")
-        return {r["state"]: r["n"] for r in rows}
 
     # -- administrator's queue tools (QueueAdmin) ------------------------------------------
     @staticmethod

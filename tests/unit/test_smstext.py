@@ -2,15 +2,38 @@ from __future__ import annotations
 
 import pytest
 from sms_milter.policy.smstext import (
+    ESC,
     GSM7_BASIC,
+    GSM7_BASIC_CHARS,
     GSM7_EXT,
     Encoded,
     count_parts,
-    decode_gsm7,
     encode,
     is_gsm7,
     with_udh,
 )
+
+# The reverse of the encoder, for these tests only (the gateway never decodes GSM-7).
+EXT_CHARS = {v: k for k, v in GSM7_EXT.items()}
+
+
+def decode_gsm7(data: bytes) -> str:
+    """Unpacked GSM-7 septets (one per byte) to text; ESC selects the extension table."""
+    out: list[str] = []
+    i = 0
+    while i < len(data):
+        code = data[i] & 0x7F
+        i += 1
+        if code == ESC:
+            if i >= len(data):
+                break
+            nxt = data[i] & 0x7F
+            i += 1
+            # An unknown extension code shows as the default-alphabet character (3GPP TS 23.038).
+            out.append(EXT_CHARS.get(nxt) or GSM7_BASIC_CHARS[nxt] if nxt != ESC else " ")
+        else:
+            out.append(GSM7_BASIC_CHARS[code])
+    return "".join(out)
 
 
 def test_tables() -> None:
