@@ -116,7 +116,7 @@ def _on_signals(stop: Callable[[], None], reload: Callable[[], None] | None = No
 
 
 def _open_spool(cfg: Config, create: bool = True):
-    from .spool.sqlite import open_spool
+    from .spool import open_spool
 
     if not create and not cfg.spool.url and not os.path.exists(cfg.spool.path):
         raise Fatal(f"the spool {cfg.spool.path} does not exist (nothing has been spooled yet, or "

@@ -38,7 +38,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
-from .spool.sqlite import normalize_ref, refs_for_lookup
+from .spool.base import normalize_ref, refs_for_lookup
 
 log = logging.getLogger("sms_milter.metrics")
 

@@ -108,7 +108,7 @@ def add_parsers(qsub: Any, sub: Any, with_config: Callable[..., argparse.Argumen
 
 def open_existing(cfg: Config) -> Any:
     """The configured spool, if it exists: the queue tools never create one."""
-    from .spool.sqlite import open_spool
+    from .spool import open_spool
 
     path = Path(cfg.spool.path)
     if not cfg.spool.url and not path.exists():

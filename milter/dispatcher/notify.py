@@ -25,8 +25,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, formatdate, make_msgid
 
 from ..config import Config
-from ..spool.base import Event, Job, OutMail, SpoolError
-from ..spool.sqlite import SqliteSpool
+from ..spool.base import Event, Job, OutMail, Spool, SpoolError
 from ..xmlapi import callback
 
 log = logging.getLogger("sms_milter.dispatcher.notify")
@@ -107,7 +106,7 @@ def callback_url(url: str, trans_ref: str | None) -> str:
 
 
 class Notifier:
-    def __init__(self, spool: SqliteSpool, cfg: Config):
+    def __init__(self, spool: Spool, cfg: Config):
         self.spool = spool
         self.cfg = cfg
         self._kick = threading.Event()

@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 from .. import metrics, sdnotify
 from ..config import Config
 from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
-from ..spool.base import STATES, Job, SpoolError
-from ..spool.sqlite import SqliteSpool, open_spool
+from ..spool import open_spool
+from ..spool.base import STATES, Job, Spool, SpoolError
 from .engine import Engine
 from .notify import Notifier
 from .provider import Provider, Receipt, ReceiptCallback, ResultCallback, SubmitResult
@@ -147,7 +147,7 @@ class Runtime(DaemonRuntime):
     name = "dispatcher"
 
     def __init__(self, cfg: Config, config_path: str | None, engine: Engine, provider: MeteredProvider,
-                 notifier: Notifier, spool: SqliteSpool, reload: threading.Event,
+                 notifier: Notifier, spool: Spool, reload: threading.Event,
                  sd: sdnotify.Notifier):
         super().__init__(config_path, reload, sd, log)
         self._cfg = cfg

@@ -200,6 +200,8 @@ class OverduePart:
 
 
 class Spool(Protocol):
+    validity: float  # seconds a new or retried job stays valid (provider.smpp.validity; a reload sets it)
+
     # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
                     mails: list[OutMail] | None = None, limits: LimitPlan | None = None) -> AddResult:
@@ -389,3 +391,27 @@ class QueueAdmin(Protocol):
         Never a job in a state that is not final, whatever `states` says."""
 
     def stats(self, day_start: float, month_start: float) -> SpoolStats: ...
+
+
+ORPHAN_MAX_AGE = 3 * 86400.0  # an unmatched receipt older than this matched nothing: pruned
+
+
+# Provider message ids as every backend stores and looks them up.
+def normalize_ref(ref: str) -> str:
+    """A provider message id as stored: lowercased, leading zeros dropped."""
+    return ref.strip().lower().lstrip("0") or "0"
+
+
+def refs_for_lookup(ref: str) -> list[str]:
+    """Every stored form a receipt's id may match: SMSCs give the id in hex in one PDU and
+    in decimal in another (either way round), so try the id as it is, its hex reading
+    written in decimal, and its decimal reading written in hex."""
+    r = normalize_ref(ref)
+    forms = [r]
+    try:
+        forms.append(str(int(r, 16)))
+    except ValueError:
+        pass
+    if r.isdigit():
+        forms.append(format(int(r), "x"))
+    return list(dict.fromkeys(forms))

@@ -21,10 +21,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
-from ..config import Config
 from . import base as admin
 from .base import (
     FINAL_STATES,
+    ORPHAN_MAX_AGE,
     SLOT_LONG,
     SLOT_RCPT,
     SLOT_SHORT,
@@ -44,6 +44,8 @@ from .base import (
     SpoolDataError,
     SpoolError,
     SubmittedItem,
+    normalize_ref,
+    refs_for_lookup,
 )
 
 log = logging.getLogger("sms_milter.spool")
@@ -222,7 +224,6 @@ JOB_COLUMNS = (
 )
 WAKE_SLOTS = 8  # dispatchers on one spool that can be woken directly (more still poll)
 DEFAULT_VALIDITY = 48 * 3600.0
-ORPHAN_MAX_AGE = 3 * 86400.0  # an unmatched receipt older than this matched nothing: pruned
 # Which job states owe a notification mail under each Notify policy.
 NOTIFY_STATES = {
     "ALWAYS": ("delivered", "buffered", "failed", "expired"),
@@ -230,26 +231,6 @@ NOTIFY_STATES = {
     "FAILED": ("failed", "expired"),
     "NONE": (),
 }
-
-
-def normalize_ref(ref: str) -> str:
-    """A provider message id as stored: lowercased, leading zeros dropped."""
-    return ref.strip().lower().lstrip("0") or "0"
-
-
-def refs_for_lookup(ref: str) -> list[str]:
-    """Every stored form a receipt's id may match: SMSCs give the id in hex in one PDU and
-    in decimal in another (either way round), so try the id as it is, its hex reading
-    written in decimal, and its decimal reading written in hex."""
-    r = normalize_ref(ref)
-    forms = [r]
-    try:
-        forms.append(str(int(r, 16)))
-    except ValueError:
-        pass
-    if r.isdigit():
-        forms.append(format(int(r), "x"))
-    return list(dict.fromkeys(forms))
 
 
 # A message's own values that SQLite cannot store (text that is no valid Unicode, a number
@@ -1432,9 +1413,3 @@ class SqliteSpool:
             (day_start, month_start))}
         oldest = self._read("SELECT min(created_at) AS t FROM jobs WHERE state='queued'")[0]["t"]
         return admin.SpoolStats(states, accounts, oldest)
-
-
-def open_spool(cfg: Config, busy_timeout: float | None = None) -> SqliteSpool:
-    """The one way to open the configured spool (a PostgreSQL spool is chosen here later)."""
-    timeout = cfg.milter.spool_timeout if busy_timeout is None else busy_timeout
-    return SqliteSpool(cfg.spool.path, busy_timeout=timeout, validity=cfg.smpp.validity)
