@@ -15,8 +15,10 @@ token in the text instead of cleaning the spool.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,21 @@ class Gateway:
         self.milter.start()
         self.postfix.start()
         return self
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Gateway]:
+        """Started for the block (a failed start leaves nothing behind), stopped after it."""
+        try:
+            self.start()
+        except Exception:
+            self.milter.kill9()
+            if self.postfix is not None:
+                self.postfix.stop()
+            raise
+        try:
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         errors = []
@@ -117,16 +134,8 @@ def notify_sink():
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory, sink, notify_sink):
     _require_postfix()
-    g = Gateway(tmp_path_factory.mktemp("gateway"), sink, notify_sink)
-    try:
-        g.start()
-    except Exception:
-        g.milter.kill9()
-        if g.postfix is not None:
-            g.postfix.stop()
-        raise
-    yield g
-    g.stop()
+    with Gateway(tmp_path_factory.mktemp("gateway"), sink, notify_sink).running() as g:
+        yield g
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

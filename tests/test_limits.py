@@ -48,15 +48,8 @@ def lgw(tmp_path_factory, sink, notify_sink):
     g.config = bed.write_config(g.base, g.milter_port, notify_sink.port, spool_path=g.spool_path,
                                 extra=LIMITS)
     g.milter = bed.Milter(g.config, g.base / "milter.log")
-    try:
-        g.start()
-    except Exception:
-        g.milter.kill9()
-        if g.postfix is not None:
-            g.postfix.stop()
-        raise
-    yield g
-    g.stop()
+    with g.running():
+        yield g
 
 
 def msg(body: str | None = None, subject: str = "") -> bytes:
