@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from datetime import UTC, datetime
 
@@ -22,7 +23,7 @@ from .config import Config, ConfigError, load
 log = logging.getLogger("sms_milter")
 
 
-class DaemonRuntime:
+class DaemonRuntime(ABC):
     """What a daemon's loop does on every turn besides its work: WATCHDOG, a STATUS line every
     5 s, and a SIGHUP reload between two pieces of work. A daemon says how to describe itself
     (`status`), which settings only a restart changes (`restart_only`) and how to put a new
@@ -39,19 +40,23 @@ class DaemonRuntime:
         self.next_status = 0.0
 
     @property
+    @abstractmethod
     def cfg(self) -> Config:
-        raise NotImplementedError
+        """The configuration in use now."""
 
+    @abstractmethod
     def status(self) -> str:
-        raise NotImplementedError
+        """A one-line summary for systemd's STATUS."""
 
+    @abstractmethod
     def restart_only(self, old: Config, new: Config) -> list[tuple[str, object, object]]:
-        raise NotImplementedError
+        """(name, old value, new value) of the settings a reload cannot change."""
 
+    @abstractmethod
     def apply(self, old: Config, new: Config) -> str:
-        raise NotImplementedError
+        """Use `new` from now on; the detail of the reload's log line."""
 
-    def on_turn(self) -> None:
+    def on_turn(self) -> None:  # noqa: B027 (optional: most daemons need nothing more)
         """Anything else a turn of the loop does first."""
 
     def tick(self) -> None:
