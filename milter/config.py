@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -748,51 +749,51 @@ def load(path: str | Path) -> Config:
     return parse(data, str(p), words, complete=True)
 
 
-def _duplicate_keys(node: Any, path: str = "", out: list[str] | None = None,
-                    seen: set[int] | None = None) -> list[str]:
-    """One line per key written twice in one mapping (YAML would let the last one win silently).
-    `<<` merge keys may override; a collection reached again through an alias is not walked again."""
-    out = [] if out is None else out
+def _child(path: str, key: Any) -> str:
+    name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+    return f"{path}.{name}" if path else name
+
+
+def _nodes(node: Any, path: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, Any]]:
+    """Every node of the document with the YAML path problems are reported with. A collection
+    reached again through an alias is not walked (nor yielded) again: no blow-up, no loop."""
     seen = set() if seen is None else seen
-    if isinstance(node, yaml.ScalarNode) or id(node) in seen:
-        return out
-    seen.add(id(node))
+    if not isinstance(node, yaml.ScalarNode):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+    yield path, node
     if isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _duplicate_keys(item, f"{path}[{i}]", out, seen)
+            yield from _nodes(item, f"{path}[{i}]", seen)
     elif isinstance(node, yaml.MappingNode):
-        first: dict[tuple[str, str], int] = {}
         for key, value in node.value:
-            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
-            where = f"{path}.{name}" if path else name
+            yield from _nodes(value, _child(path, key), seen)
+
+
+def _duplicate_keys(root: Any) -> list[str]:
+    """One line per key written twice in one mapping (YAML would let the last one win silently).
+    `<<` merge keys may override."""
+    out: list[str] = []
+    for path, node in _nodes(root):
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        first: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
             if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                line = key.start_mark.line + 1
+                name, line = str(key.value), key.start_mark.line + 1
                 if (key.tag, name) in first:
-                    out.append(f"{where}: duplicate key {name!r} at line {line} (first at line "
+                    out.append(f"{_child(path, key)}: duplicate key {name!r} at line {line} (first at line "
                                f"{first[key.tag, name]}; write each key once)")
                 else:
                     first[key.tag, name] = line
-            _duplicate_keys(value, where, out, seen)
     return out
 
 
-def _scalar_words(node: Any, path: str = "", out: dict[str, str] | None = None,
-                  seen: set[int] | None = None) -> dict[str, str]:
-    """Every scalar of the document as written, by the YAML path problems are reported with.
-    A collection reached again through an alias is not walked again (no blow-up, no loop)."""
-    out = {} if out is None else out
-    seen = set() if seen is None else seen
-    if isinstance(node, yaml.ScalarNode):
-        out.setdefault(path, str(node.value))
-        return out
-    if id(node) in seen:
-        return out
-    seen.add(id(node))
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _scalar_words(item, f"{path}[{i}]", out, seen)
-    elif isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
-            _scalar_words(value, f"{path}.{name}" if path else name, out, seen)
+def _scalar_words(root: Any) -> dict[str, str]:
+    """Every scalar of the document as written, by its YAML path (the first one written there)."""
+    out: dict[str, str] = {}
+    for path, node in _nodes(root):
+        if isinstance(node, yaml.ScalarNode):
+            out.setdefault(path, str(node.value))
     return out
