@@ -127,7 +127,7 @@ def main() -> int:
         say(f"SKIPPED: not there yet: {missing}")
         result("dispatcher_drain", skipped=missing)
         return 0
-    from sms_milter.config import SmppConfig
+    from sms_milter.model import SmppConfig
 
     window = a.window or SmppConfig.window
     with cleanup_on_exit() as stack:

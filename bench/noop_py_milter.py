@@ -12,8 +12,8 @@ import signal
 import sys
 
 from sms_milter.adapter import Server
-from sms_milter.config import Config, MilterConfig
 from sms_milter.gateway import Message, Outcome, SmsRecipient
+from sms_milter.model import Config, MilterConfig
 
 
 class NoSpool:

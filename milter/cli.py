@@ -19,7 +19,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NoReturn
 
-from .config import DEFAULT_PATH, Config, ConfigError, load
+from .config import DEFAULT_PATH, ConfigError, load
+from .model import Config
 from .spool.base import STATES, Job, SpoolError
 
 log = logging.getLogger("sms_milter")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics
-from .config import Account, BreakerConfig, Config, SenderRule
+from .model import Account, BreakerConfig, Config, SenderRule
 from .policy import addresses, auth, content, limits, smstext, subject
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
 from .spool.base import AddResult, LimitPlan, LimitUsage, NewJob, OutMail, Spool, SpoolDataError, SpoolError

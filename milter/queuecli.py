@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from .model import Config
 from .policy.limits import usage_report
 from .spool.base import FINAL_STATES, Change, JobDetail, SpoolError
 

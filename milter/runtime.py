@@ -18,7 +18,8 @@ from collections import deque
 from datetime import UTC, datetime
 
 from . import metrics, sdnotify
-from .config import Config, ConfigError, load
+from .config import ConfigError, load
+from .model import Config
 
 log = logging.getLogger("sms_milter")
 

@@ -192,8 +192,8 @@ def test_engine_acknowledges_an_early_receipt_only_once_stored_and_applies_it_la
     """The race, deterministically, through the engine: the receipt of a 2-part job's first part
     is processed (stored, acknowledged) while the job's submit result has not come yet; when the
     result is stored however much later, the job ends delivered."""
-    from sms_milter.config import Config
     from sms_milter.dispatcher.engine import Engine
+    from sms_milter.model import Config
 
     s = _spool(tmp_path)
     (jid,) = s.add_jobs([_new("+41791110003", 2)])
@@ -218,9 +218,9 @@ def test_engine_acknowledges_an_early_receipt_only_once_stored_and_applies_it_la
 
 
 def test_engine_prunes_expired_idempotency_keys_until_none_is_left(tmp_path, monkeypatch):
-    from sms_milter.config import Config
     from sms_milter.dispatcher import engine
     from sms_milter.dispatcher.engine import Engine
+    from sms_milter.model import Config
 
     monkeypatch.setattr(engine, "KEYS_PRUNED_AT_ONCE", 2)
     s = _spool(tmp_path)

@@ -1,7 +1,7 @@
 """What the Debian package and the from-source install ship, checked without installing:
 
 - the one sample config (conf/sms-milter.yaml.sample, installed as
-  /etc/sms-milter/sms-milter.yaml) names every key config.py accepts and passes check-config;
+  /etc/sms-milter/sms-milter.yaml) names every key the config package accepts and passes check-config;
 - debian/changelog carries pyproject.toml's version (one version, two files);
 - the systemd units and the master.cf snippet call /usr/bin/sms-milter (the package's path),
   are Type=notify with a watchdog, reload with SIGHUP and keep their hardening.
@@ -36,7 +36,7 @@ def _problems(doc: Any) -> list[str]:
 
 
 def known_keys() -> dict[str, set[str]]:
-    """Every key config.py accepts, by section, learnt from config.py itself: an unknown key
+    """Every key the config package accepts, by section, learnt from its own problems: an unknown key
     put into a section is answered with that section's list of known keys. Sections are
     followed down as mappings, as mappings of names (domains, accounts) and as lists."""
     found: dict[str, set[str]] = {}
@@ -76,7 +76,7 @@ def sample_keys(text: str) -> set[str]:
 
 
 def test_probe_finds_config_keys() -> None:
-    """The probe itself: it must see the sections config.py has had from the start."""
+    """The probe itself: it must see the sections the config has had from the start."""
     keys = known_keys()
     assert {"milter", "spool", "domains", "accounts", "provider", "notify", "xml"} <= keys[""]
     assert "spool_timeout" in keys["milter"]
@@ -116,7 +116,7 @@ def test_sample_names_every_key_config_accepts() -> None:
     written = sample_paths(uncommented(SAMPLE.read_text()), known)
     missing = {f"{section}.{key}".lstrip(".") for section, keys in known.items()
                for key in keys if (section, key) not in written}
-    assert not missing, f"keys config.py accepts but {SAMPLE.name} does not show: {sorted(missing)}"
+    assert not missing, f"keys the config accepts but {SAMPLE.name} does not show: {sorted(missing)}"
 
 
 def test_sample_documents_type_and_default_of_every_key() -> None:

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..config import Config
+from ..model import Config
 from ..spool.base import ORPHAN_MAX_AGE, AppliedOrphan, Job, ReceiptOutcome, Spool, SpoolError
 from .provider import Provider, QueryAnswer, Receipt, SubmitResult
 from .smpp import QuietLog

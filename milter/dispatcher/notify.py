@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, formatdate, make_msgid
 
-from ..config import Config
+from ..model import Config
 from ..spool.base import Event, Job, OutMail, Spool, SpoolError
 from ..xmlapi import callback
 

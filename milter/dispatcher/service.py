@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .. import metrics, sdnotify
-from ..config import Config
+from ..model import Config
 from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
 from ..spool import open_spool
 from ..spool.base import STATES, Job, Spool, SpoolError

@@ -34,7 +34,7 @@ import smpplib.client
 import smpplib.consts
 import smpplib.exceptions
 
-from ..config import SmppConfig
+from ..model import SmppConfig
 from ..policy.addresses import originator_wire
 from ..spool.base import Job, OverduePart
 from .pdus import HEADER, SUBMIT_SM, Part, job_parts, parse_deliver_sm, submit_sm_body

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 
-from ..config import CHANNEL_DEVICES, DEVICES, Domain
+from ..model import CHANNEL_DEVICES, DEVICES, Domain
 from .refusal import Refusal
 
 _ALNUM_ORIGINATOR = re.compile(r"[A-Za-z0-9 ._-]{1,11}")

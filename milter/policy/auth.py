@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from ..config import Account, SenderRule
+from ..model import Account, SenderRule
 from .refusal import Refusal
 
 _N, _R, _P = 16384, 8, 1

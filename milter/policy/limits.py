@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 
-from ..config import NUMBER_TYPES, Account, BreakerConfig, Limits
+from ..model import NUMBER_TYPES, Account, BreakerConfig, Limits
 from ..spool.base import SLOT_LONG, SLOT_RCPT, SLOT_SHORT, AccountUsage, LimitUsage
 from .refusal import Refusal
 

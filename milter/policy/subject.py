@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config import NOTIFY_POLICIES
+from ..model import NOTIFY_POLICIES
 from .refusal import Refusal
 
 _KEYWORDS = {

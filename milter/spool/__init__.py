@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import Config
+from ..model import Config
 
 
 def open_spool(cfg: Config, busy_timeout: float | None = None) -> Any:

@@ -39,7 +39,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..config import Account, Config
+from ..model import Account, Config
 from ..policy.addresses import normalize_originator, originator_problem, parse_number
 from ..policy.auth import find_userkey_account, network_allowed
 from ..policy.content import extract_xml

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from sms_milter.config import Domain
+from sms_milter.model import Domain
 from sms_milter.policy.addresses import (
     SmsTarget,
     classify_recipient,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from sms_milter.config import Account, SenderRule
+from sms_milter.model import Account, SenderRule
 from sms_milter.policy.auth import (
     authorize_sender,
     authorize_userkey,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sms_milter.config import Domain
 from sms_milter.dispatcher.receipts import interpret, parse_receipt_text
+from sms_milter.model import Domain
 from sms_milter.policy import addresses
 from sms_milter.policy.refusal import Refusal
 from sms_milter.policy.subject import (

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sms_milter import config
+from sms_milter import config, model
 from sms_milter.gateway import Gateway, Message
+from sms_milter.model import BreakerConfig
 from sms_milter.policy import limits
 from sms_milter.spool.base import AddRequest, LimitPlan, LimitUsage, NewJob
 from sms_milter.spool.sqlite import SqliteSpool
@@ -27,7 +28,7 @@ _SECTIONS = {"milter": {"socket": "inet:127.0.0.1:8894"}, "spool": {"path": "/no
              "notify": {"smtp": "127.0.0.1:25", "from": "sms-gateway@example.com"}}
 
 
-def _parse(data: dict) -> config.Config:
+def _parse(data: dict) -> model.Config:
     return config.parse({**_SECTIONS, **data})
 
 
@@ -40,8 +41,8 @@ class Clock:
         return self.t
 
 
-def lim(**kw) -> config.Limits:
-    return config.Limits(**kw)
+def lim(**kw) -> model.Limits:
+    return model.Limits(**kw)
 
 
 def job(recipient: str = "+41791234567", parts: int = 1, account: str = "acme", text: str = "x") -> NewJob:
@@ -85,21 +86,21 @@ def test_recipients_per_message_boundary():
 
 
 def test_smtp_auth_binding():
-    acc = config.Account(name="acme", smtp_auth=("alice", "monitor"))
+    acc = model.Account(name="acme", smtp_auth=("alice", "monitor"))
     assert limits.smtp_auth_hit(acc, "alice") is None
     for login in (None, "", "mallory"):
         hit = limits.smtp_auth_hit(acc, login)
         assert hit is not None and hit.rule == "smtp_auth"
         assert (hit.refusal.code, hit.refusal.xcode) == ("550", "5.7.1")
         assert "mallory" not in hit.refusal.text
-    assert limits.smtp_auth_hit(config.Account(name="open"), None) is None
+    assert limits.smtp_auth_hit(model.Account(name="open"), None) is None
 
 
 # -- velocity and month caps through the spool's commit (clock driven) -------------------------
 class Counted:
     """A spool whose commits carry a LimitPlan deciding with `rule` for every account."""
 
-    def __init__(self, path: Path, rule: config.Limits):
+    def __init__(self, path: Path, rule: model.Limits):
         self.clock = Clock()
         self.spool = SqliteSpool(path / "spool.sqlite3")
         self.spool.clock = self.clock
@@ -249,7 +250,7 @@ def test_account_usage_for_stats(tmp_path):
 
 # -- the circuit breaker -------------------------------------------------------------------------
 def test_breaker_trips_on_failure_rate_and_reopens_after_cooldown():
-    cfg = config.BreakerConfig(window=3600, min_jobs=4, failure_rate=0.5, cooldown=600, prefix_digits=3)
+    cfg = BreakerConfig(window=3600, min_jobs=4, failure_rate=0.5, cooldown=600, prefix_digits=3)
     state, tripped = limits.breaker_update(cfg, limits.EMPTY_BREAKER, {"+882": (3, 3), "+417": (10, 1)}, T0)
     assert tripped == [] and limits.breaker_hit(state, "+88212345678", T0) is None  # too few jobs
     state, tripped = limits.breaker_update(cfg, state, {"+882": (4, 2), "+417": (10, 1)}, T0)

@@ -10,7 +10,7 @@ import resource
 from pathlib import Path
 
 import pytest
-from sms_milter.config import Account, Config, Domain, NotifyConfig, SenderRule, XmlConfig
+from sms_milter.model import Account, Config, Domain, NotifyConfig, SenderRule, XmlConfig
 from sms_milter.policy.refusal import Refusal
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import SqliteSpool

@@ -1,0 +1,138 @@
+"""An `accounts.NAME` section: senders, networks, credentials, template, notify, limits."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from ..model import NOTIFY_POLICIES, Account, IPNetwork, Limits, SenderRule
+from ..policy.addresses import originator_problem
+from ..policy.auth import hash_problem
+from .limits import parse_limits
+from .reader import Reader
+
+
+def _sender(r: Reader, node: Any, path: str) -> SenderRule | None:
+    if isinstance(node, str):
+        node = {"address": node}
+    d = r.mapping(node, path, ("address", "domain", "originator"))
+    address = r.string(d, "address", path)
+    domain = r.string(d, "domain", path)
+    if (address is None) == (domain is None):
+        r.bad(path, "needs exactly one of address or domain")
+        return None
+    if address is not None and (address.count("@") != 1 or address.startswith("@") or address.endswith("@")):
+        r.bad(f"{path}.address", f"{address!r} is not an e-mail address")
+    if domain is not None and ("@" in domain or "." not in domain):
+        r.bad(f"{path}.domain", f"{domain!r} is not a domain name")
+    orig = r.string(d, "originator", path)
+    if orig is not None:
+        _check_originator(r, orig, f"{path}.originator")
+    return SenderRule(
+        address=address.lower() if address else None,
+        domain=domain.lower().lstrip("@") if domain else None,
+        originator=orig,
+    )
+
+
+def _host_bits(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=True)
+        return False
+    except ValueError:
+        return True
+
+
+_FIELD = re.compile(r"\{\{|\}\}|\{(subject|body)\}")
+
+
+def _template_problem(template: str) -> str | None:
+    """Templates may name {subject} and {body} only (and {{ / }} for literal braces)."""
+    rest = _FIELD.sub("", template)
+    for ch in ("{", "}"):
+        at = rest.find(ch)
+        if at >= 0:
+            m = re.search(r"\{[^{}]{0,40}\}?", rest[at:]) if ch == "{" else None
+            what = f"'{m.group()}'" if m else f"a lone '{ch}'"
+            return (f"may use only {{subject}} and {{body}} (and {{{{ or }}}} for a literal brace), "
+                    f"found {what}")
+    return None
+
+
+def _check_originator(r: Reader, value: str, path: str) -> None:
+    problem = originator_problem(value)
+    if problem:
+        r.bad(path, problem)
+
+
+def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None) -> Account:
+    path = f"accounts.{name}"
+    d = r.mapping(node, path, ("userkey", "password", "password_hash", "senders", "networks",
+                               "originator", "template", "max_parts", "notify", "credits",
+                               "limits", "smtp_auth"))
+    senders: list[SenderRule] = []
+    raw_senders = d.get("senders") or []
+    if not isinstance(raw_senders, list):
+        r.bad(f"{path}.senders", "must be a list")
+        raw_senders = []
+    for i, s in enumerate(raw_senders):
+        rule = _sender(r, s, f"{path}.senders[{i}]")
+        if rule:
+            senders.append(rule)
+    networks: list[IPNetwork] = []
+    raw_nets = d.get("networks") or []
+    if not isinstance(raw_nets, list):
+        r.bad(f"{path}.networks", "must be a list")
+        raw_nets = []
+    for i, n in enumerate(raw_nets):
+        where = f"{path}.networks[{i}]"
+        if not isinstance(n, str):
+            r.bad(where, f"must be an IP network such as 192.0.2.0/24, got {r.got(n, where)}")
+            continue
+        try:
+            net = ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            r.bad(where, f"{n!r} is not an IP network")
+            continue
+        if _host_bits(n):
+            r.bad(where, f"{n!r} has host bits set; write the network address {net} "
+                         "(or a single address without /prefix)")
+            continue
+        networks.append(net)
+    password = r.string(d, "password", path)
+    password_hash = r.string(d, "password_hash", path)
+    if password is not None and password_hash is not None:
+        r.bad(path, "give password or password_hash, not both")
+    if password_hash is not None:
+        problem = hash_problem(password_hash)
+        if problem:
+            r.bad(f"{path}.password_hash", problem)
+    userkey = r.string(d, "userkey", path)
+    if userkey is not None and password is None and password_hash is None:
+        r.bad(path, "userkey needs a password or password_hash")
+    originator = r.string(d, "originator", path, "SMS") or "SMS"
+    _check_originator(r, originator, f"{path}.originator")
+    template = r.string(d, "template", path, "{subject},{body}") or ""
+    problem = _template_problem(template)
+    if problem:
+        r.bad(f"{path}.template", problem)
+    notify = (r.string(d, "notify", path, "") or "").upper()
+    if notify not in NOTIFY_POLICIES:
+        r.bad(f"{path}.notify", f"must be one of \"\", ALWAYS, NONE, FAILED, got {notify!r}")
+    credits = d.get("credits")
+    if credits is not None and (isinstance(credits, bool) or not isinstance(credits, int) or credits < 0):
+        r.bad(f"{path}.credits", f"must be a whole number >= 0, got {r.got(credits, f'{path}.credits')}")
+        credits = None
+    smtp_auth = d.get("smtp_auth")
+    if smtp_auth is not None and (not isinstance(smtp_auth, list) or not smtp_auth
+                                  or not all(isinstance(x, str) and x for x in smtp_auth)):
+        r.bad(f"{path}.smtp_auth", "must be a non-empty list of SMTP AUTH login names")
+        smtp_auth = None
+    return Account(
+        name=name, userkey=userkey, password=password, password_hash=password_hash,
+        senders=tuple(senders), networks=tuple(networks), originator=originator, template=template,
+        max_parts=r.number(d, "max_parts", path, 6, 1, 255), notify=notify, credits=credits,
+        limits=parse_limits(r, d.get("limits"), f"{path}.limits", limits or Limits()),
+        smtp_auth=tuple(smtp_auth) if smtp_auth is not None else None,
+    )

@@ -1,0 +1,180 @@
+"""The typed configuration: frozen values the rest of the package reads.
+
+Below both `config` (which builds them from YAML) and `policy` (which decides with them), so
+neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+STYLES = ("aspsms", "telemessage")
+NOTIFY_POLICIES = ("", "ALWAYS", "NONE", "FAILED")
+# Devices of the telemessage style; only those with a delivery channel are accepted.
+DEVICES = ("sms", "business", "mobile", "home", "fax")
+CHANNEL_DEVICES = ("sms",)  # devices this build can deliver to
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class SenderRule:
+    """An authorized SMTP originator: an exact address (lowercased) or a whole domain."""
+
+    address: str | None = None
+    domain: str | None = None
+    originator: str | None = None  # default SMS originator for this sender
+
+
+# -- limits (abuse control): see policy/limits.py for the rules, INTERFACE.md "Limits" for the keys
+LIMIT_MODES = ("enforce", "monitor")
+# phonenumbers number types by their config name (PhoneNumberType values).
+NUMBER_TYPES = {"fixed_line": 0, "mobile": 1, "fixed_line_or_mobile": 2, "toll_free": 3, "premium_rate": 4,
+                "shared_cost": 5, "voip": 6, "personal": 7, "personal_number": 7, "pager": 8, "uan": 9,
+                "voicemail": 10, "unknown": 99}
+# Allowed when `number_types` is absent: premium-rate, shared-cost, UAN, personal, pager, voip and
+# unknown are refused unless listed.
+DEFAULT_NUMBER_TYPES = ("fixed_line", "mobile", "fixed_line_or_mobile", "toll_free", "voicemail")
+CAP_KEYS = ("parts_per_minute", "parts_per_hour", "parts_per_day", "parts_per_month",
+            "per_recipient_per_hour")
+LIMIT_KEYS = ("mode", "recipients_per_message", *CAP_KEYS, "countries", "deny_prefixes", "number_types",
+              "identical_seconds")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One account's effective limits (None: no cap)."""
+
+    mode: str = "enforce"
+    recipients_per_message: int = 100
+    parts_per_minute: int | None = None
+    parts_per_hour: int | None = None
+    parts_per_day: int | None = None
+    parts_per_month: int | None = None
+    per_recipient_per_hour: int | None = None
+    countries: tuple[str, ...] | None = None  # ISO 3166 alpha-2, upper case; None = all
+    deny_prefixes: tuple[str, ...] = ()  # E.164 with '+'
+    number_types: tuple[str, ...] = DEFAULT_NUMBER_TYPES
+    identical_seconds: int = 600  # the same text to the same number within this is one SMS; 0 = off
+
+    @property
+    def monitor(self) -> bool:
+        return self.mode == "monitor"
+
+    @property
+    def counted(self) -> bool:
+        """Does any rule need the usage counters?"""
+        return any(getattr(self, k) is not None for k in CAP_KEYS)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """The circuit breaker on failing destinations (`limits.breaker`, off when absent)."""
+
+    window: float = 3600.0  # seconds of finished jobs looked at
+    min_jobs: int = 20  # fewer finished jobs to a prefix than this: never trips
+    failure_rate: float = 0.5  # failed+expired / finished at or above this: trips
+    cooldown: float = 1800.0  # seconds new mail to the prefix gets 451
+    prefix_digits: int = 3  # destinations grouped by '+' and this many digits
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    userkey: str | None = None
+    password: str | None = None
+    password_hash: str | None = None
+    senders: tuple[SenderRule, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+    originator: str = "SMS"
+    template: str = "{subject},{body}"
+    max_parts: int = 6
+    notify: str = ""
+    credits: int | None = None  # remaining allowance (xml@ ShowCredits); None = unlimited
+    limits: Limits = field(default_factory=Limits)  # top-level `limits:` merged with its own
+    smtp_auth: tuple[str, ...] | None = None  # SMTP AUTH logins bound to the account; None = any/none
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str  # lowercased
+    style: str  # "aspsms" | "telemessage"
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    socket: str = "inet:127.0.0.1:8894"
+    max_message_bytes: int = 262144
+    # How long a resend of the same message (same Message-ID) is recognised as a duplicate.
+    dedupe_seconds: int = 7 * 24 * 3600
+    # Mail with no Message-ID of its own is recognised by sender, recipients and content
+    # for this much shorter window.
+    dedupe_anonymous_seconds: int = 600
+    spool_timeout: float = 5.0  # seconds to wait for the spool before answering 451
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = "/var/lib/sms-milter/spool.sqlite3"
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class SmppConfig:
+    host: str = "127.0.0.1"
+    port: int = 2775
+    system_id: str = ""
+    password: str = ""
+    system_type: str = ""
+    window: int = 10  # unacknowledged submit_sm at most
+    rate: float = 0.0  # submits per second at most; 0 = no cap
+    enquire_link: float = 30.0  # seconds between keep-alives
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    validity: int = 48 * 3600  # seconds a job may wait before it expires
+    submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
+    receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    sender: str = "sms-gateway@localhost"
+
+
+@dataclass(frozen=True)
+class XmlConfig:
+    # Hosts (exact, lowercased) that URL delivery notifications may call.
+    allowed_url_hosts: tuple[str, ...] = ()
+    url_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where each daemon serves Prometheus /metrics ("host:port"); None = not served."""
+
+    milter: str | None = None
+    dispatcher: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    domains: dict[str, Domain] = field(default_factory=dict)
+    accounts: dict[str, Account] = field(default_factory=dict)
+    smpp: SmppConfig = field(default_factory=SmppConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    xml: XmlConfig = field(default_factory=XmlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    limits: Limits = field(default_factory=Limits)  # the top-level defaults
+    breaker: BreakerConfig | None = None
+    source: str = ""
+
+    def summary(self) -> str:
+        return (
+            f"{self.source}: OK: {len(self.domains)} domain(s), {len(self.accounts)} account(s), "
+            f"milter on {self.milter.socket}, spool {self.spool.url or self.spool.path}"
+        )
