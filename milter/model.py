@@ -117,7 +117,18 @@ class MilterConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     path: str = "/var/lib/sms-milter/spool.sqlite3"
-    url: str | None = None
+    url: str | None = None  # postgresql://USER[:PASSWORD]@HOST[:PORT]/DB: the spool on PostgreSQL
+
+    @property
+    def where(self) -> str:
+        """The spool for logs and check-config: the path, or the URL without its password."""
+        if not self.url:
+            return self.path
+        head, at, tail = self.url.rpartition("@")
+        scheme, sep, cred = head.partition("://")
+        if at and sep and ":" in cred:
+            return f"{scheme}://{cred.split(':', 1)[0]}:***@{tail}"
+        return self.url
 
 
 @dataclass(frozen=True)
@@ -176,5 +187,5 @@ class Config:
     def summary(self) -> str:
         return (
             f"{self.source}: OK: {len(self.domains)} domain(s), {len(self.accounts)} account(s), "
-            f"milter on {self.milter.socket}, spool {self.spool.url or self.spool.path}"
+            f"milter on {self.milter.socket}, spool {self.spool.where}"
         )

@@ -57,13 +57,41 @@ def _spool(r: Reader, node: Any) -> SpoolConfig:
     d = r.mapping(node, "spool", ("path", "url"))
     url = r.string(d, "url", "spool")
     if url is not None:
-        r.bad("spool.url", "PostgreSQL spools are not supported by this version; use spool.path")
+        if "path" in d:
+            r.bad("spool", "give either path (SQLite) or url (PostgreSQL), not both")
+        why = _pg_url_problem(url)
+        if why:
+            r.bad("spool.url", why)
+            url = None
+        return SpoolConfig(url=url or None)
     path = r.string(d, "path", "spool", SpoolConfig.path)
     if path is not None and not path.startswith("/"):
         r.bad("spool.path", f"{path!r}: the spool needs an absolute path, e.g. "
                             f"{SpoolConfig.path}")
         path = None
     return SpoolConfig(path=path or SpoolConfig.path, url=None)
+
+
+def _pg_url_problem(url: str) -> str:
+    """Why `url` is no postgresql://USER[:PASSWORD]@HOST[:PORT]/DB URL ('' if it is one); the
+    answer never holds the password."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. postgresql://sms:PASSWORD@db.example.com:5432/sms"
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return f"not a valid URL (a bad port?); {example}"
+    if u.scheme not in ("postgresql", "postgres"):
+        return f"must start with postgresql://; {example}"
+    if not u.path.strip("/"):
+        return f"names no database (the /DB part); {example}"
+    if not u.hostname and "host=" not in u.query:
+        return f"names no host; {example}"
+    if port is not None and not 1 <= port <= 65535:
+        return "the port must be 1-65535"
+    return ""
 
 
 def _domains(r: Reader, node: Any) -> dict[str, Domain]:

@@ -9,8 +9,12 @@ from ..model import Config
 
 
 def open_spool(cfg: Config, busy_timeout: float | None = None) -> Any:
-    """The configured spool (SQLite today; `spool.url` will choose PostgreSQL here)."""
+    """The configured spool: PostgreSQL when `spool.url` is set, else the SQLite file."""
+    timeout = cfg.milter.spool_timeout if busy_timeout is None else busy_timeout
+    if cfg.spool.url:
+        from .postgres import PostgresSpool
+
+        return PostgresSpool(cfg.spool.url, busy_timeout=timeout, validity=cfg.smpp.validity)
     from .sqlite import SqliteSpool
 
-    timeout = cfg.milter.spool_timeout if busy_timeout is None else busy_timeout
     return SqliteSpool(cfg.spool.path, busy_timeout=timeout, validity=cfg.smpp.validity)

@@ -1,0 +1,166 @@
+"""The dispatchers' side of the PostgreSQL spool: claims with leases, releases, expiry,
+receipt queries, notification events and the outbox.
+
+Several dispatchers (on several hosts) share the queue. A claim leases due jobs with
+`FOR UPDATE SKIP LOCKED` (two dispatchers never wait for each other, nor take one job
+twice) and keeps the order per recipient as the SQLite claim does: a job is taken only if
+no older queued job of its recipient (not deferred) is still waiting, so at most one job per
+recipient is in flight. Notification events and outbox mails are leased the same way
+(next_at moved ahead while one dispatcher handles them): each is sent by one dispatcher.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..base import Event, Job, OutMail, OverduePart
+from .core import JOB_COLUMNS, Core, job_of
+from .db import Conn, dec, enc
+
+EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
+
+
+class DispatchSide(Core):
+    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient and
+        never one whose recipient has an older job still waiting."""
+
+        def fn(c: Conn) -> list[Job]:
+            now = time.time()
+            rows = c.execute(
+                "UPDATE jobs SET lease_owner=%s, lease_until=%s, attempts=attempts+1 WHERE id IN ("
+                " SELECT j.id FROM jobs j WHERE j.state='queued' AND j.not_before<=%s"
+                "  AND (j.lease_until IS NULL OR j.lease_until<%s)"
+                "  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.state='queued'"
+                "   AND NOT o.deferred AND o.id<j.id)"
+                "  ORDER BY j.id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " AND state='queued' AND (lease_until IS NULL OR lease_until<%s)"
+                f" RETURNING {JOB_COLUMNS}",
+                (owner, now + lease_seconds, now, now, limit, now)).fetchall()
+            return sorted((job_of(r) for r in rows), key=lambda j: j.id)
+
+        return list(self._run(fn))
+
+    def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
+                count_attempt: bool = False) -> None:
+        if not job_ids:
+            return
+
+        def fn(c: Conn) -> None:
+            c.execute(
+                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL, not_before=%s,"
+                " last_error=CASE WHEN %s='' THEN last_error ELSE %s END,"
+                " attempts=attempts-%s WHERE id = ANY(%s) AND state='queued'",
+                (time.time() + delay, error, enc(error), 0 if count_attempt else 1, sorted(job_ids)))
+            c.execute("SELECT pg_notify('sms_milter_work', '')")
+
+        self._run(fn)
+
+    def fail(self, job_id: int, error: str, state: str = "failed") -> None:
+        self._run(lambda c: self._set_final(c, job_id, state, error, time.time()))
+
+    def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]:
+        if not job_ids:
+            return []
+        rows = self._run(lambda c: c.execute(
+            "UPDATE jobs SET lease_until=%s WHERE id = ANY(%s) AND lease_owner=%s AND state='queued'"
+            " RETURNING id", (time.time() + lease_seconds, sorted(job_ids), owner)).fetchall())
+        return sorted(int(r["id"]) for r in rows)
+
+    def receipts_overdue(self, submitted_before: float, limit: int, next_query: float) -> list[OverduePart]:
+        def fn(c: Conn) -> list[OverduePart]:
+            jobs = c.execute(
+                "UPDATE jobs SET query_at=%s WHERE id IN (SELECT id FROM jobs"
+                " WHERE state IN ('submitted','buffered') AND submitted_at<%s AND coalesce(query_at, 0)<=%s"
+                " ORDER BY submitted_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, recipient, originator",
+                (next_query, submitted_before, time.time(), limit)).fetchall()
+            if not jobs:
+                return []
+            by_id = {r["id"]: r for r in jobs}
+            rows = c.execute(
+                "SELECT job_id, seq, coalesce(wire_ref, ref) AS ref FROM parts WHERE job_id = ANY(%s)"
+                " AND state NOT IN ('delivered','failed','expired') ORDER BY job_id, seq",
+                (list(by_id),)).fetchall()
+            return [OverduePart(r["job_id"], r["seq"], dec(r["ref"]), dec(by_id[r["job_id"]]["recipient"]),
+                                dec(by_id[r["job_id"]]["originator"])) for r in rows]
+
+        return list(self._run(fn))
+
+    def note_receipt_query(self, items: list[tuple[int, str]]) -> None:
+        if items:
+            def fn(c: Conn) -> None:
+                with c.cursor() as cur:
+                    cur.executemany("UPDATE jobs SET last_error=%s WHERE id=%s"
+                                    " AND state IN ('submitted','buffered')",
+                                    [(enc(err), jid) for jid, err in sorted(items)])
+
+            self._run(fn)
+
+    def expire_due(self) -> list[int]:
+        """Jobs past their validity: queued ones (not in flight) and ones whose receipt never came."""
+
+        def fn(c: Conn) -> list[int]:
+            now = time.time()
+            rows = c.execute(
+                "SELECT id FROM jobs WHERE (state='queued' AND expires_at<%s AND (lease_until IS NULL"
+                " OR lease_until<%s)) OR (state IN ('submitted','buffered') AND expires_at<%s)"
+                " ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED", (now, now, now)).fetchall()
+            ids = [int(r["id"]) for r in rows]
+            for jid in ids:
+                self._set_final(c, jid, "expired", "validity period ended", now)
+            return ids
+
+        return list(self._run(fn))
+
+    # -- notifications: leased to one dispatcher at a time ---------------------------------
+    def due_events(self, limit: int) -> list[Event]:
+        def fn(c: Conn) -> list[Event]:
+            now = time.time()
+            rows = c.execute(
+                "UPDATE events SET next_at=%s WHERE id IN (SELECT id FROM events WHERE next_at<=%s"
+                " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, job_id, kind, status, at, attempts",
+                (now + EVENT_LEASE, now, limit)).fetchall()
+            return sorted((Event(r["id"], r["job_id"], r["kind"], r["status"], r["at"], r["attempts"])
+                           for r in rows), key=lambda e: e.id)
+
+        return list(self._run(fn))
+
+    def event_done(self, event_id: int) -> None:
+        self._run(lambda c: c.execute("DELETE FROM events WHERE id=%s", (event_id,)))
+
+    def event_retry(self, event_id: int, error: str, delay: float) -> None:
+        self._run(lambda c: c.execute(
+            "UPDATE events SET attempts=attempts+1, last_error=%s, next_at=%s WHERE id=%s",
+            (enc(error), time.time() + delay, event_id)))
+
+    def due_outbox(self, limit: int) -> list[tuple[int, OutMail, int]]:
+        def fn(c: Conn) -> list[tuple[int, OutMail, int]]:
+            now = time.time()
+            rows = c.execute(
+                "UPDATE outbox SET next_at=%s WHERE id IN (SELECT id FROM outbox WHERE next_at<=%s"
+                " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, rcpt, content, attempts",
+                (now + EVENT_LEASE, now, limit)).fetchall()
+            out = [(r["id"], OutMail(dec(r["rcpt"]), bytes(r["content"])), r["attempts"]) for r in rows]
+            return sorted(out, key=lambda t: t[0])
+
+        return list(self._run(fn))
+
+    def outbox_done(self, mail_id: int) -> None:
+        self._run(lambda c: c.execute("DELETE FROM outbox WHERE id=%s", (mail_id,)))
+
+    def outbox_retry(self, mail_id: int, error: str, delay: float) -> None:
+        self._run(lambda c: c.execute(
+            "UPDATE outbox SET attempts=attempts+1, last_error=%s, next_at=%s WHERE id=%s",
+            (enc(error), time.time() + delay, mail_id)))
+
+    def prune_message_keys(self, limit: int = 5000) -> int:
+        return int(self._run(lambda c: c.execute(
+            "DELETE FROM messages WHERE key IN (SELECT key FROM messages WHERE expires_at<=%s"
+            " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)", (time.time(), limit)).rowcount))
+
+    def finished_by_prefix(self, since: float, digits: int) -> dict[str, tuple[int, int]]:
+        rows = self._read("SELECT substr(recipient, 1, %s) AS p, count(*) AS n,"
+                          " sum(CASE WHEN state IN ('failed','expired') THEN 1 ELSE 0 END) AS bad FROM jobs"
+                          " WHERE done_at IS NOT NULL AND done_at>=%s GROUP BY p", (digits + 1, since))
+        return {r["p"]: (int(r["n"]), int(r["bad"])) for r in rows}
