@@ -711,9 +711,15 @@ def terminate(proc: subprocess.Popen, timeout: float, what: str, logfile: Path) 
     return proc.returncode
 
 
+# Set by conftest when the suite runs on PostgreSQL (--spool=postgres or SMS_MILTER_TEST_SPOOL=postgres):
+# a function giving a fresh database URL; every config written then has `spool: {url: ...}`.
+SPOOL_URL_FACTORY: Callable[[], str] | None = None
+_SPOOL_URLS: dict[str, str] = {}
+
+
 def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port: int = 2775,  # noqa: A002
                  spool_path: Path | str | None = None, extra: dict | None = None,
-                 name: str = "sms-milter.yaml") -> Path:
+                 name: str = "sms-milter.yaml", spool_url: str | None = None) -> Path:
     """The test fixture configuration (INTERFACE.md format). `extra` is deep-merged on top.
 
     The `hashed` account gets a `password_hash` when sms_milter.policy.auth.hash_password
@@ -748,6 +754,13 @@ def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port:
         "provider": {"smpp": {"host": "127.0.0.1", "port": smpp_port, "system_id": "gw", "password": "pw"}},
         "notify": {"smtp": f"127.0.0.1:{notify_port}", "from": "sms-gateway@example.com"},
     }
+    if spool_url is None and SPOOL_URL_FACTORY is not None and not (extra and "spool" in extra):
+        # one database per spool path: a config written again (a reload test) keeps its spool
+        spool_url = _SPOOL_URLS.get(str(spool_path))
+        if spool_url is None:
+            spool_url = _SPOOL_URLS[str(spool_path)] = SPOOL_URL_FACTORY()
+    if spool_url is not None:
+        cfg["spool"] = {"url": spool_url}
     if extra:
         _deep_merge(cfg, extra)
     path = d / name

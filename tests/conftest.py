@@ -28,8 +28,49 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bed  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--spool", choices=("sqlite", "postgres"), default=None,
+                     help="the spool backend of the gateways and dispatchers the tests start "
+                          "(default: $SMS_MILTER_TEST_SPOOL or sqlite)")
+
+
+def spool_backend(config) -> str:
+    import os
+    return config.getoption("--spool") or os.environ.get("SMS_MILTER_TEST_SPOOL") or "sqlite"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "bed: needs the real-peer test bed (Postfix, milter)")
+    config.addinivalue_line("markers", "postgres: needs a private PostgreSQL cluster (tests/pgbed.py)")
+    if spool_backend(config) == "postgres":
+        bed.SPOOL_URL_FACTORY = _pg_database
+
+
+_PG: list = []
+
+
+def pg_cluster():
+    """The session's private PostgreSQL cluster, started on first use (tests/pgbed.py)."""
+    import pgbed
+    if not _PG:
+        why = pgbed.why_not()
+        if why:
+            pytest.fail(f"PostgreSQL tests cannot run: {why}", pytrace=False)
+        _PG.append(pgbed.PgCluster().start())
+    cluster = _PG[0]
+    if not cluster.running():  # a fault test left it stopped
+        cluster.start()
+    return cluster
+
+
+def _pg_database() -> str:
+    return pg_cluster().new_database()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """A private PostgreSQL cluster (initdb + pg_ctl on a free loopback port, as `nobody`)."""
+    return pg_cluster()
 
 
 def _require_postfix() -> None:

@@ -1,0 +1,186 @@
+"""The spool's contract on both backends (issue 14): every test here runs on the SQLite file and
+on a private PostgreSQL cluster (tests/pgbed.py, a fresh database per test)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sms_milter.spool.base import AddRequest, LimitPlan, NewJob, OutMail, SpoolDataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _job(recipient: str, text: str = "x", **kw) -> NewJob:
+    kw.setdefault("account", "acme")
+    return NewJob(recipient=recipient, originator="SMS", text=text, parts=kw.pop("parts", 1), **kw)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def spool(request, tmp_path):
+    """A fresh spool of each backend; `spool.reopen()` gives a second handle on the same one."""
+    if request.param == "sqlite":
+        from sms_milter.spool.sqlite import SqliteSpool
+
+        def make():
+            return SqliteSpool(tmp_path / "s.sqlite3", busy_timeout=2)
+    else:
+        from conftest import pg_cluster
+        from sms_milter.spool.postgres import PostgresSpool
+
+        url = pg_cluster().new_database()
+
+        def make():
+            return PostgresSpool(url, busy_timeout=2)
+    opened = [make()]
+    opened[0].reopen = lambda: opened.append(make()) or opened[-1]
+    opened[0].backend = request.param
+    yield opened[0]
+    for s in opened:
+        s.close()
+
+
+def _sent(s, recipient: str, ref: str, provider: str = "smpp") -> int:
+    (jid,) = s.add_jobs([_job(recipient)])
+    (j,) = s.claim("o", 10, 60)
+    assert j.id == jid
+    s.mark_submitted_many([(jid, [ref], provider)])
+    return jid
+
+
+def test_order_per_recipient_and_one_in_flight(spool):
+    s = spool
+    a = s.add_jobs([_job("+41791", f"a{i}") for i in range(4)])
+    b = s.add_jobs([_job("+41792", "b0")])
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[0], b[0]]
+    assert s.claim("o", 10, 60) == []  # a[1] waits behind a[0] in flight
+    s.release([a[0]], "o", 0.0)
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[0]]
+    s.mark_submitted_many([(a[0], ["1"])])
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[1]]
+    s.fail(a[1], "permanent")
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[2]]
+    s.mark_submitted_many([(a[2], ["2"])])
+    assert [c.after for c in s.retry_jobs([a[1]])] == ["queued"]  # the old job goes first again
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[1]]
+    s.release([a[1]], "o", 0.0)
+    assert [c.after for c in s.delete_jobs([a[1]])] == ["deleted"]
+    assert [j.id for j in s.claim("o", 10, 60)] == [a[3]]
+
+
+def test_deferred_jobs_do_not_block_and_wait_for_their_time(spool):
+    later = spool.add_jobs([_job("+41793", "later", not_before=time.time() + 3600)])
+    now = spool.add_jobs([_job("+41793", "now")])
+    assert [j.id for j in spool.claim("o", 10, 60)] == now
+    assert spool.get(later[0]).state == "queued"
+
+
+def test_same_key_adds_nothing_and_a_batch_dedupes_within_itself(spool):
+    first = spool.add_message("k1", [_job("+41794", "a"), _job("+41795", "b")], 60)
+    again = spool.add_message("k1", [_job("+41794", "a")], 60)
+    assert not first.duplicate and again.duplicate and again.job_ids == first.job_ids
+    batch = [AddRequest("k2", [_job("+41796")], 60, []), AddRequest("k2", [_job("+41796")], 60, []),
+             AddRequest("k1", [_job("+41794")], 60, [])]
+    spool.commit_now(batch)
+    assert [r.result.duplicate for r in batch] == [False, True, True]
+    assert batch[0].result.job_ids == batch[1].result.job_ids
+    assert len(spool.list_jobs()) == 3
+
+
+def test_text_with_nul_and_marker_round_trips(spool):
+    odd = ["a\x00b", "\ue000x", "\ue000\x00", "plain"]
+    ids = spool.add_jobs([_job("+41797", t, subject=t, message_id=t, sender="s@x") for t in odd])
+    got = [spool.get(i) for i in ids]
+    assert [(j.text, j.subject, j.message_id) for j in got] == [(t, t, t) for t in odd]
+
+
+def test_a_message_whose_values_cannot_be_stored_fails_alone(spool):
+    good, bad = AddRequest(None, [_job("+41798", "fine")], 0, []), AddRequest(
+        None, [_job("+41798", "x", subject="bad \udcff")], 0, [])
+    spool.commit_now([good, bad])
+    assert good.result is not None and not good.result.duplicate
+    assert isinstance(bad.error, SpoolDataError) and "Subject" in str(bad.error)
+    assert [j.text for j in spool.list_jobs()] == ["fine"]
+
+
+def test_reused_id_matches_by_number_and_by_state(spool):
+    s = spool
+    x_old = _sent(s, "+41791000001", "1")
+    assert s.record_receipts([("1", "delivered", "", "41791000001", "smpp")])[0].changed
+    y_new = _sent(s, "+41791000002", "1")
+    x_new = _sent(s, "+41791000001", "1")
+    out = s.record_receipts([("0001", "delivered", "", "0041791000002", "smpp")])
+    assert (out[0].job_id, out[0].changed) == (y_new, True)
+    out = s.record_receipts([("1", "failed", "UNDELIV", "41791000001", "smpp")])
+    assert (out[0].job_id, out[0].state) == (x_new, "failed")
+    out = s.record_receipts([("1", "failed", "repeat", "41791000001", "smpp")])
+    assert out[0].stale and not out[0].changed
+    assert [s.get(i).state for i in (x_old, y_new, x_new)] == ["delivered", "delivered", "failed"]
+
+
+def test_orphan_receipt_waits_for_its_part(spool):
+    s = spool
+    a = _sent(s, "+41791000003", "77")
+    assert s.record_receipts([("77", "delivered", "", "41791000004", "smpp")]) == [None]
+    assert s.record_receipts([("77", "delivered", "", "41791000003", "kannel")]) == [None]
+    assert s.get(a).state == "submitted" and s.orphan_count() == 2
+    b = _sent(s, "+41791000004", "77")
+    assert s.get(b).state == "delivered" and s.get(a).state == "submitted"
+    assert s.orphan_count() == 1
+    assert s.prune_orphans(-1) and s.orphan_count() == 0
+
+
+def test_final_state_owes_events_and_outbox_mails_are_handed_over(spool):
+    (jid,) = spool.add_jobs([_job("+41799", sender="who@client.example", notify="ALWAYS",
+                                  urls={"delivered": "http://h/cb"})])
+    spool.claim("o", 10, 60)
+    spool.mark_submitted_many([(jid, ["ab"])])
+    spool.record_receipts([("ab", "delivered", "")])
+    events = spool.due_events(10)
+    assert sorted(e.kind for e in events) == ["mail", "url"] and {e.status for e in events} == {"delivered"}
+    spool.event_retry(events[0].id, "smtp down", 3600)
+    spool.event_done(events[1].id)
+    assert [n.last_error for n in spool.detail(jid).notifications] == ["smtp down"]
+    spool.add_message(None, [], 0, mails=[OutMail("r@x", b"Subject: hi\r\n\r\nbody\x00\r\n")])
+    (mid, mail, attempts), = spool.due_outbox(10)
+    assert mail.content.endswith(b"body\x00\r\n") and attempts == 0
+    spool.outbox_done(mid)
+    assert spool.due_outbox(10) == []
+
+
+def test_queue_tools_and_stats(spool):
+    ids = spool.add_jobs([_job(f"+4179900{i}") for i in range(4)])
+    assert [c.after for c in spool.hold_jobs([ids[0], 999])] == ["held", None]
+    assert [j.id for j in spool.claim("o", 10, 60)] == ids[1:]
+    assert spool.hold_jobs([ids[1]])[0].reason.startswith("is being submitted")
+    spool.mark_submitted_many([(ids[1], ["f1"]), (ids[2], ["f2"])])
+    assert spool.delete_jobs([ids[1]])[0].reason.startswith("is submitted")
+    spool.record_receipts([("f2", "delivered", "")])
+    st = spool.stats(0, 0)
+    assert [st.states[k] for k in ("held", "submitted", "delivered", "queued")] == [1, 1, 1, 1]
+    assert st.accounts["acme"].parts_today == 2
+    assert spool.release_held([ids[0]])[0].after == "queued"
+    assert spool.purge(time.time() + 1) == [(ids[2], "delivered")]
+    assert spool.get(ids[2]) is None
+    assert [p.ref for p in spool.detail(ids[1]).parts] == ["f1"]
+
+
+def test_expired_jobs_and_limits_counted_in_the_commit(spool):
+    (old,) = spool.add_jobs([_job("+41790001", expires_at=time.time() - 1)])
+    assert spool.expire_due() == [old] and spool.get(old).state == "expired"
+    seen = []
+
+    def decide(account, usage, parts, per):
+        seen.append(sum(p for _, p in usage.short))
+        return "refused" if sum(p for _, p in usage.short) + parts > 3 else None
+
+    plan = LimitPlan(decide=decide)
+    results = [spool.add_message(None, [_job("+41790002", f"t{i}", parts=2)], 0, limits=plan)
+               for i in range(3)]
+    assert [r.refused for r in results] == [None, "refused", "refused"] and seen == [0, 2, 2]
+    other = spool.reopen()  # another milter on the same spool sees the same counters
+    assert other.add_message(None, [_job("+41790003", parts=1)], 0, limits=plan).refused is None
+    assert spool.add_message(None, [_job("+41790004", parts=1)], 0, limits=plan).refused == "refused"
+    assert [(u.account, u.today) for u in spool.account_usage()] == [("acme", 3)]
