@@ -137,6 +137,37 @@ class Gateway:
             self.milter.proc = None
             self.milter.start()
 
+    # ---- the spool (either backend)
+    @property
+    def spool_url(self) -> str | None:
+        """The PostgreSQL URL of this gateway's spool, None when it is the SQLite file."""
+        import yaml
+        return (yaml.safe_load(self.config.read_text()).get("spool") or {}).get("url")
+
+    @contextlib.contextmanager
+    def spool_locked(self) -> Iterator[None]:
+        """Another process holds the spool's write lock for the block (SQLite: BEGIN EXCLUSIVE;
+        PostgreSQL: LOCK TABLE on the tables a commit writes)."""
+        url = self.spool_url
+        if url is None:
+            import sqlite3
+            db = sqlite3.connect(self.spool_path, timeout=10, isolation_level=None)
+            db.execute("BEGIN EXCLUSIVE")
+            try:
+                yield
+            finally:
+                db.execute("ROLLBACK")
+                db.close()
+            return
+        import psycopg
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute("BEGIN")
+            c.execute("LOCK TABLE jobs, messages IN ACCESS EXCLUSIVE MODE")
+            try:
+                yield
+            finally:
+                c.execute("ROLLBACK")
+
     # ---- conveniences
     def jobs(self, **match) -> list[dict]:
         """queue_list(config), optionally filtered: jobs(recipient="+41...") or jobs(text_contains=...)."""
