@@ -123,7 +123,7 @@ def _open_spool(cfg: Config, create: bool = True):
         raise Fatal(f"the spool {cfg.spool.path} does not exist (nothing has been spooled yet, or "
                     "spool.path is wrong)")
     try:
-        return open_spool(cfg)
+        return open_spool(cfg, create=create)
     except SpoolError as e:
         raise Fatal(str(e)) from None
 

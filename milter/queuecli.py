@@ -113,7 +113,7 @@ def open_existing(cfg: Config) -> Any:
     path = Path(cfg.spool.path)
     if not cfg.spool.url and not path.exists():
         raise SpoolError(f"spool {path} does not exist (nothing has been spooled yet)")
-    return open_spool(cfg)
+    return open_spool(cfg, create=False)
 
 
 def _fail(command: str, message: str) -> None:

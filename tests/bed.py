@@ -756,9 +756,7 @@ def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port:
     }
     if spool_url is None and SPOOL_URL_FACTORY is not None and not (extra and "spool" in extra):
         # one database per spool path: a config written again (a reload test) keeps its spool
-        spool_url = _SPOOL_URLS.get(str(spool_path))
-        if spool_url is None:
-            spool_url = _SPOOL_URLS[str(spool_path)] = SPOOL_URL_FACTORY()
+        spool_url = spool_url_for(spool_path)
     if spool_url is not None:
         cfg["spool"] = {"url": spool_url}
     if extra:
@@ -769,6 +767,47 @@ def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port:
         header += "# sms_milter.policy.auth.hash_password missing: account 'hashed' uses a plain password\n"
     path.write_text(header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     return path
+
+
+def spool_url_for(spool_path: Path | str) -> str | None:
+    """The PostgreSQL database standing in for this spool path when the suite runs on
+    PostgreSQL (the one write_config puts into configs with that path); None on SQLite."""
+    if SPOOL_URL_FACTORY is None:
+        return None
+    url = _SPOOL_URLS.get(str(spool_path))
+    if url is None:
+        url = _SPOOL_URLS[str(spool_path)] = SPOOL_URL_FACTORY()
+    return url
+
+
+def spool_at(spool_path: Path | str, **kw: Any) -> Any:
+    """The test's own handle on the spool at this path, on the backend the suite runs on."""
+    url = spool_url_for(spool_path)
+    if url is None:
+        from sms_milter.spool.sqlite import SqliteSpool
+        return SqliteSpool(spool_path, **kw)
+    from sms_milter.spool.postgres import PostgresSpool
+    return PostgresSpool(url, **kw)
+
+
+def spool_sql(spool_path: Path | str, sql: str, *params: object) -> Any:
+    """Run one SQL statement (`?` placeholders) on the spool at this path, on either backend:
+    tests that age jobs or count rows. The first column of the first row, if any."""
+    url = spool_url_for(spool_path)
+    if url is None:
+        import sqlite3
+        db = sqlite3.connect(spool_path)
+        try:
+            row = db.execute(sql, params).fetchone()
+            db.commit()
+        finally:
+            db.close()
+        return row[0] if row else None
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as c:
+        cur = c.execute(sql.replace("?", "%s"), params)
+        row = cur.fetchone() if cur.description else None
+    return row[0] if row else None
 
 
 def _deep_merge(base: dict, extra: dict) -> None:

@@ -206,9 +206,10 @@ def _count(spool: SqliteSpool, ids: list[int], accept: set[str]) -> int:
     n = 0
     for i in range(0, len(ids), 10000):
         chunk = ids[i:i + 10000]
+        mark = "%s" if type(spool).__name__ == "PostgresSpool" else "?"
         rows = spool._read(  # noqa: SLF001 (a cheap poll: no Job objects for thousands of rows)
-            f"SELECT count(*) AS n FROM jobs WHERE state IN ({','.join('?' * len(accept))})"
-            f" AND id IN ({','.join('?' * len(chunk))})", (*sorted(accept), *chunk))
+            f"SELECT count(*) AS n FROM jobs WHERE state IN ({','.join([mark] * len(accept))})"
+            f" AND id IN ({','.join([mark] * len(chunk))})", (*sorted(accept), *chunk))
         n += rows[0]["n"]
     return n
 

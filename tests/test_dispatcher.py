@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import bed
 import pytest
 from bed import MailSink, free_port, wait_until
 from dispatcher_bed import (
@@ -22,7 +23,6 @@ from dispatcher_bed import (
     wait_states,
 )
 from sms_milter.spool.base import OutMail
-from sms_milter.spool.sqlite import SqliteSpool
 
 SMPP_PASSWORD = "Pw-77sec"  # SMPP 3.4 passwords have at most 8 characters
 ACCOUNT_PASSWORD = "s3cret"  # the acme account's password in bed.write_config
@@ -39,7 +39,7 @@ class Bed:
         self.base = base
         self.notify_port = notify_port
         self.smsc: Smsc | None = None
-        self.spool = SqliteSpool(base / "spool.sqlite3")
+        self.spool = bed.spool_at(base / "spool.sqlite3")
         self.procs: list[DispatcherProc] = []
 
     def start_smsc(self, *options: str, port: int = 0) -> Smsc:

@@ -15,7 +15,6 @@ import bed
 import pytest
 from conftest import Gateway
 from sms_milter.spool.base import NewJob
-from sms_milter.spool.sqlite import SqliteSpool
 
 pytestmark = pytest.mark.bed
 
@@ -182,7 +181,7 @@ def test_identical_text_to_the_same_number_is_one_sms(lgw):
 
 def test_circuit_breaker_pauses_a_failing_prefix(lgw):
     # The dispatcher records outcomes in the spool: 3 of 4 recent SMS to +41774... failed.
-    spool = SqliteSpool(lgw.spool_path)
+    spool = bed.spool_at(lgw.spool_path)
     try:
         ids = spool.add_jobs([NewJob(recipient=f"+417741234{i:02d}", originator="SMS", text="x", parts=1,
                                      account="dup") for i in range(4)])

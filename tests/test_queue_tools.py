@@ -9,18 +9,18 @@ spool that a real dispatcher (`sms-milter dispatcher`) drains to the npm SMSC si
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import time
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
+import bed
 import pytest
 from bed import free_port, milter_command, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, states, wait_states
 from sms_milter.spool.base import STATES
-from sms_milter.spool.sqlite import SqliteSpool
 
 SMPP_PASSWORD = "Pw-77sec"
 REPO = Path(__file__).resolve().parent.parent
@@ -39,14 +39,14 @@ class Bed:
         self.notify_port = notify_port
         self.smsc: Smsc | None = None
         self.proc: DispatcherProc | None = None
-        self._spool: SqliteSpool | None = None
+        self._spool: Any = None
         self.config = dispatcher_config(base, 1, notify_port, spool_path=self.spool_path,
                                         smpp={"password": SMPP_PASSWORD})
 
     @property
-    def spool(self) -> SqliteSpool:
+    def spool(self) -> Any:
         if self._spool is None:
-            self._spool = SqliteSpool(self.spool_path)
+            self._spool = bed.spool_at(self.spool_path)
         return self._spool
 
     def start(self, *smsc_options: str) -> Bed:
@@ -221,11 +221,7 @@ def test_submitted_job_cannot_be_deleted_and_stats_counts_it(tb):
 
 
 def _rows(path: Path, sql: str, *params: object) -> int:
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(sql, params).fetchone()[0]
-    finally:
-        db.close()
+    return bed.spool_sql(path, sql, *params)
 
 
 def test_purge_removes_old_final_jobs_only(tb):
@@ -247,11 +243,8 @@ def test_purge_removes_old_final_jobs_only(tb):
         "queued": "queued", "held": "held", "submitted": "submitted", "buffered": "buffered",
         "delivered": "delivered", "failed": "failed", "expired": "expired",
         "old_delivered": "delivered", "old_failed": "failed"}
-    db = sqlite3.connect(tb.spool_path)  # finished 31 days ago
-    db.execute("UPDATE jobs SET done_at=done_at-31*86400, created_at=created_at-31*86400 WHERE id IN (?,?)",
-               (ids["old_delivered"], ids["old_failed"]))
-    db.commit()
-    db.close()
+    bed.spool_sql(tb.spool_path, "UPDATE jobs SET done_at=done_at-31*86400, created_at=created_at-31*86400"
+                  " WHERE id IN (?,?)", ids["old_delivered"], ids["old_failed"])  # finished 31 days ago
     out = ok(tb.cli("queue", "purge", "--older-than", "30d", "--state", "failed")).splitlines()
     assert out[0] == f"job {ids['old_failed']}: failed -> purged" and out[1].startswith("1 job(s) purged")
     assert len(out) == 2

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from ..base import FINAL_STATES, Job
+from ..base import FINAL_STATES, Job, SpoolError
 from .db import Conn, Db, dec, enc, redact
 from .schema import migrate
 
@@ -82,7 +82,8 @@ def events_for(job_id: int, state: str, notify: str, sender: str, urls: str,
 class Core:
     """The connection(s), the wake-ups and the helpers the milter, dispatcher and admin sides use."""
 
-    def __init__(self, url: str, busy_timeout: float = 5.0, validity: float = DEFAULT_VALIDITY):
+    def __init__(self, url: str, busy_timeout: float = 5.0, validity: float = DEFAULT_VALIDITY,
+                 create: bool = True):
         self.url = url
         self.path = redact(url)  # what logs show as "the spool" (never the password)
         self.busy_timeout = busy_timeout
@@ -91,6 +92,7 @@ class Core:
         self.db = Db(url, busy_timeout)
         self.db.on_connect = self._check_schema
         self._schema_ok = False
+        self._create = create
         self._listen: Conn | None = None
         self._listen_pid = 0
         self._listen_retry_at = 0.0
@@ -100,9 +102,15 @@ class Core:
             self.db.conn()  # connect now: a wrong URL or a database that is down is said at start
 
     def _check_schema(self, conn: Conn) -> None:
-        if not self._schema_ok:
-            migrate(conn)
-            self._schema_ok = True
+        if self._schema_ok:
+            return
+        if not self._create:
+            row = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL AS there").fetchone()
+            if not (row and row["there"]):
+                raise SpoolError(f"spool {self.path} does not exist (nothing has been spooled yet: the"
+                                 " database has no sms-milter tables)")
+        migrate(conn)
+        self._schema_ok = True
 
     # -- plumbing --------------------------------------------------------------------------
     def _run(self, fn: Any, *args: Any) -> Any:

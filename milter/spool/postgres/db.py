@@ -133,7 +133,11 @@ class Db:
         try:
             c = self.connect()
             if self.on_connect is not None:
-                self.on_connect(c)
+                try:
+                    self.on_connect(c)
+                except BaseException:
+                    c.close()
+                    raise
         except (psycopg.Error, OSError) as e:
             err = self.error("cannot connect to the PostgreSQL spool", e)
             self._down_until, self._down_why = now + CONNECT_BACKOFF, str(err)

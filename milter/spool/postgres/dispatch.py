@@ -17,6 +17,7 @@ from ..base import Event, Job, OutMail, OverduePart
 from .core import JOB_COLUMNS, Core, job_of
 from .db import Conn, dec, enc
 
+CLAIMED = ", ".join("jobs." + name.strip() for name in JOB_COLUMNS.split(","))
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
 
@@ -27,16 +28,18 @@ class DispatchSide(Core):
 
         def fn(c: Conn) -> list[Job]:
             now = time.time()
+            # The candidates in a MATERIALIZED CTE: a LIMIT ... SKIP LOCKED subquery under IN may be
+            # run more than once by the plan and then yields more rows than LIMIT.
             rows = c.execute(
-                "UPDATE jobs SET lease_owner=%s, lease_until=%s, attempts=attempts+1 WHERE id IN ("
-                " SELECT j.id FROM jobs j WHERE j.state='queued' AND j.not_before<=%s"
-                "  AND (j.lease_until IS NULL OR j.lease_until<%s)"
+                "WITH pick AS MATERIALIZED (SELECT j.id FROM jobs j"
+                " WHERE j.state='queued' AND j.not_before<=%s AND (j.lease_until IS NULL OR j.lease_until<%s)"
                 "  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.state='queued'"
                 "   AND NOT o.deferred AND o.id<j.id)"
                 "  ORDER BY j.id LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " AND state='queued' AND (lease_until IS NULL OR lease_until<%s)"
-                f" RETURNING {JOB_COLUMNS}",
-                (owner, now + lease_seconds, now, now, limit, now)).fetchall()
+                " UPDATE jobs SET lease_owner=%s, lease_until=%s, attempts=attempts+1 FROM pick"
+                " WHERE jobs.id=pick.id"
+                f" RETURNING {CLAIMED}",
+                (now, now, limit, owner, now + lease_seconds)).fetchall()
             return sorted((job_of(r) for r in rows), key=lambda j: j.id)
 
         return list(self._run(fn))
@@ -70,10 +73,12 @@ class DispatchSide(Core):
     def receipts_overdue(self, submitted_before: float, limit: int, next_query: float) -> list[OverduePart]:
         def fn(c: Conn) -> list[OverduePart]:
             jobs = c.execute(
-                "UPDATE jobs SET query_at=%s WHERE id IN (SELECT id FROM jobs"
+                "WITH pick AS MATERIALIZED (SELECT id FROM jobs"
                 " WHERE state IN ('submitted','buffered') AND submitted_at<%s AND coalesce(query_at, 0)<=%s"
-                " ORDER BY submitted_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, recipient, originator",
-                (next_query, submitted_before, time.time(), limit)).fetchall()
+                " ORDER BY submitted_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " UPDATE jobs SET query_at=%s FROM pick WHERE jobs.id=pick.id"
+                " RETURNING jobs.id, jobs.recipient, jobs.originator",
+                (submitted_before, time.time(), limit, next_query)).fetchall()
             if not jobs:
                 return []
             by_id = {r["id"]: r for r in jobs}
@@ -117,10 +122,11 @@ class DispatchSide(Core):
         def fn(c: Conn) -> list[Event]:
             now = time.time()
             rows = c.execute(
-                "UPDATE events SET next_at=%s WHERE id IN (SELECT id FROM events WHERE next_at<=%s"
+                "WITH pick AS MATERIALIZED (SELECT id FROM events WHERE next_at<=%s"
                 " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " RETURNING id, job_id, kind, status, at, attempts",
-                (now + EVENT_LEASE, now, limit)).fetchall()
+                " UPDATE events e SET next_at=%s FROM pick WHERE e.id=pick.id"
+                " RETURNING e.id, e.job_id, e.kind, e.status, e.at, e.attempts",
+                (now, limit, now + EVENT_LEASE)).fetchall()
             return sorted((Event(r["id"], r["job_id"], r["kind"], r["status"], r["at"], r["attempts"])
                            for r in rows), key=lambda e: e.id)
 
@@ -138,9 +144,11 @@ class DispatchSide(Core):
         def fn(c: Conn) -> list[tuple[int, OutMail, int]]:
             now = time.time()
             rows = c.execute(
-                "UPDATE outbox SET next_at=%s WHERE id IN (SELECT id FROM outbox WHERE next_at<=%s"
-                " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id, rcpt, content, attempts",
-                (now + EVENT_LEASE, now, limit)).fetchall()
+                "WITH pick AS MATERIALIZED (SELECT id FROM outbox WHERE next_at<=%s"
+                " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+                " UPDATE outbox o SET next_at=%s FROM pick WHERE o.id=pick.id"
+                " RETURNING o.id, o.rcpt, o.content, o.attempts",
+                (now, limit, now + EVENT_LEASE)).fetchall()
             out = [(r["id"], OutMail(dec(r["rcpt"]), bytes(r["content"])), r["attempts"]) for r in rows]
             return sorted(out, key=lambda t: t[0])
 
@@ -156,8 +164,9 @@ class DispatchSide(Core):
 
     def prune_message_keys(self, limit: int = 5000) -> int:
         return int(self._run(lambda c: c.execute(
-            "DELETE FROM messages WHERE key IN (SELECT key FROM messages WHERE expires_at<=%s"
-            " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)", (time.time(), limit)).rowcount))
+            "WITH pick AS MATERIALIZED (SELECT key FROM messages WHERE expires_at<=%s"
+            " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " DELETE FROM messages m USING pick WHERE m.key=pick.key", (time.time(), limit)).rowcount))
 
     def finished_by_prefix(self, since: float, digits: int) -> dict[str, tuple[int, int]]:
         rows = self._read("SELECT substr(recipient, 1, %s) AS p, count(*) AS n,"

@@ -220,9 +220,10 @@ class ReceiptSide(Core):
     def prune_orphans(self, max_age: float = ORPHAN_MAX_AGE, limit: int = 1000) -> list[OrphanReceipt]:
         def fn(c: Conn) -> list[OrphanReceipt]:
             rows = c.execute(
-                "DELETE FROM orphan_receipts WHERE id IN (SELECT id FROM orphan_receipts WHERE at<%s"
+                "WITH pick AS MATERIALIZED (SELECT id FROM orphan_receipts WHERE at<%s"
                 " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " RETURNING id, ref, part_state, error, at, source",
+                " DELETE FROM orphan_receipts o USING pick WHERE o.id=pick.id"
+                " RETURNING o.id, o.ref, o.part_state, o.error, o.at, o.source",
                 (time.time() - max_age, limit)).fetchall()
             rows.sort(key=lambda r: r["id"])
             return [OrphanReceipt(r["ref"], r["part_state"], dec(r["error"]), r["at"], dec(r["source"]))
