@@ -18,6 +18,8 @@ from .core import JOB_COLUMNS, Core, job_of
 from .db import Conn, dec, enc
 
 CLAIMED = ", ".join("jobs." + name.strip() for name in JOB_COLUMNS.split(","))
+PLAN_BY_INDEX = ("SELECT " + ", ".join(f"set_config('enable_{k}', 'off', true)" for k in
+                                      ("seqscan", "bitmapscan", "sort", "hashjoin", "mergejoin")))
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
 
@@ -28,13 +30,18 @@ class DispatchSide(Core):
 
         def fn(c: Conn) -> list[Job]:
             now = time.time()
+            # The plan must not depend on table statistics (a queue filled since the last ANALYZE
+            # would get a sort of every queued job and an anti join scanning all of them): walk
+            # jobs_queued in id order, probe jobs_blocking per candidate (OFFSET 0 keeps the probe a
+            # parametrised subplan instead of an anti join), stop at LIMIT.
+            c.execute(PLAN_BY_INDEX)
             # The candidates in a MATERIALIZED CTE: a LIMIT ... SKIP LOCKED subquery under IN may be
             # run more than once by the plan and then yields more rows than LIMIT.
             rows = c.execute(
                 "WITH pick AS MATERIALIZED (SELECT j.id FROM jobs j"
                 " WHERE j.state='queued' AND j.not_before<=%s AND (j.lease_until IS NULL OR j.lease_until<%s)"
                 "  AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.state='queued'"
-                "   AND NOT o.deferred AND o.id<j.id)"
+                "   AND NOT o.deferred AND o.id<j.id OFFSET 0)"
                 "  ORDER BY j.id LIMIT %s FOR UPDATE SKIP LOCKED)"
                 " UPDATE jobs SET lease_owner=%s, lease_until=%s, attempts=attempts+1 FROM pick"
                 " WHERE jobs.id=pick.id"
