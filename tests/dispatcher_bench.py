@@ -18,9 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bed import free_port, wait_until  # noqa: E402
+from bed import free_port, spool_at, wait_until  # noqa: E402
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, wait_states  # noqa: E402
-from sms_milter.spool.sqlite import SqliteSpool  # noqa: E402
 
 
 def _ms(values: list[float]) -> str:
@@ -31,7 +30,7 @@ def _ms(values: list[float]) -> str:
 def run(base: Path, jobs: int = 3000, window: int = 200, trickle: int = 300) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     smsc = Smsc(base).start()
-    spool = SqliteSpool(base / "spool.sqlite3")
+    spool = spool_at(base / "spool.sqlite3")
     cfg = dispatcher_config(base, smsc.port, free_port(), spool_path=base / "spool.sqlite3",
                             smpp={"window": window})
     d = DispatcherProc(cfg, base / "bench-dispatcher.log").start()

@@ -422,8 +422,7 @@ def test_notification_retried_when_smtp_is_down(tb, tmp_path):
     alias = sender_alias("late@client.example", "acme")
     wait_until(lambda: f"notification mail to {alias} failed" in d.log(), 10, "a failed hand-over",
                detail=d.log_tail)
-    with tb.spool._lock:  # make the retry due now instead of in 30 s
-        tb.spool._db.execute("UPDATE events SET next_at=0")
+    bed.spool_sql(tb.base / "spool.sqlite3", "UPDATE events SET next_at=0")  # the retry due now, not in 30 s
     with MailSink(port) as late:
         late.wait_for(lambda m: m.rcpt_tos == ["late@client.example"], timeout=10)
         wait_until(lambda: f"notification mailed to {alias}" in d.log(), 10, "the hand-over logged",

@@ -163,8 +163,9 @@ class CommitSide(Core):
                 if r.limits.decide is not None:
                     names.update("a:" + j.account for j in r.jobs)
         if names:
-            c.execute("SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT"
-                      " hashtextextended(n, 0) AS h FROM unnest(%s::text[]) AS n ORDER BY 1) AS s",
+            # in the order of the names (sorted here): every milter locks in one order
+            c.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(n, 0)))"
+                      " FROM unnest(%s::text[]) AS n",
                       (sorted(names),))
 
     def _insert_batch(self, c: Conn, batch: list[AddRequest], isolate: bool) -> list[AddResult | SpoolError]:

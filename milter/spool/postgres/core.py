@@ -33,6 +33,10 @@ NOTIFY_STATES = {
     "FAILED": ("failed", "expired"),
     "NONE": (),
 }
+# The hot paths' plans must not depend on table statistics (a queue filled since autovacuum's
+# last ANALYZE would get sorts and scans of whole tables): index walks, parametrised probes.
+PLAN_BY_INDEX = ("SELECT " + ", ".join(f"set_config('enable_{k}', 'off', true)" for k in
+                                      ("seqscan", "bitmapscan", "sort", "hashjoin", "mergejoin")))
 _NOT_DIGIT = re.compile(r"[^0-9]")
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import time
 
 from ..base import Event, Job, OutMail, OverduePart
-from .core import JOB_COLUMNS, Core, job_of
+from .core import JOB_COLUMNS, PLAN_BY_INDEX, Core, job_of
 from .db import Conn, dec, enc
 
 CLAIMED = ", ".join("jobs." + name.strip() for name in JOB_COLUMNS.split(","))
-PLAN_BY_INDEX = ("SELECT " + ", ".join(f"set_config('enable_{k}', 'off', true)" for k in
-                                      ("seqscan", "bitmapscan", "sort", "hashjoin", "mergejoin")))
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
 

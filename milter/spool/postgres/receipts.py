@@ -24,15 +24,15 @@ from ..base import (
     normalize_ref,
     refs_for_lookup,
 )
-from .core import Core, events_for, number_key, same_number
+from .core import PLAN_BY_INDEX, Core, events_for, number_key, same_number
 from .db import Conn, dec, enc
 
 
 def _lock_refs(c: Conn, refs: Iterable[str]) -> None:
     names = sorted({"r:" + r for r in refs})
     if names:
-        c.execute("SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT hashtextextended(n, 0) AS h"
-                  " FROM unnest(%s::text[]) AS n ORDER BY 1) AS s", (names,))
+        c.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(n, 0)))"
+                      " FROM unnest(%s::text[]) AS n", (names,))
 
 
 class ReceiptSide(Core):
@@ -42,7 +42,11 @@ class ReceiptSide(Core):
     def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
         if not items:
             return []
-        return self._run(lambda c: self._mark_submitted(c, items, time.time()))
+        def fn(c: Conn) -> list[AppliedOrphan]:
+            c.execute(PLAN_BY_INDEX)
+            return self._mark_submitted(c, items, time.time())
+
+        return list(self._run(fn))
 
     def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
@@ -51,6 +55,7 @@ class ReceiptSide(Core):
 
         def fn(c: Conn) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
             now = time.time()
+            c.execute(PLAN_BY_INDEX)
             applied = self._mark_submitted(c, submitted, now) if submitted else []
             return applied, (self._apply_receipts(c, receipts, now) if receipts else [])
 
@@ -95,7 +100,11 @@ class ReceiptSide(Core):
     def record_receipts(self, items: list[tuple[str, ...]]) -> list[ReceiptOutcome | None]:
         if not items:
             return []
-        return self._run(lambda c: self._apply_receipts(c, items, time.time()))
+        def fn(c: Conn) -> list[ReceiptOutcome | None]:
+            c.execute(PLAN_BY_INDEX)
+            return self._apply_receipts(c, items, time.time())
+
+        return list(self._run(fn))
 
     def _apply_receipts(self, c: Conn, items: list[tuple[str, ...]], now: float,
                         keep_orphans: bool = True) -> list[ReceiptOutcome | None]:
@@ -199,16 +208,20 @@ class ReceiptSide(Core):
             owed = events_for(job_id, new, job[3], job[4], job[5], now)
             events += owed
             out.append(ReceiptOutcome(job_id, new, True, bool(owed)))
+        if touched:  # one statement for all (arrays): the receipts of a round in a few round trips
+            t = sorted(touched.items())
+            c.execute("UPDATE parts SET state=u.st FROM unnest(%s::bigint[], %s::int[], %s::text[])"
+                      " AS u(j, s, st) WHERE parts.job_id=u.j AND parts.seq=u.s",
+                      ([k[0] for k, _ in t], [k[1] for k, _ in t], [st for _, st in t]))
+        if finals:
+            f = sorted(finals.items())
+            c.execute("UPDATE jobs SET state=u.st, last_error=coalesce(u.err, jobs.last_error),"
+                      " done_at=coalesce(u.done, jobs.done_at), lease_owner=NULL, lease_until=NULL"
+                      " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::float8[])"
+                      " AS u(j, st, err, done)"
+                      " WHERE jobs.id=u.j",
+                      ([j for j, _ in f], [v[0] for _, v in f], [v[1] for _, v in f], [v[2] for _, v in f]))
         with c.cursor() as cur:
-            if touched:
-                cur.executemany("UPDATE parts SET state=%s WHERE job_id=%s AND seq=%s",
-                                [(st, jid, seq) for (jid, seq), st in sorted(touched.items())])
-            if finals:
-                cur.executemany(
-                    "UPDATE jobs SET state=%s, last_error=coalesce(%s, last_error),"
-                    " done_at=coalesce(%s, done_at),"
-                    " lease_owner=NULL, lease_until=NULL WHERE id=%s",
-                    [(st, err, done, jid) for jid, (st, err, done) in sorted(finals.items())])
             if events:
                 cur.executemany("INSERT INTO events(job_id, kind, status, at, next_at)"
                                 " VALUES (%s,%s,%s,%s,%s)",
