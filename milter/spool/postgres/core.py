@@ -103,7 +103,14 @@ class Core:
         self._apart = Db(url, busy_timeout, "sms-milter metrics")
         self._limits_pruned_at = 0.0
         with self.db.lock:
-            self.db.conn()  # connect now: a wrong URL or a database that is down is said at start
+            try:
+                self.db.conn()  # connect now: a wrong URL or a database that is down is said at start
+            except SpoolError as e:
+                if not create:
+                    raise
+                # A daemon starting while the database is down waits for it (the milter answers
+                # 451, the dispatcher retries) instead of exiting.
+                log.error("%s; retrying on each use", e)
 
     def _check_schema(self, conn: Conn) -> None:
         if self._schema_ok:
