@@ -293,7 +293,30 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("-q", "--queue-id", help="the MTA queue id, for logs")
     sb.add_argument("recipients", nargs="+", metavar="RECIPIENT")
     sub.add_parser("hash-password", help="read a password on stdin, print a password_hash for the config")
+    sp = with_config("spool", "spool maintenance")
+    spsub = sp.add_subparsers(dest="spool_command", metavar="ACTION")
+    spsub.required = True
+    mig = _config_options(spsub.add_parser("migrate", help="copy an SQLite spool into the configured "
+                                                           "PostgreSQL spool (spool.url); idempotent"))
+    mig.add_argument("--from", dest="source", required=True, metavar="FILE.sqlite3", help="the SQLite spool")
     return p
+
+
+def cmd_spool(cfg: Config, args: argparse.Namespace) -> int:
+    """`spool migrate --from FILE.sqlite3`: prints what it copied."""
+    if not cfg.spool.url:
+        print("sms-milter: spool migrate: the configuration has no spool.url (the PostgreSQL spool to copy "
+              "into)", file=sys.stderr)
+        return 2
+    spool = _open_spool(cfg)
+    try:
+        copied = spool.import_sqlite(args.source)
+    except SpoolError as e:
+        raise Fatal(str(e)) from None
+    finally:
+        spool.close()
+    print("\n".join(copied.lines(args.source, cfg.spool.where)))
+    return 0
 
 
 def cmd_queue_action(cfg: Config, args: argparse.Namespace) -> int:
@@ -312,7 +335,7 @@ def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_queue_action,
-            "check-config": cmd_check_config, "submit": cmd_submit, "stats": cmd_stats}
+            "check-config": cmd_check_config, "submit": cmd_submit, "stats": cmd_stats, "spool": cmd_spool}
 
 
 def main(argv: list[str] | None = None) -> int:

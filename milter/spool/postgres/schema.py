@@ -122,12 +122,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             job_id bigint NOT NULL,
             expires_at double precision NOT NULL
         )""",
-        # `spool migrate --from FILE.sqlite3`: which SQLite job became which job here.
-        """CREATE TABLE imported_jobs (
+        # `spool migrate --from FILE.sqlite3`: which SQLite rows were copied (kind: job, outbox,
+        # orphan), and which job each became here.
+        """CREATE TABLE imported (
             source text NOT NULL,
+            kind text NOT NULL,
             old_id bigint NOT NULL,
             new_id bigint NOT NULL,
-            PRIMARY KEY (source, old_id)
+            PRIMARY KEY (source, kind, old_id)
         )""",
         """CREATE TABLE imports (
             source text PRIMARY KEY,
