@@ -125,8 +125,15 @@ class CommitSide(Core):
                 try:
                     c.execute("BEGIN")
                 except psycopg.Error as e:
+                    # Nothing was sent yet: a connection found dead (the server restarted, a
+                    # failover) is replaced once before the messages get their 451.
                     self.db.drop()
-                    return _fail_all(batch, self.db.error("spool unavailable", e))
+                    try:
+                        c = self.db.conn()
+                        c.execute("BEGIN")
+                    except (psycopg.Error, SpoolError):
+                        self.db.drop()
+                        return _fail_all(batch, self.db.error("spool unavailable", e))
                 try:
                     c.execute(f"SET LOCAL lock_timeout = {LOCK_WAIT_MS}")
                     results = self._insert_batch(c, batch, isolate)

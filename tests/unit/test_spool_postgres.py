@@ -1,0 +1,141 @@
+"""What only the PostgreSQL spool has (issue 14): the schema version table, wake-ups by
+LISTEN/NOTIFY (one per commit batch), claims by several processes at once (SKIP LOCKED),
+a commit that never waits long for another milter's locks, reconnecting after a reset."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sms_milter.spool.base import AddRequest, NewJob
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def url():
+    from conftest import pg_cluster
+    return pg_cluster().new_database("u")
+
+
+def _open(url: str, **kw):
+    from sms_milter.spool.postgres import PostgresSpool
+    return PostgresSpool(url, **kw)
+
+
+def _job(recipient: str, text: str = "x") -> NewJob:
+    return NewJob(recipient=recipient, originator="SMS", text=text, parts=1, account="acme")
+
+
+def test_schema_version_table_and_migrations_run_once(url):
+    from sms_milter.spool.postgres.schema import MIGRATIONS
+    spools = []
+    threads = [threading.Thread(target=lambda: spools.append(_open(url))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(spools) == 4  # four processes' worth of opens at once: no error, one migration
+    rows = spools[0]._read("SELECT version FROM schema_version")  # noqa: SLF001
+    assert rows == [{"version": len(MIGRATIONS)}]
+    for s in spools:
+        s.close()
+
+
+def test_a_commit_batch_wakes_a_waiting_dispatcher_with_one_notify(url):
+    milter, disp = _open(url), _open(url)
+    disp.wait_for_work(0.01)  # LISTEN now
+    got: list[float] = []
+
+    def waiter() -> None:
+        t0 = time.monotonic()
+        disp.wait_for_work(30)
+        got.append(time.monotonic() - t0)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.2)
+    batch = [AddRequest(None, [_job(f"+4179{i:07d}")], 0, []) for i in range(50)]
+    assert milter.try_commit(batch)
+    t.join(30)
+    assert got and got[0] < 10  # woken by the commit, not by the 30 s timeout
+    listen = disp._listen  # noqa: SLF001
+    assert listen is not None and list(listen.notifies(timeout=0.5, stop_after=1)) == []  # one, not 50
+    milter.close()
+    disp.close()
+
+
+def _claimer(url: str, name: str, out) -> None:
+    s = _open(url)
+    mine = []
+    idle = 0
+    while idle < 20:
+        jobs = s.claim(name, 7, 60)
+        if not jobs:
+            idle += 1
+            time.sleep(0.02)
+            continue
+        idle = 0
+        s.mark_submitted_many([(j.id, [f"r{j.id}"]) for j in jobs])
+        mine += [(j.id, j.recipient, time.time()) for j in jobs]
+    s.close()
+    out.put(mine)
+
+
+def test_three_processes_claim_every_job_once_in_order_per_recipient(url):
+    s = _open(url)
+    ids = s.add_jobs([_job(f"+41790{i % 25:05d}", f"t{i}") for i in range(600)])
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(url, f"p{k}", out)) for k in range(3)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    claimed = [c for part in got for c in part]
+    assert sorted(i for i, _, _ in claimed) == sorted(ids)  # each job exactly once
+    assert sum(1 for part in got if part) >= 2  # they shared the work
+    by_rcpt: dict[str, list[tuple[float, int]]] = {}
+    for i, r, t in claimed:
+        by_rcpt.setdefault(r, []).append((t, i))
+    for r, seq in by_rcpt.items():  # one in flight per recipient: claimed in id order
+        assert [i for _, i in sorted(seq)] == sorted(i for _, i in seq), r
+    s.close()
+
+
+def test_try_commit_gives_the_loop_back_while_another_milter_holds_the_key(url):
+    a, b = _open(url), _open(url)
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute("SELECT pg_advisory_xact_lock(hashtextextended('k:same-key', 0))")
+        req = AddRequest("same-key", [_job("+41791")], 60, [])
+        t0 = time.monotonic()
+        assert a.try_commit([req]) is False and req.result is None and req.error is None
+        assert time.monotonic() - t0 < 2
+        other.execute("ROLLBACK")
+    assert a.try_commit([req]) and not req.result.duplicate
+    assert b.add_message("same-key", [_job("+41791")], 60).duplicate  # the other milter sees the key
+    a.close()
+    b.close()
+
+
+def test_reconnects_after_the_connection_is_reset(url):
+    from conftest import pg_cluster
+    s = _open(url)
+    s.add_jobs([_job("+41792")])
+    pg_cluster().kill_backends(url.rsplit("/", 1)[1])
+    assert len(s.list_jobs()) == 1  # a dead idle connection is replaced before use
+    req = AddRequest(None, [_job("+41793")], 0, [])
+    pg_cluster().kill_backends(url.rsplit("/", 1)[1])
+    s.commit_now([req])  # a connection dead before BEGIN is replaced: no needless 451
+    assert req.result is not None and req.error is None
+    assert len(s.claim("o", 10, 60)) == 2
+    s.close()
