@@ -179,7 +179,37 @@ def children(pid: int) -> list[int]:
 
 # --------------------------------------------------------------------------- spool
 
+def use_postgres(stack: contextlib.ExitStack) -> str:
+    """Run this benchmark's spools on a private PostgreSQL cluster (tests/pgbed.py): every config
+    bed.write_config writes then has `spool: {url: ...}`, a database per spool path; the queries
+    below go to that database. The cluster is removed at exit. Returns the server version."""
+    import pgbed
+
+    why = pgbed.why_not()
+    if why:
+        raise BenchAbort(f"--postgres: {why}")
+    cluster = pgbed.PgCluster().start()
+    stack.callback(cluster.destroy)
+    bed.SPOOL_URL_FACTORY = cluster.new_database
+    return str(cluster.sql("SHOW server_version")[0][0])
+
+
+def _pg_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]] | None:
+    url = bed.spool_url_for(path)
+    if url is None:
+        return None
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('jobs')").fetchone() == (None,):
+            return []
+        return [tuple(r) for r in c.execute(sql.replace("?", "%s"), params).fetchall()]
+
+
 def spool_max_id(path: Path) -> int:
+    pg = _pg_query(path, "SELECT coalesce(max(id), 0) FROM jobs")
+    if pg is not None:
+        return int(pg[0][0]) if pg else 0
     if not Path(path).exists():
         return 0
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
@@ -190,6 +220,9 @@ def spool_max_id(path: Path) -> int:
 
 
 def spool_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    pg = _pg_query(path, sql, params)
+    if pg is not None:
+        return pg
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
         return db.execute(sql, params).fetchall()
 

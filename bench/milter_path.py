@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     say,
     spool_max_id,
     spool_query,
+    use_postgres,
     workdir,
 )
 
@@ -144,7 +145,9 @@ def project_round(b: Bed, n: int, sessions: int, size: int, tag: str) -> float:
     elapsed = smtp_source(b.milter_pf.port, sessions, n, size, SMS_SENDER, SMS_RCPT, f"{tag}.bench.example")
     # The milter answers only after the commit: the jobs are already there.
     rows = spool_query(b.spool, "SELECT count(*), min(parts), max(parts), count(DISTINCT message_id),"
-                                " sum(state='queued'), sum(recipient='+41791234567') FROM jobs WHERE id>?",
+                                " sum(CASE WHEN state='queued' THEN 1 ELSE 0 END),"
+                                " sum(CASE WHEN recipient='+41791234567' THEN 1 ELSE 0 END)"
+                                " FROM jobs WHERE id>?",
                        (before,))
     count, pmin, pmax, mids, queued, right_rcpt = rows[0]
     if count != n:
@@ -371,6 +374,8 @@ def main() -> int:
                     help="serve the milter's /metrics and scrape it every second during the run")
     ap.add_argument("--limits", action="store_true",
                     help="account acme with every limit on (caps far above the run: nothing refused)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="the spool on a private PostgreSQL cluster (synchronous_commit=on), not SQLite")
     a = ap.parse_args()
     rounds = a.rounds or (1 if a.quick else 3)
     n = a.messages or (1000 if a.quick else 5000)
@@ -383,6 +388,8 @@ def main() -> int:
         f"sms-milter on an {a.socket} socket")
     with cleanup_on_exit() as stack:
         work = workdir(stack, "milter-path")
+        if a.postgres:
+            say(f"spool: PostgreSQL {use_postgres(stack)} (private cluster, synchronous_commit=on, fsync=on)")
         sink_port, milter_port = bed.free_port(), bed.free_port()
         spool = work / "spool.sqlite3"
         # 1 KB of smtp-source text is ~1,000 GSM-7 characters: 7 SMS parts; allow 10.
