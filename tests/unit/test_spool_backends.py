@@ -184,3 +184,30 @@ def test_expired_jobs_and_limits_counted_in_the_commit(spool):
     assert other.add_message(None, [_job("+41790003", parts=1)], 0, limits=plan).refused is None
     assert spool.add_message(None, [_job("+41790004", parts=1)], 0, limits=plan).refused == "refused"
     assert [(u.account, u.today) for u in spool.account_usage()] == [("acme", 3)]
+
+
+def test_one_batch_counts_and_dedupes_its_own_messages(spool):
+    """Limits and identical-SMS keys see the messages earlier in the same group commit."""
+    seen = []
+
+    def decide(account, usage, parts, per):
+        used = sum(p for _, p in usage.short)
+        seen.append((used, sum(p for _, p in usage.recipients.get("+41795550001", ()))))
+        return "refused" if used + parts > 3 else None
+
+    plan = LimitPlan(decide=decide, dedupe_keys=("same",), dedupe_ttl=60)
+    other = LimitPlan(decide=decide, dedupe_keys=("k2",), dedupe_ttl=60)
+    batch = [AddRequest(None, [_job("+41795550001", "a")], 0, [], limits=plan),
+             AddRequest(None, [_job("+41795550001", "a")], 0, [], limits=plan),
+             AddRequest("key", [_job("+41795550001", "b", parts=2)], 60, [], limits=other),
+             AddRequest("key", [_job("+41795550001", "b", parts=2)], 60, [], limits=other),
+             AddRequest(None, [_job("+41795550002", "c")], 0, [], limits=LimitPlan(decide=decide))]
+    spool.commit_now(batch)
+    res = [r.result for r in batch]
+    assert [r.duplicate for r in res] == [False, True, False, True, False]
+    assert res[1].job_ids == res[0].job_ids and res[3].job_ids == res[2].job_ids
+    assert res[4].refused == "refused" and seen == [(0, 0), (1, 1), (3, 3)]
+    assert len(spool.list_jobs()) == 2
+    again = spool.add_message(None, [_job("+41795550001", "a")], 0, limits=LimitPlan(dedupe_keys=("same",),
+                                                                                       dedupe_ttl=60))
+    assert again.duplicate and again.job_ids == res[0].job_ids

@@ -20,21 +20,17 @@ import psycopg
 from psycopg import errors as pgerr
 
 from ..base import (
-    SLOT_LONG,
-    SLOT_RCPT,
-    SLOT_SHORT,
-    AccountUsage,
     AddRequest,
     AddResult,
     LimitPlan,
-    LimitUsage,
     NewJob,
     OutMail,
     SpoolDataError,
     SpoolError,
 )
-from .core import CHANNEL, Core, log
+from .core import CHANNEL, log
 from .db import Conn, enc, enc_opt
+from .limits import LimitSide, Tally, Usage
 
 LOCK_WAIT_MS = 50  # a lock held by another milter's commit: give the loop back after this
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, UnicodeError, ValueError, TypeError, OverflowError)
@@ -44,50 +40,7 @@ class _Isolate(Exception):
     """A message's values failed in a batch written without savepoints: write it again with them."""
 
 
-def _key_ttl(key: str, default: float) -> float:
-    head, sep, _ = key.partition(":")
-    return float(head) if sep and head.isdigit() else default
-
-
-class _Usage:
-    """One account's counters as read in this commit transaction, kept up to date with what it counts."""
-
-    __slots__ = ("account", "short", "long", "month", "recipients")
-
-    def __init__(self, account: str):
-        self.account = account
-        self.short: dict[int, int] = {}
-        self.long: dict[int, int] = {}
-        self.month = 0
-        self.recipients: dict[str, dict[int, int]] = {}
-
-    def fetch(self, c: Conn, numbers: list[str], now: float) -> None:
-        if not numbers:
-            return
-        for n in numbers:
-            self.recipients[n] = {}
-        for r in c.execute("SELECT scope, slot, parts FROM limit_slots WHERE account=%s AND width=%s"
-                           " AND slot>%s AND scope = ANY(%s)",
-                           (self.account, SLOT_RCPT, now - 3600 - SLOT_RCPT, numbers)):
-            self.recipients[r["scope"]][r["slot"]] = r["parts"]
-
-    def add(self, number: str, parts: int, now: float) -> None:
-        for d, width in ((self.short, SLOT_SHORT), (self.long, SLOT_LONG)):
-            k = int(now // width) * width
-            d[k] = d.get(k, 0) + parts
-        self.month += parts
-        rd = self.recipients.get(number)
-        if rd is not None:
-            k = int(now // SLOT_RCPT) * SLOT_RCPT
-            rd[k] = rd.get(k, 0) + parts
-
-    def view(self, now: float) -> LimitUsage:
-        return LimitUsage(now=now, short=tuple(sorted(self.short.items())),
-                          long=tuple(sorted(self.long.items())), month=self.month,
-                          recipients={n: tuple(sorted(v.items())) for n, v in self.recipients.items()})
-
-
-class CommitSide(Core):
+class CommitSide(LimitSide):
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
                     mails: list[OutMail] | None = None, limits: LimitPlan | None = None) -> AddResult:
         req = AddRequest(key, jobs, key_ttl, mails or [], limits=limits)
@@ -176,8 +129,12 @@ class CommitSide(Core):
                       (sorted(names),))
 
     def _insert_batch(self, c: Conn, batch: list[AddRequest], isolate: bool) -> list[AddResult | SpoolError]:
+        """Decide each message (keys, limits) in order, then write the batch with a few statements:
+        all jobs in one INSERT, the keys, mails and counters in one pipelined round each. With
+        `isolate` (a message's values failed), each message is written at once in a savepoint."""
         now = self.clock()
-        usage: dict[str, _Usage] = {}
+        usage: dict[str, Usage] = {}
+        tally = Tally()
         self._lock_batch(c, batch)
         keys = list({r.key for r in batch if r.key is not None})
         known: dict[str, AddResult] = {}
@@ -185,49 +142,104 @@ class CommitSide(Core):
             for row in c.execute("SELECT key, job_ids FROM messages WHERE expires_at>%s AND key = ANY(%s)",
                                  (now, keys)):
                 known[row["key"]] = AddResult(tuple(int(i) for i in row["job_ids"]), True)
-        out: list[AddResult | SpoolError] = []
-        added = False
+        out: list[AddResult | SpoolError | None] = []
+        todo: list[tuple[int, AddRequest, list[NewJob], list[str]]] = []  # written below (not isolate)
+        pending: dict[str, int] = {}  # key -> index in out of the message that writes it
+        placeholder = 0
         for r in batch:
             if r.key is not None and r.key in known:
                 out.append(known[r.key])
                 continue
+            if r.key is not None and r.key in pending:
+                out.append(None)  # the same message twice in this batch: answered with the first's ids
+                todo.append((len(out) - 1, r, [], []))
+                continue
             jobs, dedupe_keys = r.jobs, list[str]()
             if r.limits is not None:
-                stop, jobs, dedupe_keys = self._limits_check(c, r, r.limits, now, usage)
+                stop, jobs, dedupe_keys = self._limits_check(c, r, r.limits, now, usage, tally)
                 if stop is not None:
                     out.append(stop)
                     continue
-            if isolate:
-                c.execute("SAVEPOINT msg")
+            if not isolate:
+                if r.limits is not None:  # counted now (in memory) so the next message sees it;
+                    # its jobs' ids are placeholders (-1, -2, ...) until the INSERT below
+                    marks = tuple(range(-placeholder - 1, -placeholder - 1 - len(jobs), -1))
+                    placeholder += len(jobs)
+                    self._limits_note(jobs, marks, dedupe_keys, r.limits, now, usage, tally)
+                out.append(None)
+                todo.append((len(out) - 1, r, jobs, dedupe_keys))
+                if r.key is not None:
+                    pending[r.key] = len(out) - 1
+                continue
+            c.execute("SAVEPOINT msg")
             try:
                 ids = self._insert_jobs(c, jobs, now)
-                if r.mails:
-                    with c.cursor() as cur:
-                        cur.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at)"
-                                        " VALUES (%s,%s,%s,%s)",
-                                        [(enc(m.rcpt), m.content, now, now) for m in r.mails])
-                if r.key is not None:
-                    c.execute("INSERT INTO messages(key, job_ids, expires_at) VALUES (%s,%s,%s)"
-                              " ON CONFLICT (key) DO UPDATE SET job_ids=excluded.job_ids,"
-                              " expires_at=excluded.expires_at", (r.key, list(ids), now + r.key_ttl))
+                self._write_extras(c, [(r, ids)], now)
                 if r.limits is not None:
-                    self._limits_count(c, jobs, ids, dedupe_keys, r.limits, now, usage)
+                    self._limits_note(jobs, ids, dedupe_keys, r.limits, now, usage, tally)
+                    self._limits_write(c, tally, now)
             except _DATA_ERRORS as e:
-                if not isolate:
-                    raise _Isolate() from e
                 c.execute("ROLLBACK TO SAVEPOINT msg")
                 c.execute("RELEASE SAVEPOINT msg")
+                self.tally_clear(tally)
                 out.append(SpoolDataError(_unstorable(r, e)))
                 continue
-            if isolate:
-                c.execute("RELEASE SAVEPOINT msg")
-            added = added or bool(ids) or bool(r.mails)
+            c.execute("RELEASE SAVEPOINT msg")
             if r.key is not None:
                 known[r.key] = AddResult(ids, True)
             out.append(AddResult(ids, False))
-        if added:
+        if todo:
+            try:
+                self._write_batch(c, todo, out, pending, now, tally)
+            except _DATA_ERRORS as e:
+                raise _Isolate() from e
+        if any(isinstance(o, AddResult) and not o.duplicate and o.refused is None for o in out):
             c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))  # delivered at COMMIT, once per batch
-        return out
+        return [o if o is not None else SpoolError("not written") for o in out]
+
+    def _write_batch(self, c: Conn, todo: list[tuple[int, AddRequest, list[NewJob], list[str]]],
+                     out: list[AddResult | SpoolError | None], pending: dict[str, int], now: float,
+                     tally: Tally) -> None:
+        firsts = [(i, r, jobs, dk) for i, r, jobs, dk in todo if r.key is None or pending.get(r.key) == i]
+        all_ids = self._insert_jobs(c, [j for _, _, jobs, _ in firsts for j in jobs], now)
+        at = 0
+        written: list[tuple[AddRequest, tuple[int, ...]]] = []
+        for i, r, jobs, _ in firsts:
+            ids = all_ids[at:at + len(jobs)]
+            at += len(jobs)
+            out[i] = AddResult(ids, False)
+            written.append((r, ids))
+        # The placeholder ids of the jobs counted by limits (-1, -2, ... in order) -> their ids.
+        noted = [jid for (_, r, _, _), (_, ids) in zip(firsts, written, strict=True) if r.limits is not None
+                 for jid in ids]
+        real = {-(n + 1): jid for n, jid in enumerate(noted)}
+        for k, (jid, exp) in list(tally.dedupe.items()):
+            tally.dedupe[k] = (real.get(jid, jid), exp)
+        for i, o in enumerate(out):
+            if isinstance(o, AddResult) and any(x < 0 for x in o.job_ids):  # a dedupe hit on this batch
+                out[i] = AddResult(tuple(dict.fromkeys(real.get(x, x) for x in o.job_ids)), o.duplicate,
+                                   o.refused)
+        for i, r, _, _ in todo:
+            if out[i] is None and r.key is not None:  # the repeat of a message of this batch
+                first = out[pending[r.key]]
+                assert isinstance(first, AddResult)
+                out[i] = AddResult(first.job_ids, True)
+        self._write_extras(c, written, now)
+        self._limits_write(c, tally, now)
+
+    @staticmethod
+    def _write_extras(c: Conn, written: list[tuple[AddRequest, tuple[int, ...]]], now: float) -> None:
+        """The messages' idempotency keys and reply mails (one pipelined round each)."""
+        with c.cursor() as cur:
+            mails = [(enc(m.rcpt), m.content, now, now) for r, _ in written for m in r.mails]
+            if mails:
+                cur.executemany("INSERT INTO outbox(rcpt, content, created_at, next_at) VALUES (%s,%s,%s,%s)",
+                                mails)
+            msgs = [(r.key, list(ids), now + r.key_ttl) for r, ids in written if r.key is not None]
+            if msgs:
+                cur.executemany("INSERT INTO messages(key, job_ids, expires_at) VALUES (%s,%s,%s)"
+                                " ON CONFLICT (key) DO UPDATE SET job_ids=excluded.job_ids,"
+                                " expires_at=excluded.expires_at", msgs)
 
     def _insert_jobs(self, c: Conn, jobs: list[NewJob], now: float) -> tuple[int, ...]:
         rows = []
@@ -256,100 +268,6 @@ class CommitSide(Core):
         got = c.execute(f"INSERT INTO jobs({cols}) SELECT {cols} FROM unnest({unn}) WITH ORDINALITY"
                         f" AS u({cols}, n) ORDER BY n RETURNING id", arrays).fetchall()
         return tuple(sorted(int(r["id"]) for r in got))
-
-    # -- limits ---------------------------------------------------------------------------
-    def _limits_check(self, c: Conn, r: AddRequest, plan: LimitPlan, now: float, cache: dict[str, _Usage],
-                      ) -> tuple[AddResult | None, list[NewJob], list[str]]:
-        jobs = r.jobs
-        keys = list(plan.dedupe_keys)
-        if keys and len(keys) == len(jobs):
-            wanted = [k for k in keys if k]
-            seen: dict[str, int] = {}
-            if wanted:
-                for row in c.execute("SELECT key, job_id FROM limit_dedupe WHERE expires_at>%s"
-                                     " AND key = ANY(%s)", (now, wanted)):
-                    seen[row["key"]] = int(row["job_id"])
-            if seen:
-                kept = [(j, k) for j, k in zip(jobs, keys, strict=True) if k not in seen]
-                if not kept:
-                    return AddResult(tuple(dict.fromkeys(seen.values())), True), [], []
-                jobs = [j for j, _ in kept]
-                keys = [k for _, k in kept]
-        else:
-            keys = []
-        if plan.decide is not None:
-            by_account: dict[str, tuple[int, dict[str, int]]] = {}
-            for j in jobs:
-                total, per = by_account.get(j.account, (0, {}))
-                per[j.recipient] = per.get(j.recipient, 0) + j.parts
-                by_account[j.account] = (total + j.parts, per)
-            for account, (parts, per) in by_account.items():
-                usage = cache.get(account)
-                if usage is None:
-                    usage = cache[account] = self._limit_usage(c, account, now)
-                usage.fetch(c, [n for n in per if n not in usage.recipients], now)
-                refused = plan.decide(account, usage.view(now), parts, per)
-                if refused is not None:
-                    return AddResult((), False, refused=refused), [], []
-        return None, jobs, keys
-
-    @staticmethod
-    def _limit_usage(c: Conn, account: str, now: float) -> _Usage:
-        q = ("SELECT slot, parts FROM limit_slots WHERE account=%s AND scope='' AND width=%s AND slot>%s"
-             " ORDER BY slot")
-        u = _Usage(account)
-        for d, width, span in ((u.short, SLOT_SHORT, 3600), (u.long, SLOT_LONG, 86400)):
-            d.update((r["slot"], r["parts"]) for r in c.execute(q, (account, width, now - span - width)))
-        row = c.execute("SELECT parts FROM limit_periods WHERE account=%s AND period=%s",
-                        (account, time.strftime("%Y-%m", time.gmtime(now)))).fetchone()
-        u.month = int(row["parts"]) if row else 0
-        return u
-
-    def _limits_count(self, c: Conn, jobs: list[NewJob], ids: tuple[int, ...], keys: list[str],
-                      plan: LimitPlan, now: float, cache: dict[str, _Usage]) -> None:
-        slots: dict[tuple[str, str, int, int], int] = {}
-        periods: dict[tuple[str, str], int] = {}
-        gm = time.gmtime(now)
-        month, day = time.strftime("%Y-%m", gm), time.strftime("%Y-%m-%d", gm)
-        for j in jobs:
-            cached = cache.get(j.account)
-            if cached is not None:
-                cached.add(j.recipient, j.parts, now)
-            for k in ((j.account, "", SLOT_SHORT, int(now // SLOT_SHORT) * SLOT_SHORT),
-                      (j.account, "", SLOT_LONG, int(now // SLOT_LONG) * SLOT_LONG),
-                      (j.account, j.recipient, SLOT_RCPT, int(now // SLOT_RCPT) * SLOT_RCPT)):
-                slots[k] = slots.get(k, 0) + j.parts
-            for k2 in ((j.account, month), (j.account, day)):
-                periods[k2] = periods.get(k2, 0) + j.parts
-        with c.cursor() as cur:
-            cur.executemany("INSERT INTO limit_slots(account, scope, width, slot, parts)"
-                            " VALUES (%s,%s,%s,%s,%s)"
-                            " ON CONFLICT (account, scope, width, slot) DO UPDATE"
-                            " SET parts=limit_slots.parts+excluded.parts",
-                            [(*k, p) for k, p in sorted(slots.items())])
-            cur.executemany("INSERT INTO limit_periods(account, period, parts) VALUES (%s,%s,%s)"
-                            " ON CONFLICT (account, period) DO UPDATE"
-                            " SET parts=limit_periods.parts+excluded.parts",
-                            [(*k, p) for k, p in sorted(periods.items())])
-            if keys:
-                cur.executemany("INSERT INTO limit_dedupe(key, job_id, expires_at) VALUES (%s,%s,%s)"
-                                " ON CONFLICT (key) DO UPDATE SET job_id=excluded.job_id,"
-                                " expires_at=excluded.expires_at",
-                                [(k, i, now + _key_ttl(k, plan.dedupe_ttl))
-                                 for k, i in zip(keys, ids, strict=True) if k])
-        if now - self._limits_pruned_at > 60:
-            self._limits_pruned_at = now
-            c.execute("DELETE FROM limit_slots WHERE slot<%s", (now - 86400 - 2 * SLOT_LONG,))
-            c.execute("DELETE FROM limit_dedupe WHERE expires_at<%s", (now,))
-
-    def account_usage(self, now: float | None = None) -> list[AccountUsage]:
-        gm = time.gmtime(time.time() if now is None else now)
-        month, day = time.strftime("%Y-%m", gm), time.strftime("%Y-%m-%d", gm)
-        rows = self._read("SELECT account, sum(CASE WHEN period=%s THEN parts ELSE 0 END) AS today,"
-                          " sum(CASE WHEN period=%s THEN parts ELSE 0 END) AS month FROM limit_periods"
-                          " WHERE period IN (%s, %s) GROUP BY account ORDER BY account",
-                          (day, month, day, month))
-        return [AccountUsage(r["account"], int(r["today"]), int(r["month"])) for r in rows]
 
     def add_jobs(self, jobs: list[NewJob]) -> list[int]:
         """Direct insert without grouping (tests, benchmarks, tools)."""
