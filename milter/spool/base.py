@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from .lifecycle import FINAL_STATES as FINAL_STATES  # the states are the lifecycle's
+from .lifecycle import STATES as STATES
+
 # A job's parts accepted by the provider: (job_id, message ids one per part[, provider name]).
 SubmittedItem = tuple[int, list[str]] | tuple[int, list[str], str]
-
-STATES = ("queued", "held", "submitted", "delivered", "buffered", "failed", "expired")
-FINAL_STATES = ("delivered", "failed", "expired")
 # `held`: set by `queue hold`, cleared by `queue release`; the dispatcher claims `queued` only.
 
 

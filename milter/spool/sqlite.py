@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import sqlite3
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import base as admin
+from . import lifecycle
 from .base import (
     FINAL_STATES,
     ORPHAN_MAX_AGE,
@@ -47,6 +47,7 @@ from .base import (
     normalize_ref,
     refs_for_lookup,
 )
+from .lifecycle import NOTIFY_STATES, number_key, same_number  # noqa: F401 (re-exported)
 
 log = logging.getLogger("sms_milter.spool")
 
@@ -224,14 +225,6 @@ JOB_COLUMNS = (
 )
 WAKE_SLOTS = 8  # dispatchers on one spool that can be woken directly (more still poll)
 DEFAULT_VALIDITY = 48 * 3600.0
-# Which job states owe a notification mail under each Notify policy.
-NOTIFY_STATES = {
-    "ALWAYS": ("delivered", "buffered", "failed", "expired"),
-    "": ("delivered", "failed", "expired"),
-    "FAILED": ("failed", "expired"),
-    "NONE": (),
-}
-
 
 # A message's own values that SQLite cannot store (text that is no valid Unicode, a number
 # out of range, a constraint): that message is refused, its neighbours in the batch commit.
@@ -274,28 +267,6 @@ def _unstorable(r: AddRequest, e: BaseException) -> str:
         except UnicodeError:
             return "the reply address (it is not valid text)"
     return f"the message ({type(e).__name__})"
-
-
-_NOT_DIGIT = re.compile(r"[^0-9]")
-
-
-def number_key(addr: str) -> str:
-    """A phone number as receipts and jobs are compared: its digits without leading zeros
-    ('+41791234567', '0041791234567' and '41791234567' are one number); '' if none."""
-    if addr.isdigit():  # the usual forms first: '41791234567' (a receipt), '+41791234567' (a job)
-        return addr.lstrip("0")
-    if addr[1:].isdigit() and addr[:1] == "+":
-        return addr[1:].lstrip("0")
-    return _NOT_DIGIT.sub("", addr).lstrip("0")
-
-
-def same_number(a: str, b: str) -> bool:
-    """Two number_key()s name one handset: equal, or one is the other written nationally
-    (its last 7 or more digits)."""
-    if a == b:
-        return True
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    return len(short) >= 7 and long.endswith(short)
 
 
 class _Usage:
@@ -765,8 +736,7 @@ class SqliteSpool:
             "ORDER BY expires_at LIMIT ?)", (time.time(), limit)).rowcount)
 
     def _insert_job(self, db: sqlite3.Connection, j: NewJob, now: float) -> int:
-        not_before = j.not_before if j.not_before is not None else now
-        expires = j.expires_at if j.expires_at is not None else max(now, not_before) + self.validity
+        not_before, expires, deferred = lifecycle.schedule(now, j.not_before, j.expires_at, self.validity)
         cur = db.execute(
             "INSERT INTO jobs(recipient, originator, text, parts, account, device, sender, subject, "
             "message_id, notify, queue_id, trans_ref, flash, urls, deferred, created_at, not_before, "
@@ -774,7 +744,7 @@ class SqliteSpool:
             (j.recipient, j.originator, j.text, j.parts, j.account, j.device, j.sender, j.subject,
              j.message_id, j.notify, j.queue_id, j.trans_ref, int(j.flash),
              json.dumps(j.urls) if j.urls else "{}",
-             int(j.not_before is not None and j.not_before > now), now, not_before, expires),
+             int(deferred), now, not_before, expires),
         )
         return int(cur.lastrowid or 0)
 
@@ -937,7 +907,7 @@ class SqliteSpool:
 
     def _set_final(self, db: sqlite3.Connection, job_id: int, state: str, error: str, now: float) -> bool:
         row = db.execute("SELECT state, notify, sender, urls FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if row is None or row["state"] == state or row["state"] in FINAL_STATES:
+        if not lifecycle.may_become(None if row is None else row["state"], state):
             return False
         db.execute(
             "UPDATE jobs SET state=?, last_error=CASE WHEN ?='' THEN last_error ELSE ? END,"
@@ -955,14 +925,9 @@ class SqliteSpool:
     @staticmethod
     def _events_for(job_id: int, state: str, notify: str, sender: str, urls: str,
                     now: float) -> list[tuple[int, str, str, float, float]]:
-        """The events (notification mail, URL callback) a job owes on reaching `state`."""
-        out = []
-        if sender and state in NOTIFY_STATES.get(notify, NOTIFY_STATES[""]):
-            out.append((job_id, "mail", state, now, now))
-        url_key = "failed" if state == "expired" else state
-        if urls and urls != "{}" and url_key in json.loads(urls):
-            out.append((job_id, "url", state, now, now))
-        return out
+        """The events rows a job owes on reaching `state` (lifecycle.owed_events decides)."""
+        return [(job_id, kind, state, now, now)
+                for kind in lifecycle.owed_events(state, notify, sender, urls)]
 
     def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
         """Apply a delivery receipt for one part. None: no part has that id (yet); the receipt
@@ -1016,9 +981,7 @@ class SqliteSpool:
 
         def usable(jid: int, part_provider: str, src: str, provider: str) -> list | None:
             j = jobs.get(jid)
-            if j is None or (src and not same_number(src, j[6])):
-                return None
-            if provider and part_provider and provider != part_provider:
+            if j is None or not lifecycle.receipt_matches(src, j[6], provider, part_provider):
                 return None
             return j
 
@@ -1053,7 +1016,7 @@ class SqliteSpool:
                     if j is None:
                         continue
                     final = j[2].get(seq) in FINAL_STATES or j[0] in FINAL_STATES
-                    key = (final, rank, -j[7], -jid, seq)
+                    key = lifecycle.receipt_rank(final, rank, j[7], jid, seq)
                     if best is None or key < best:
                         best = key
             if best is None:
@@ -1067,18 +1030,8 @@ class SqliteSpool:
                 continue
             hit = (job_id, seq)
             job[2][seq] = touched[hit] = part_state
-            states = job[2].values()
-            if "failed" in states:
-                new = "failed"
-            elif "expired" in states:
-                new = "expired"
-            elif len(job[2]) >= job[1] and all(s == "delivered" for s in states):
-                new = "delivered"
-            elif "buffered" in states:
-                new = "buffered"
-            else:
-                new = job[0]
-            if new == job[0] or job[0] in FINAL_STATES:
+            new = lifecycle.job_state(job[0], job[1], job[2].values())
+            if not lifecycle.may_become(job[0], new):
                 out.append(ReceiptOutcome(job_id, job[0], False))
                 continue
             # What _set_final does, for the whole batch at once (written below).
@@ -1087,8 +1040,7 @@ class SqliteSpool:
             f[0] = new
             if error:
                 f[1] = error
-            if new in FINAL_STATES:
-                f[2] = now
+            f[2] = lifecycle.done_at(new, now) or f[2]
             owed = self._events_for(job_id, new, job[3], job[4], job[5], now)
             events += owed
             out.append(ReceiptOutcome(job_id, new, True, bool(owed)))
