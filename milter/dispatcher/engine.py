@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..model import Config
-from ..spool.base import ORPHAN_MAX_AGE, AppliedOrphan, Job, ReceiptOutcome, Spool, SpoolError
+from ..spool.base import ORPHAN_MAX_AGE, AppliedOrphan, DispatchSpool, Job, ReceiptOutcome, SpoolError
 from .provider import Provider, QueryAnswer, Receipt, SubmitResult
 from .smpp import QuietLog
 
@@ -34,7 +34,7 @@ PRUNE_EVERY = 300.0  # seconds between looks for old orphan receipts and expired
 
 
 class Engine:
-    def __init__(self, spool: Spool, provider: Provider, cfg: Config, owner: str,
+    def __init__(self, spool: DispatchSpool, provider: Provider, cfg: Config, owner: str,
                  on_events: Callable[[], None] = lambda: None, lease_seconds: float = 45.0,
                  orphan_max_age: float = ORPHAN_MAX_AGE):
         self.spool = spool

@@ -30,7 +30,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, formatdate, make_msgid
 
 from ..model import Config
-from ..spool.base import Event, Job, OutMail, Spool, SpoolError
+from ..spool.base import DispatchSpool, Event, Job, OutMail, SpoolError
 from ..xmlapi import callback
 
 log = logging.getLogger("sms_milter.dispatcher.notify")
@@ -111,7 +111,7 @@ def callback_url(url: str, trans_ref: str | None) -> str:
 
 
 class Notifier:
-    def __init__(self, spool: Spool, cfg: Config):
+    def __init__(self, spool: DispatchSpool, cfg: Config):
         self.spool = spool
         self.cfg = cfg
         self._kick = threading.Event()

@@ -122,3 +122,24 @@ def receipt_rank(final: bool, form: int, submitted_at: float, job_id: int,
     before a final one, the id as given (`form` 0) before its other readings, the newest
     submit first, then the newest job, then the first part."""
     return (final, form, -submitted_at, -job_id, seq)
+
+
+# Provider message ids as every backend stores and looks them up.
+def normalize_ref(ref: str) -> str:
+    """A provider message id as stored: lowercased, leading zeros dropped."""
+    return ref.strip().lower().lstrip("0") or "0"
+
+
+def refs_for_lookup(ref: str) -> list[str]:
+    """Every stored form a receipt's id may match: SMSCs give the id in hex in one PDU and
+    in decimal in another (either way round), so try the id as it is, its hex reading
+    written in decimal, and its decimal reading written in hex."""
+    r = normalize_ref(ref)
+    forms = [r]
+    try:
+        forms.append(str(int(r, 16)))
+    except ValueError:
+        pass
+    if r.isdigit():
+        forms.append(format(int(r), "x"))
+    return list(dict.fromkeys(forms))

@@ -748,13 +748,6 @@ class SqliteSpool:
         )
         return int(cur.lastrowid or 0)
 
-    def add_jobs(self, jobs: list[NewJob]) -> list[int]:
-        """Direct insert without grouping (tests, benchmarks, tools)."""
-        now = time.time()
-        ids = self._run(lambda db: [self._insert_job(db, j, now) for j in jobs])
-        self.wake()
-        return ids
-
     # -- wake-ups ------------------------------------------------------------------------
     def wake(self) -> None:
         if self._wake_tx is None:
@@ -824,9 +817,6 @@ class SqliteSpool:
             return sorted((_job(r) for r in rows), key=lambda j: j.id)
 
         return self._run(fn)
-
-    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> list[AppliedOrphan]:
-        return self.mark_submitted_many([(job_id, refs)])
 
     def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
         """mark_submitted for many jobs in one transaction (the dispatcher's hot path): the jobs
@@ -928,12 +918,6 @@ class SqliteSpool:
         """The events rows a job owes on reaching `state` (lifecycle.owed_events decides)."""
         return [(job_id, kind, state, now, now)
                 for kind in lifecycle.owed_events(state, notify, sender, urls)]
-
-    def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
-        """Apply a delivery receipt for one part. None: no part has that id (yet); the receipt
-        is then kept as an orphan (durably, in this transaction) and applied by mark_submitted*
-        when a part with that id is stored."""
-        return self.record_receipts([(ref, part_state, error)])[0]
 
     def record_receipts(self, items: list[tuple[str, ...]]) -> list[ReceiptOutcome | None]:
         """record_receipt for many (ref, part_state, error[, source]) in one transaction, in order."""
@@ -1071,9 +1055,6 @@ class SqliteSpool:
             return [OrphanReceipt(r["ref"], r["part_state"], r["error"], r["at"], r["source"]) for r in rows]
 
         return self._run(fn)
-
-    def orphan_count(self) -> int:
-        return int(self._read("SELECT count(*) AS n FROM orphan_receipts")[0]["n"])
 
     def renew_leases(self, job_ids: list[int], owner: str, lease_seconds: float) -> list[int]:
         """Extend this owner's leases on queued jobs; returns the ids whose lease was renewed
