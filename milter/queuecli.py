@@ -214,7 +214,7 @@ def _show(spool: QueueAdmin, args: argparse.Namespace, command: str) -> int:
         return 0
     for key in ("id", "state", "account", "device", "recipient", "originator", "parts", "attempts",
                 "last_error", "created_at", "not_before", "expires_at", "submitted_at", "done_at",
-                "notify", "queue_id", "message_id", "trans_ref"):
+                "notify", "queue_id", "message_id", "trans_ref", "provider"):
         if rec.get(key) not in (None, ""):
             print(f"{key + ':':<14}{rec[key]}")
     print(f"{'text:':<14}{rec['text']!r}")

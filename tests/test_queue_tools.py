@@ -197,10 +197,12 @@ def test_submitted_job_cannot_be_deleted_and_stats_counts_it(tb):
     assert states(tb.spool, [sent])[sent].state == "submitted" and tb.spool.get(other) is None
     d = show(tb, sent)
     assert d["state"] == "submitted" and len(d["parts_sent"]) == 2
+    assert d["provider"] == "smpp"  # the provider that took it (issue 10): --json and text
     assert [p["state"] for p in d["parts_sent"]] == ["submitted", "submitted"]
     assert [e["event"] for e in d["events"]] == ["spooled", "submitted"]
     text = ok(tb.cli("queue", "show", str(sent)))
     assert "state:" in text and "+41791140001" in text and "parts sent:" in text
+    assert "\nprovider:     smpp\n" in text
     # stats --json: counts by state (every state, held included), parts per account as a dict
     # per account, the oldest queued job's age.
     add_jobs(tb.spool, [job("+41791140003", "later", not_before=time.time() + 3600)])

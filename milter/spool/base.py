@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .admin import AccountStats as AccountStats
 from .admin import Change as Change
@@ -21,8 +21,18 @@ from .lifecycle import STATES as STATES
 from .lifecycle import normalize_ref as normalize_ref
 from .lifecycle import refs_for_lookup as refs_for_lookup
 
-# A job's parts accepted by the provider: (job_id, message ids one per part[, provider name]).
-SubmittedItem = tuple[int, list[str]] | tuple[int, list[str], str]
+
+class SubmittedItem(NamedTuple):
+    """A job whose parts a provider accepted: their message ids (one per part, in order) and
+    the provider's name (recorded on the job and its parts; receipts match per provider)."""
+
+    job_id: int
+    refs: list[str]
+    provider: str = ""
+
+
+# What mark_submitted_many / store_round take: a SubmittedItem, or the plain tuple it is.
+Submitted = SubmittedItem | tuple[int, list[str]] | tuple[int, list[str], str]
 # `held`: set by `queue hold`, cleared by `queue release`; the dispatcher claims `queued` only.
 
 
@@ -71,6 +81,7 @@ class Job(NewJob):
     submitted_at: float | None = None
     done_at: float | None = None
     provider_refs: tuple[str, ...] = ()
+    provider: str = ""  # the provider that took it ('' until submitted, or unknown)
 
     def public(self) -> dict:
         """The fields `queue list --json` promises (and a few more)."""
@@ -286,7 +297,7 @@ class DispatchSpool(Protocol):
 
     def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
 
-    def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
+    def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         """Record jobs' parts as submitted with their message ids (and the provider that took
         them) and, in the same transaction, apply every stored orphan receipt for one of those ids."""
 
@@ -295,7 +306,7 @@ class DispatchSpool(Protocol):
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 
-    def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
+    def store_round(self, submitted: list[Submitted], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts) in one transaction."""
 

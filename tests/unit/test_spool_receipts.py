@@ -3,8 +3,7 @@ provider; the newest unfinished part first; a receipt matching only finished par
 
 from __future__ import annotations
 
-from sms_milter.spool.base import NewJob
-from sms_milter.spool.sqlite import SqliteSpool
+from sms_milter.spool.base import NewJob, Spool
 from spool_helpers import add_jobs, orphan_count
 
 
@@ -12,7 +11,7 @@ def _job(recipient: str) -> NewJob:
     return NewJob(recipient=recipient, originator="SMS", text="x", parts=1, account="acme")
 
 
-def _sent(s: SqliteSpool, recipient: str, ref: str, provider: str = "smpp") -> int:
+def _sent(s: Spool, recipient: str, ref: str, provider: str = "smpp") -> int:
     (jid,) = add_jobs(s, [_job(recipient)])
     (j,) = s.claim("o", 10, 60)
     assert j.id == jid
@@ -20,8 +19,8 @@ def _sent(s: SqliteSpool, recipient: str, ref: str, provider: str = "smpp") -> i
     return jid
 
 
-def test_reused_id_matches_by_number_and_by_state(tmp_path):
-    s = SqliteSpool(tmp_path / "s.sqlite3")
+def test_reused_id_matches_by_number_and_by_state(spool_factory):
+    s = spool_factory()
     x_old = _sent(s, "+41791000001", "1")
     assert s.record_receipts([("1", "delivered", "", "41791000001", "smpp")])[0].changed
     y_new = _sent(s, "+41791000002", "1")  # the SMSC restarted: id 1 again, another number
@@ -36,8 +35,8 @@ def test_reused_id_matches_by_number_and_by_state(tmp_path):
     s.close()
 
 
-def test_other_number_or_provider_is_kept_as_orphan_until_its_part_comes(tmp_path):
-    s = SqliteSpool(tmp_path / "s.sqlite3")
+def test_other_number_or_provider_is_kept_as_orphan_until_its_part_comes(spool_factory):
+    s = spool_factory()
     a = _sent(s, "+41791000003", "77")
     assert s.record_receipts([("77", "delivered", "", "41791000004", "smpp")]) == [None]
     assert s.record_receipts([("77", "delivered", "", "41791000003", "kannel")]) == [None]

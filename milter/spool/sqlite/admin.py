@@ -147,7 +147,7 @@ class AdminSide(Store):
             # The old parts go: a late receipt for an old message id must not finish the new try.
             db.execute("DELETE FROM parts WHERE job_id=?", (jid,))
             db.execute("UPDATE jobs SET state='queued', attempts=0, not_before=?, expires_at=?, deferred=0,"
-                       " done_at=NULL, lease_owner=NULL, lease_until=NULL WHERE id=?",
+                       " provider=NULL, done_at=NULL, lease_owner=NULL, lease_until=NULL WHERE id=?",
                        (now, now + self.validity, jid))
             return admin.Change(jid, row["state"], "queued")
 

@@ -15,7 +15,7 @@ from ..base import (
     AppliedOrphan,
     OrphanReceipt,
     ReceiptOutcome,
-    SubmittedItem,
+    Submitted,
     normalize_ref,
     refs_for_lookup,
 )
@@ -24,7 +24,7 @@ from .store import Store
 
 
 class ReceiptSide(Store):
-    def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
+    def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         """mark_submitted for many jobs in one transaction (the dispatcher's hot path): the jobs
         become `submitted`, their parts get their message ids, and every orphan receipt for one
         of those ids (it came before this) is applied and deleted, all in this transaction."""
@@ -32,7 +32,7 @@ class ReceiptSide(Store):
             return []
         return self._run(lambda db: self._mark_submitted(db, items, time.time()))
 
-    def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
+    def store_round(self, submitted: list[Submitted], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts), in one transaction
         (the dispatcher's round: one commit, one fsync, for everything that came in)."""
@@ -46,11 +46,12 @@ class ReceiptSide(Store):
 
         return self._run(fn)
 
-    def _mark_submitted(self, db: sqlite3.Connection, items: list[SubmittedItem],
+    def _mark_submitted(self, db: sqlite3.Connection, items: list[Submitted],
                         now: float) -> list[AppliedOrphan]:
         db.executemany(
             "UPDATE jobs SET state='submitted', submitted_at=?, lease_owner=NULL, lease_until=NULL,"
-            " last_error='', query_at=NULL WHERE id=? AND state='queued'", [(now, it[0]) for it in items])
+            " last_error='', query_at=NULL, provider=nullif(?, '') WHERE id=? AND state='queued'",
+            [(now, it[2] if len(it) > 2 else "", it[0]) for it in items])
         refs = [(it[0], i, normalize_ref(r), r, it[2] if len(it) > 2 else "")
                 for it in items for i, r in enumerate(it[1])]
         db.executemany("INSERT OR REPLACE INTO parts(job_id, seq, ref, state, wire_ref, provider)"

@@ -168,12 +168,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "expires_at REAL NOT NULL) WITHOUT ROWID",
         "CREATE INDEX IF NOT EXISTS jobs_done ON jobs(done_at) WHERE done_at IS NOT NULL",
     ),
+    # 3: the provider that took a job (routing over several providers): NULL until it is
+    # submitted (and for jobs submitted before this).
+    ("ALTER TABLE jobs ADD COLUMN provider TEXT",),
 )
 
 JOB_COLUMNS = (
     "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
     "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
-    "last_error, submitted_at, done_at"
+    "last_error, submitted_at, done_at, provider"
 )
 
 
@@ -203,5 +206,5 @@ def job_from_row(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
         created_at=row["created_at"],
         not_before=row["not_before"], expires_at=row["expires_at"], attempts=row["attempts"],
         last_error=row["last_error"], submitted_at=row["submitted_at"], done_at=row["done_at"],
-        provider_refs=tuple(refs),
+        provider_refs=tuple(refs), provider=row["provider"] or "",
     )
