@@ -3,12 +3,11 @@ a backend from `open_spool`; only this package knows SQL or which backend is in 
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..model import Config
+from .base import Spool
 
 
-def open_spool(cfg: Config, busy_timeout: float | None = None, create: bool = True) -> Any:
+def open_spool(cfg: Config, busy_timeout: float | None = None, create: bool = True) -> Spool:
     """The configured spool: PostgreSQL when `spool.url` is set, else the SQLite file.
     create=False (the read-only tools): a PostgreSQL database without the spool's tables is
     SpoolError "does not exist", nothing is created (the SQLite callers check the file)."""

@@ -1,5 +1,5 @@
 """The spool's contract on both backends (issue 14): every test here runs on the SQLite file and
-on a private PostgreSQL cluster (tests/pgbed.py, a fresh database per test)."""
+on a private PostgreSQL cluster (tests/spool_backends.py, tests/pgbed.py: a database per test)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sms_milter.spool.base import AddRequest, LimitPlan, NewJob, OutMail, SpoolDataError
+from spool_helpers import add_jobs, orphan_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -18,32 +19,17 @@ def _job(recipient: str, text: str = "x", **kw) -> NewJob:
     return NewJob(recipient=recipient, originator="SMS", text=text, parts=kw.pop("parts", 1), **kw)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def spool(request, tmp_path):
-    """A fresh spool of each backend; `spool.reopen()` gives a second handle on the same one."""
-    if request.param == "sqlite":
-        from sms_milter.spool.sqlite import SqliteSpool
-
-        def make():
-            return SqliteSpool(tmp_path / "s.sqlite3", busy_timeout=2)
-    else:
-        from conftest import pg_cluster
-        from sms_milter.spool.postgres import PostgresSpool
-
-        url = pg_cluster().new_database()
-
-        def make():
-            return PostgresSpool(url, busy_timeout=2)
-    opened = [make()]
-    opened[0].reopen = lambda: opened.append(make()) or opened[-1]
-    opened[0].backend = request.param
-    yield opened[0]
-    for s in opened:
-        s.close()
+@pytest.fixture
+def spool(spool_factory):
+    """A fresh spool of each backend (tests/spool_backends.py); `spool.reopen()` gives a second
+    handle on the same one (another process's view)."""
+    s = spool_factory()
+    s.reopen = lambda: spool_factory()
+    return s
 
 
 def _sent(s, recipient: str, ref: str, provider: str = "smpp") -> int:
-    (jid,) = s.add_jobs([_job(recipient)])
+    (jid,) = add_jobs(s, [_job(recipient)])
     (j,) = s.claim("o", 10, 60)
     assert j.id == jid
     s.mark_submitted_many([(jid, [ref], provider)])
@@ -52,8 +38,8 @@ def _sent(s, recipient: str, ref: str, provider: str = "smpp") -> int:
 
 def test_order_per_recipient_and_one_in_flight(spool):
     s = spool
-    a = s.add_jobs([_job("+41791", f"a{i}") for i in range(4)])
-    b = s.add_jobs([_job("+41792", "b0")])
+    a = add_jobs(s, [_job("+41791", f"a{i}") for i in range(4)])
+    b = add_jobs(s, [_job("+41792", "b0")])
     assert [j.id for j in s.claim("o", 10, 60)] == [a[0], b[0]]
     assert s.claim("o", 10, 60) == []  # a[1] waits behind a[0] in flight
     s.release([a[0]], "o", 0.0)
@@ -71,8 +57,8 @@ def test_order_per_recipient_and_one_in_flight(spool):
 
 
 def test_deferred_jobs_do_not_block_and_wait_for_their_time(spool):
-    later = spool.add_jobs([_job("+41793", "later", not_before=time.time() + 3600)])
-    now = spool.add_jobs([_job("+41793", "now")])
+    later = add_jobs(spool, [_job("+41793", "later", not_before=time.time() + 3600)])
+    now = add_jobs(spool, [_job("+41793", "now")])
     assert [j.id for j in spool.claim("o", 10, 60)] == now
     assert spool.get(later[0]).state == "queued"
 
@@ -91,7 +77,7 @@ def test_same_key_adds_nothing_and_a_batch_dedupes_within_itself(spool):
 
 def test_text_with_nul_and_marker_round_trips(spool):
     odd = ["a\x00b", "\ue000x", "\ue000\x00", "plain"]
-    ids = spool.add_jobs([_job("+41797", t, subject=t, message_id=t, sender="s@x") for t in odd])
+    ids = add_jobs(spool, [_job("+41797", t, subject=t, message_id=t, sender="s@x") for t in odd])
     got = [spool.get(i) for i in ids]
     assert [(j.text, j.subject, j.message_id) for j in got] == [(t, t, t) for t in odd]
 
@@ -125,15 +111,15 @@ def test_orphan_receipt_waits_for_its_part(spool):
     a = _sent(s, "+41791000003", "77")
     assert s.record_receipts([("77", "delivered", "", "41791000004", "smpp")]) == [None]
     assert s.record_receipts([("77", "delivered", "", "41791000003", "kannel")]) == [None]
-    assert s.get(a).state == "submitted" and s.orphan_count() == 2
+    assert s.get(a).state == "submitted" and orphan_count(s) == 2
     b = _sent(s, "+41791000004", "77")
     assert s.get(b).state == "delivered" and s.get(a).state == "submitted"
-    assert s.orphan_count() == 1
-    assert s.prune_orphans(-1) and s.orphan_count() == 0
+    assert orphan_count(s) == 1
+    assert s.prune_orphans(-1) and orphan_count(s) == 0
 
 
 def test_final_state_owes_events_and_outbox_mails_are_handed_over(spool):
-    (jid,) = spool.add_jobs([_job("+41799", sender="who@client.example", notify="ALWAYS",
+    (jid,) = add_jobs(spool, [_job("+41799", sender="who@client.example", notify="ALWAYS",
                                   urls={"delivered": "http://h/cb"})])
     spool.claim("o", 10, 60)
     spool.mark_submitted_many([(jid, ["ab"])])
@@ -151,7 +137,7 @@ def test_final_state_owes_events_and_outbox_mails_are_handed_over(spool):
 
 
 def test_queue_tools_and_stats(spool):
-    ids = spool.add_jobs([_job(f"+4179900{i}") for i in range(4)])
+    ids = add_jobs(spool, [_job(f"+4179900{i}") for i in range(4)])
     assert [c.after for c in spool.hold_jobs([ids[0], 999])] == ["held", None]
     assert [j.id for j in spool.claim("o", 10, 60)] == ids[1:]
     assert spool.hold_jobs([ids[1]])[0].reason.startswith("is being submitted")
@@ -168,7 +154,7 @@ def test_queue_tools_and_stats(spool):
 
 
 def test_expired_jobs_and_limits_counted_in_the_commit(spool):
-    (old,) = spool.add_jobs([_job("+41790001", expires_at=time.time() - 1)])
+    (old,) = add_jobs(spool, [_job("+41790001", expires_at=time.time() - 1)])
     assert spool.expire_due() == [old] and spool.get(old).state == "expired"
     seen = []
 

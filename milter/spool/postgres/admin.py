@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import base as admin
-from ..base import FINAL_STATES, Job
+from .. import admin
+from ..base import FINAL_STATES, STATES, Job
 from .core import JOB_COLUMNS, Core, job_of
 from .db import Conn, dec, enc
 
@@ -117,7 +117,8 @@ class AdminSide(Core):
                 return admin.Change(jid, row["state"], None, f"is {row['state']}, not failed or expired")
             c.execute("DELETE FROM parts WHERE job_id=%s", (jid,))
             c.execute("UPDATE jobs SET state='queued', attempts=0, not_before=%s, expires_at=%s,"
-                      " deferred=false, done_at=NULL, lease_owner=NULL, lease_until=NULL WHERE id=%s",
+                      " deferred=false, provider=NULL, done_at=NULL, lease_owner=NULL, lease_until=NULL"
+                      " WHERE id=%s",
                       (now, now + self.validity, jid))
             return admin.Change(jid, row["state"], "queued")
 
@@ -175,7 +176,7 @@ class AdminSide(Core):
         return admin.JobDetail(job, parts, notes)
 
     def stats(self, day_start: float, month_start: float) -> admin.SpoolStats:
-        states = dict.fromkeys(admin.STATES, 0)
+        states = dict.fromkeys(STATES, 0)
         for r in self._read("SELECT state, count(*) AS n FROM jobs GROUP BY state"):
             states[r["state"]] = int(r["n"])
         accounts = {dec(r["account"]): admin.AccountStats(int(r["today"]), int(r["month"]))

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import psycopg
 
-from ..base import FINAL_STATES, Job, SpoolError
+from .. import lifecycle
+from ..base import Job, SpoolError
 from .db import Conn, Db, dec, enc, redact
 from .schema import migrate
 
@@ -24,37 +24,12 @@ DEFAULT_VALIDITY = 48 * 3600.0
 JOB_COLUMNS = (
     "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
     "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
-    "last_error, submitted_at, done_at"
+    "last_error, submitted_at, done_at, provider"
 )
-# Which job states owe a notification mail under each Notify policy (as the SQLite spool).
-NOTIFY_STATES = {
-    "ALWAYS": ("delivered", "buffered", "failed", "expired"),
-    "": ("delivered", "failed", "expired"),
-    "FAILED": ("failed", "expired"),
-    "NONE": (),
-}
 # The hot paths' plans must not depend on table statistics (a queue filled since autovacuum's
 # last ANALYZE would get sorts and scans of whole tables): index walks, parametrised probes.
 PLAN_BY_INDEX = ("SELECT " + ", ".join(f"set_config('enable_{k}', 'off', true)" for k in
                                       ("seqscan", "bitmapscan", "sort", "hashjoin", "mergejoin")))
-_NOT_DIGIT = re.compile(r"[^0-9]")
-
-
-def number_key(addr: str) -> str:
-    """A phone number as receipts and jobs are compared: its digits without leading zeros."""
-    if addr.isdigit():
-        return addr.lstrip("0")
-    if addr[1:].isdigit() and addr[:1] == "+":
-        return addr[1:].lstrip("0")
-    return _NOT_DIGIT.sub("", addr).lstrip("0")
-
-
-def same_number(a: str, b: str) -> bool:
-    """Two number_key()s name one handset: equal, or one is the other's last 7+ digits."""
-    if a == b:
-        return True
-    short, long = (a, b) if len(a) < len(b) else (b, a)
-    return len(short) >= 7 and long.endswith(short)
 
 
 def job_of(r: dict[str, Any], refs: Iterable[str] = ()) -> Job:
@@ -68,19 +43,13 @@ def job_of(r: dict[str, Any], refs: Iterable[str] = ()) -> Job:
         flash=bool(r["flash"]), urls=json.loads(urls) if urls not in ("{}", "", None) else {},
         created_at=r["created_at"], not_before=r["not_before"], expires_at=r["expires_at"],
         attempts=r["attempts"], last_error=dec(r["last_error"]), submitted_at=r["submitted_at"],
-        done_at=r["done_at"], provider_refs=tuple(refs))
+        done_at=r["done_at"], provider_refs=tuple(refs), provider=r["provider"] or "")
 
 
 def events_for(job_id: int, state: str, notify: str, sender: str, urls: str,
                now: float) -> list[tuple[int, str, str, float, float]]:
-    """The events (notification mail, URL callback) a job owes on reaching `state`."""
-    out = []
-    if sender and state in NOTIFY_STATES.get(notify, NOTIFY_STATES[""]):
-        out.append((job_id, "mail", state, now, now))
-    url_key = "failed" if state == "expired" else state
-    if urls and urls != "{}" and url_key in json.loads(urls):
-        out.append((job_id, "url", state, now, now))
-    return out
+    """The event rows (notification mail, URL callback) a job owes on reaching `state`."""
+    return [(job_id, kind, state, now, now) for kind in lifecycle.owed_events(state, notify, sender, urls)]
 
 
 class Core:
@@ -186,13 +155,12 @@ class Core:
     def _set_final(self, c: Conn, job_id: int, state: str, error: str, now: float) -> bool:
         row = c.execute("SELECT state, notify, sender, urls FROM jobs WHERE id=%s FOR UPDATE",
                         (job_id,)).fetchone()
-        if row is None or row["state"] == state or row["state"] in FINAL_STATES:
+        if row is None or not lifecycle.may_become(row["state"], state):
             return False
         c.execute(
             "UPDATE jobs SET state=%s, last_error=CASE WHEN %s='' THEN last_error ELSE %s END,"
-            " done_at=CASE WHEN %s IN ('delivered','failed','expired') THEN %s ELSE done_at END,"
-            " lease_owner=NULL, lease_until=NULL WHERE id=%s",
-            (state, error, enc(error), state, now, job_id))
+            " done_at=coalesce(%s, done_at), lease_owner=NULL, lease_until=NULL WHERE id=%s",
+            (state, error, enc(error), lifecycle.done_at(state, now), job_id))
         self._add_events(c, events_for(job_id, state, row["notify"], row["sender"], row["urls"], now))
         return True
 

@@ -27,7 +27,7 @@ from .db import Conn, enc, enc_opt
 JOB_FIELDS = ("state", "recipient", "originator", "text", "parts", "account", "device", "sender", "subject",
               "message_id", "notify", "queue_id", "trans_ref", "flash", "urls", "deferred", "created_at",
               "not_before", "expires_at", "attempts", "last_error", "lease_owner", "lease_until",
-              "submitted_at", "done_at", "query_at")
+              "submitted_at", "done_at", "query_at", "provider")
 TABLES = ("jobs", "parts", "messages", "events", "outbox", "orphan_receipts", "limit_slots", "limit_periods",
           "limit_dedupe")
 TEXT_FIELDS = {"recipient", "originator", "text", "account", "device", "sender", "subject", "message_id",

@@ -14,17 +14,19 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .. import lifecycle
 from ..base import (
     FINAL_STATES,
     ORPHAN_MAX_AGE,
     AppliedOrphan,
     OrphanReceipt,
     ReceiptOutcome,
-    SubmittedItem,
+    Submitted,
     normalize_ref,
     refs_for_lookup,
 )
-from .core import PLAN_BY_INDEX, Core, events_for, number_key, same_number
+from ..lifecycle import number_key
+from .core import PLAN_BY_INDEX, Core, events_for
 from .db import Conn, dec, enc
 
 
@@ -39,7 +41,7 @@ class ReceiptSide(Core):
     def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> list[AppliedOrphan]:
         return self.mark_submitted_many([(job_id, refs)])
 
-    def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
+    def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         if not items:
             return []
         def fn(c: Conn) -> list[AppliedOrphan]:
@@ -48,7 +50,7 @@ class ReceiptSide(Core):
 
         return list(self._run(fn))
 
-    def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
+    def store_round(self, submitted: list[Submitted], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         if not submitted and not receipts:
             return [], []
@@ -61,14 +63,18 @@ class ReceiptSide(Core):
 
         return self._run(fn)
 
-    def _mark_submitted(self, c: Conn, items: list[SubmittedItem], now: float) -> list[AppliedOrphan]:
+    def _mark_submitted(self, c: Conn, items: list[Submitted], now: float) -> list[AppliedOrphan]:
         refs = [(it[0], i, normalize_ref(r), enc(r), it[2] if len(it) > 2 else "")
                 for it in items for i, r in enumerate(it[1])]
         _lock_refs(c, {f for r in refs for f in refs_for_lookup(r[2])})
         # One statement each (arrays), not one per job: the dispatcher's hot path.
-        c.execute("UPDATE jobs SET state='submitted', submitted_at=%s, lease_owner=NULL, lease_until=NULL,"
-                  " last_error='', query_at=NULL WHERE id = ANY(%s) AND state='queued'",
-                  (now, sorted({it[0] for it in items})))
+        by_provider: dict[str, list[int]] = {}
+        for it in items:
+            by_provider.setdefault(it[2] if len(it) > 2 else "", []).append(it[0])
+        for provider, ids in sorted(by_provider.items()):
+            c.execute("UPDATE jobs SET state='submitted', submitted_at=%s, lease_owner=NULL,"
+                      " lease_until=NULL, last_error='', query_at=NULL, provider=nullif(%s, '')"
+                      " WHERE id = ANY(%s) AND state='queued'", (now, provider, sorted(ids)))
         last = {(r[0], r[1]): r for r in refs}  # a job given twice: its last parts win
         cols = [list(col) for col in zip(*last.values(), strict=True)] if last else [[], [], [], [], []]
         c.execute("INSERT INTO parts(job_id, seq, ref, state, wire_ref, provider)"
@@ -134,9 +140,7 @@ class ReceiptSide(Core):
 
         def usable(jid: int, part_provider: str, src: str, provider: str) -> list[Any] | None:
             j = jobs.get(jid)
-            if j is None or (src and not same_number(src, j[6])):
-                return None
-            if provider and part_provider and provider != part_provider:
+            if j is None or not lifecycle.receipt_matches(src, j[6], provider, part_provider):
                 return None
             return j
 
@@ -171,7 +175,7 @@ class ReceiptSide(Core):
                     if j is None:
                         continue
                     final = j[2].get(seq) in FINAL_STATES or j[0] in FINAL_STATES
-                    key = (final, rank, -j[7], -jid, seq)
+                    key = lifecycle.receipt_rank(final, rank, j[7], jid, seq)
                     if best is None or key < best:
                         best = key
             if best is None:
@@ -184,18 +188,8 @@ class ReceiptSide(Core):
                 out.append(ReceiptOutcome(job_id, job[0], False, stale=True))
                 continue
             job[2][seq] = touched[(job_id, seq)] = part_state
-            states = job[2].values()
-            if "failed" in states:
-                new = "failed"
-            elif "expired" in states:
-                new = "expired"
-            elif len(job[2]) >= job[1] and all(s == "delivered" for s in states):
-                new = "delivered"
-            elif "buffered" in states:
-                new = "buffered"
-            else:
-                new = job[0]
-            if new == job[0] or job[0] in FINAL_STATES:
+            new = lifecycle.job_state(job[0], job[1], job[2].values())
+            if not lifecycle.may_become(job[0], new):
                 out.append(ReceiptOutcome(job_id, job[0], False))
                 continue
             job[0] = new
@@ -203,8 +197,7 @@ class ReceiptSide(Core):
             f[0] = new
             if error:
                 f[1] = enc(error)
-            if new in FINAL_STATES:
-                f[2] = now
+            f[2] = lifecycle.done_at(new, now) or f[2]
             owed = events_for(job_id, new, job[3], job[4], job[5], now)
             events += owed
             out.append(ReceiptOutcome(job_id, new, True, bool(owed)))

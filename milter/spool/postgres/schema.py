@@ -136,6 +136,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at double precision NOT NULL
         )""",
     ),
+    # 2: the provider that took a job (routing over several providers; the SQLite spool's 3):
+    # NULL until it is submitted.
+    ("ALTER TABLE jobs ADD COLUMN provider text",),
 )
 
 
