@@ -33,6 +33,9 @@ from .db import Conn, enc, enc_opt
 from .limits import LimitSide, Tally, Usage
 
 LOCK_WAIT_MS = 50  # a lock held by another milter's commit: give the loop back after this
+# Simple-protocol strings (one round trip each): the transaction's start, and its end with the wake-up.
+BEGIN = f"BEGIN; SET LOCAL lock_timeout = {LOCK_WAIT_MS}"
+NOTIFY_COMMIT = f"SELECT pg_notify('{CHANNEL}', ''); COMMIT"
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError, UnicodeError, ValueError, TypeError, OverflowError)
 
 
@@ -41,6 +44,7 @@ class _Isolate(Exception):
 
 
 class CommitSide(LimitSide):
+    _notify = False  # the batch being committed added work: NOTIFY with its COMMIT
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float = 0.0,
                     mails: list[OutMail] | None = None, limits: LimitPlan | None = None) -> AddResult:
         req = AddRequest(key, jobs, key_ttl, mails or [], limits=limits)
@@ -76,21 +80,21 @@ class CommitSide(LimitSide):
             results: list[AddResult | SpoolError] = []
             for isolate in (False, True):
                 try:
-                    c.execute("BEGIN")
+                    c.execute(BEGIN, prepare=False)
                 except psycopg.Error as e:
                     # Nothing was sent yet: a connection found dead (the server restarted, a
                     # failover) is replaced once before the messages get their 451.
                     self.db.drop()
                     try:
                         c = self.db.conn()
-                        c.execute("BEGIN")
+                        c.execute(BEGIN, prepare=False)
                     except (psycopg.Error, SpoolError):
                         self.db.drop()
                         return _fail_all(batch, self.db.error("spool unavailable", e))
                 try:
-                    c.execute(f"SET LOCAL lock_timeout = {LOCK_WAIT_MS}")
                     results = self._insert_batch(c, batch, isolate)
-                    c.execute("COMMIT")
+                    # the NOTIFY (at most one per batch) travels with the COMMIT: one round trip
+                    c.execute(NOTIFY_COMMIT if self._notify else "COMMIT", prepare=False)
                     break
                 except Exception as e:
                     self.db.rollback(c)
@@ -193,8 +197,8 @@ class CommitSide(LimitSide):
                 self._write_batch(c, todo, out, pending, now, tally)
             except _DATA_ERRORS as e:
                 raise _Isolate() from e
-        if any(isinstance(o, AddResult) and not o.duplicate and o.refused is None for o in out):
-            c.execute("SELECT pg_notify(%s, '')", (CHANNEL,))  # delivered at COMMIT, once per batch
+        # delivered at COMMIT, once per batch
+        self._notify = any(isinstance(o, AddResult) and not o.duplicate and o.refused is None for o in out)
         return [o if o is not None else SpoolError("not written") for o in out]
 
     def _write_batch(self, c: Conn, todo: list[tuple[int, AddRequest, list[NewJob], list[str]]],
