@@ -197,3 +197,16 @@ def test_one_batch_counts_and_dedupes_its_own_messages(spool):
     again = spool.add_message(None, [_job("+41795550001", "a")], 0, limits=LimitPlan(dedupe_keys=("same",),
                                                                                        dedupe_ttl=60))
     assert again.duplicate and again.job_ids == res[0].job_ids
+
+
+def test_a_backlog_to_one_number_does_not_hide_the_others(spool):
+    """More queued jobs to one number than the claim walks in id order (PostgreSQL: 2,000):
+    the other numbers' jobs and the backlog's head are still claimed, one in flight per number."""
+    storm = add_jobs(spool, [_job("+41790000000", f"storm {i}") for i in range(2500)])
+    later = spool.add_message(None, [_job("+41790000000", "due", not_before=time.time() - 1)], 0).job_ids
+    others = add_jobs(spool, [_job(f"+4179100{i:04d}", "other") for i in range(5)])
+    got = [j.id for j in spool.claim("o", 10, 60)]
+    assert got == [storm[0], *others]  # `later` is not deferred (due at once): it waits its turn
+    spool.mark_submitted_many([(i, [f"{i:x}"]) for i in got])
+    assert [j.id for j in spool.claim("o", 10, 60)] == [storm[1]]
+    assert later[0] not in got

@@ -139,6 +139,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: the provider that took a job (routing over several providers; the SQLite spool's 3):
     # NULL until it is submitted.
     ("ALTER TABLE jobs ADD COLUMN provider text",),
+    # 3: the claim looks at due deferred jobs beside the per-recipient heads.
+    ("CREATE INDEX jobs_deferred ON jobs(id) WHERE state = 'queued' AND deferred",),
 )
 
 
