@@ -18,7 +18,7 @@ from .core import JOB_COLUMNS, PLAN_BY_INDEX, Core, job_of
 from .db import Conn, dec, enc
 
 CLAIMED = ", ".join("jobs." + name.strip() for name in JOB_COLUMNS.split(","))
-WALK = 2000  # queued jobs the claim looks at in id order before it looks per recipient
+WALK = 500  # queued jobs the claim looks at in id order before it looks per recipient
 _READY = ("j.state='queued' AND j.not_before<=%s AND (j.lease_until IS NULL OR j.lease_until<%s)"
           " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.state='queued'"
           " AND NOT o.deferred AND o.id<j.id OFFSET 0)")  # OFFSET 0: a per-row probe, not an anti join
@@ -26,17 +26,19 @@ _LEASE = (" UPDATE jobs SET lease_owner=%s, lease_until=%s, attempts=attempts+1 
           f" WHERE jobs.id=pick.id RETURNING {CLAIMED}")
 # The candidates in a MATERIALIZED CTE: a LIMIT ... SKIP LOCKED subquery under IN may be run
 # more than once by the plan and then yields more rows than LIMIT.
-CLAIM_WALK = (f"WITH pick AS MATERIALIZED (SELECT j.id FROM (SELECT id FROM jobs WHERE state='queued'"
-              f" ORDER BY id LIMIT {WALK}) w JOIN jobs j ON j.id=w.id WHERE {_READY}"
+# Candidates as an id array (= ANY(ARRAY(...))): the plan looks up just those rows by key.
+CLAIM_WALK = (f"WITH pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM jobs"
+              f" WHERE state='queued' ORDER BY id LIMIT {WALK})) AND {_READY}"
               f" ORDER BY j.id LIMIT %s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 CLAIM_HEADS = (
     "WITH RECURSIVE heads(recipient, id) AS ("
     " (SELECT recipient, id FROM jobs WHERE state='queued' AND NOT deferred ORDER BY recipient, id LIMIT 1)"
     " UNION ALL SELECT n.recipient, n.id FROM heads h, LATERAL (SELECT recipient, id FROM jobs"
     "  WHERE state='queued' AND NOT deferred AND recipient>h.recipient ORDER BY recipient, id LIMIT 1) n),"
-    " cand AS (SELECT id FROM heads UNION SELECT id FROM jobs WHERE state='queued' AND deferred"
+    " cand AS (SELECT id FROM heads UNION ALL SELECT id FROM jobs WHERE state='queued' AND deferred"
     "  AND not_before<=%s AND (lease_until IS NULL OR lease_until<%s)),"
-    f" pick AS MATERIALIZED (SELECT j.id FROM cand JOIN jobs j ON j.id=cand.id WHERE {_READY}"
+    " pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM cand))"
+    f" AND {_READY}"
     f" ORDER BY j.id LIMIT %s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
@@ -46,7 +48,7 @@ class DispatchSide(Core):
         """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient and
         never one whose recipient has an older job still waiting.
 
-        First the oldest WALK queued jobs are looked at (the usual case: enough ready ones
+        First the oldest WALK (500) queued jobs are looked at (the usual case: enough ready ones
         among them); if that does not fill the claim, the candidates are the per-recipient heads
         (a loose index scan of jobs_blocking: one probe per number with queued jobs) and the
         due deferred jobs, so one number's backlog of 200,000 jobs is not walked on every claim."""
