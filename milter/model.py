@@ -178,3 +178,47 @@ class Config:
             f"{self.source}: OK: {len(self.domains)} domain(s), {len(self.accounts)} account(s), "
             f"milter on {self.milter.socket}, spool {self.spool.url or self.spool.path}"
         )
+
+
+# -- TeleMessage voice and fax channels (issue 15): see milter/channels/ ------------------------------
+@dataclass(frozen=True)
+class VoiceConfig:
+    """Voice calls (text-to-speech or a recording) through a SIP trunk, placed by baresip."""
+
+    trunk: str = "127.0.0.1:5060"  # host:port of the SIP trunk / registrar / outbound proxy
+    user: str = "sms-gateway"  # user part of our SIP address
+    domain: str = ""  # SIP domain of our address ("" = the trunk host)
+    auth_user: str = ""  # digest user ("" = user)
+    password: str = ""  # digest password ("" = no authentication); never logged
+    register: bool = False  # REGISTER with the trunk before calling
+    codec: str = "PCMU"  # PCMU (G.711 µ-law) | PCMA (A-law)
+    listen: str = "127.0.0.1"  # local address for SIP and RTP
+    rtp_ports: str = "20000-29999"
+    dial_prefix: str = "+"  # the request URI's user part: this + the E.164 digits
+    language: str = "en"  # espeak-ng language when the job names none
+    words_per_minute: int = 160
+    max_seconds: float = 120.0  # longest message a call may play
+    repeat: bool = False  # play the message twice, with a pause
+    ring_timeout: float = 30.0  # seconds to wait for an answer, then hang up (no answer)
+    max_attempts: int = 3  # busy / no answer / hung up: tries before the job fails
+    trunk_retry: float = 30.0  # seconds without calls after the trunk did not answer
+    calls: int = 2  # calls at the same time
+    work_dir: str = "/var/lib/sms-milter/voice"  # per-call scratch (audio, baresip config)
+
+
+@dataclass(frozen=True)
+class FaxConfig:
+    """Faxes rendered to TIFF G3 and handed to a HylaFAX server (hfaxd) with sendfax."""
+
+    server: str = "127.0.0.1:4559"  # hfaxd host:port
+    user: str = ""  # hfaxd login ("" = the dispatcher's user)
+    password: str = ""  # never logged
+    dial_prefix: str = "00"  # the dialled number: this + the E.164 digits
+    max_pages: int = 20
+    max_bytes: int = 10 * 1024 * 1024  # rendered TIFF at most
+    max_tries: int = 3  # HylaFAX's own retries (sendfax -T)
+    max_dials: int = 12  # sendfax -t
+    kill_after: float = 3 * 3600.0  # seconds HylaFAX keeps trying (sendfax -k)
+    poll: float = 5.0  # seconds between looks at the HylaFAX queue
+    jobs: int = 20  # faxes handed to HylaFAX and not finished yet, at most
+    work_dir: str = "/var/lib/sms-milter/fax"  # rendering scratch
