@@ -41,7 +41,7 @@ def languages() -> frozenset[str]:
     """The languages espeak-ng has voices for (`espeak-ng --voices`: the language column, its
     "other languages" such as `(en 2)`, and the base of each, e.g. fr for fr-ch)."""
     out = run([tool("espeak-ng"), "--voices"], TOOL_TIMEOUT)
-    langs = set()
+    langs: set[str] = set()
     for line in out.splitlines()[1:]:
         cols = line.split()
         if len(cols) >= 2:
