@@ -6,6 +6,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file that belongs to a job (the spool's attachment store hands these out)."""
+
+    path: Path
+    content_type: str
+    name: str = ""
 
 
 class ChannelError(Exception):

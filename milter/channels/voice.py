@@ -22,7 +22,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..dispatcher.provider import Receipt, ReceiptCallback, ResultCallback, SubmitResult
@@ -30,18 +29,9 @@ from ..model import VoiceConfig
 from ..spool.base import Job
 from . import audio
 from .sipcall import CallOutcome, Trunk, place_call
-from .tools import ChannelError
+from .tools import Attachment, ChannelError
 
 log = logging.getLogger("sms_milter.channels.voice")
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """A file that belongs to a job (the spool's attachment store hands these out)."""
-
-    path: Path
-    content_type: str
-    name: str = ""
 
 
 AttachmentsFor = Callable[[Job], list[Attachment]]
