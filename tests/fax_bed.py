@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +28,11 @@ number=$(sed -n 's/^number://p' "$q")
 outcome=$(awk -v n="$number" '$1 == n {print $2}' etc/outcomes 2>/dev/null)
 [ -n "$outcome" ] || outcome=done
 totpages=$(sed -n 's/^totpages://p' "$q")
+tries=$(sed -n 's/^tottries://p' "$q")
 setkey() {  # setkey KEY VALUE: replace or add a line of the qfile
   if grep -q "^$1:" "$q"; then sed -i "s|^$1:.*|$1:$2|" "$q"; else echo "$1:$2" >> "$q"; fi
 }
+setkey tottries $((${tries:-0} + 1))  # one more try, as faxsend counts it
 case "$outcome" in
   done)  setkey npages "$totpages"; setkey status ""; code=2 ;;
   fail)  setkey status "Busy signal detected (fake modem)"; code=1 ;;
@@ -48,6 +51,10 @@ def free_tcp_port() -> int:
 
 class HylaFax:
     def __init__(self, tmp: Path):
+        # Not in pytest's tmp_path: that is mode 0700 and faxq/hfaxd run as uucp.
+        self.root = Path(tempfile.mkdtemp(prefix="hylafax-bed-", dir=tmp.anchor + "tmp"))
+        self.root.chmod(0o755)
+        tmp = self.root
         self.spool = spool = tmp / "hylafax"
         # cp -a: faxq and hfaxd drop to uucp and need the spool's owners as the package made them.
         subprocess.run(["cp", "-a", "/var/spool/hylafax", str(spool)], check=True)
@@ -127,3 +134,4 @@ class HylaFax:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        shutil.rmtree(self.root, ignore_errors=True)

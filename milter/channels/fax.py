@@ -5,7 +5,8 @@ G3 TIFF (`faxdoc.render`), submit it with `sendfax` and report the SubmitResult 
 `hylafax:<job id>`. HylaFAX then dials, retries and gives up by its own rules (`max_tries`,
 `max_dials`, `kill_after`). `fax-poll` thread: every `poll` seconds `faxstat` lists the queues
 and each followed job's state becomes a receipt: done -> `delivered`, failed/removed -> `failed`
-(with HylaFAX's status text), a failed try that HylaFAX will retry -> `buffered` (once per try).
+(with HylaFAX's status text), a failed try that HylaFAX will retry -> `buffered` (once per try
+or new status text).
 
 Content that cannot be rendered fails the job with the reason; HylaFAX unreachable or a tool
 missing is temporary. Jobs submitted before a restart are no longer followed by the poller: the
@@ -42,6 +43,7 @@ class _Followed:
     ref: str
     pages: int
     tries: int = 0
+    status: str = ""  # HylaFAX's status text last reported as `buffered`
 
 
 class FaxProvider:
@@ -210,8 +212,8 @@ class FaxProvider:
                 log.info("job %d: HylaFAX job %s %s (%d of %d page(s) sent)%s", f.job_id, jobid,
                          _state_word(j), j.pages_sent, j.pages, f": {j.status}" if j.status else "")
                 done.append(jobid)
-            elif j.tries > f.tries and j.status:
-                f.tries = j.tries
+            elif j.status and (j.tries > f.tries or j.status != f.status):
+                f.tries, f.status = j.tries, j.status
                 self._on_receipt(Receipt(ref=f.ref, state="buffered", error=j.status, source=f.recipient))
         if done:
             with self._lock:
