@@ -171,6 +171,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: Limits = field(default_factory=Limits)  # the top-level defaults
     breaker: BreakerConfig | None = None
+    voice: VoiceConfig | None = None  # the voice channel (`voice:`), None = off
+    fax: FaxConfig | None = None  # the fax channel (`fax:`), None = off
     source: str = ""
 
     def summary(self) -> str:
@@ -210,9 +212,7 @@ class VoiceConfig:
 class FaxConfig:
     """Faxes rendered to TIFF G3 and handed to a HylaFAX server (hfaxd) with sendfax."""
 
-    server: str = "127.0.0.1:4559"  # hfaxd host:port
-    user: str = ""  # hfaxd login ("" = the dispatcher's user)
-    password: str = ""  # never logged
+    server: str = "127.0.0.1:4559"  # hfaxd host:port (it admits us by host: etc/hosts.hfaxd)
     dial_prefix: str = "00"  # the dialled number: this + the E.164 digits
     max_pages: int = 20
     max_bytes: int = 10 * 1024 * 1024  # rendered TIFF at most
