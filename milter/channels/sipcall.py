@@ -20,6 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .tools import ChannelError, tool
 
@@ -59,15 +60,35 @@ class CallOutcome:
     ringing: bool = False
 
 
-def _free_port(host: str, kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def _bindable(host: str, port: int, kind: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
+def _free_ports(host: str) -> tuple[int, int]:
+    """(SIP port, control port): baresip binds the SIP port for UDP and TCP and the next one for
+    TLS (whatever sip_transports says), so all of those must be free, and the control port apart."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+            sip = int(s.getsockname()[1])
+        if sip < 65535 and all(_bindable(host, port, kind) for port, kind in (
+                (sip, socket.SOCK_DGRAM), (sip, socket.SOCK_STREAM), (sip + 1, socket.SOCK_STREAM))):
+            for _ in range(50):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("127.0.0.1", 0))
+                    ctrl = int(s.getsockname()[1])
+                if ctrl not in (sip, sip + 1):
+                    return sip, ctrl
+    raise ChannelError("no free local ports for SIP", temporary=True)
 
 
 def _write_config(d: Path, trunk: Trunk, audio: Path) -> int:
-    sip_port = _free_port(trunk.listen, socket.SOCK_DGRAM)
-    ctrl_port = _free_port(trunk.listen, socket.SOCK_STREAM)
+    sip_port, ctrl_port = _free_ports(trunk.listen)
     lines = [
         ("poll_method", "epoll"), ("sip_listen", f"{trunk.listen}:{sip_port}"), ("sip_transports", "udp"),
         ("call_local_timeout", "300"), ("call_max_calls", "1"),
@@ -152,20 +173,17 @@ def place_call(trunk: Trunk, number: str, audio: Path, audio_seconds: float, wor
     (16-bit linear 8 kHz WAV) once answered. Blocks for the call; never raises for call
     outcomes (only ChannelError when baresip itself cannot run)."""
     work.mkdir(parents=True, exist_ok=True)
-    ctrl_port = _write_config(work, trunk, audio)
-    proc = subprocess.Popen([tool("baresip"), "-f", str(work)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-    sock: socket.socket | None = None
+    for attempt in range(3):  # a port taken between our look and baresip's bind: new ports
+        proc, sock, out = _start(work, trunk, audio)
+        if sock is not None:
+            break
+        out.close()
+        why = _why(work / "baresip.log")
+        if attempt == 2 or "in use" not in why:
+            raise ChannelError(f"baresip did not start: {why}", temporary=True)
+    if sock is None:  # (for the type checker: the loop either connected or raised)
+        raise ChannelError("baresip did not start", temporary=True)
     try:
-        t_end = time.monotonic() + START_TIMEOUT
-        while sock is None:
-            try:
-                sock = socket.create_connection(("127.0.0.1", ctrl_port), timeout=1.0)
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > t_end:
-                    raise ChannelError("baresip did not start (control port not open)", temporary=True) \
-                        from None
-                time.sleep(0.05)
         ctl = _Control(sock)
         ctl.send("dial", f"sip:{number}@{trunk.host}:{trunk.port}")
         return _follow(ctl, ring_timeout, audio_seconds, stop)
@@ -181,6 +199,37 @@ def place_call(trunk: Trunk, number: str, audio: Path, audio_seconds: float, wor
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        out.close()
+
+
+def _start(work: Path, trunk: Trunk, audio: Path) -> tuple[subprocess.Popen, socket.socket | None, Any]:
+    """baresip with a fresh config; its control connection, or None if it exited / did not open it."""
+    ctrl_port = _write_config(work, trunk, audio)
+    out = open(work / "baresip.log", "wb")  # noqa: SIM115 (closed by the caller, after the process)
+    proc = subprocess.Popen([tool("baresip"), "-f", str(work)], stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT, cwd=work)
+    t_end = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            return proc, socket.create_connection(("127.0.0.1", ctrl_port), timeout=1.0), out
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > t_end:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                return proc, None, out
+            time.sleep(0.05)
+
+
+def _why(log_file: Path) -> str:
+    """baresip's first error line (colour codes removed), else its last line."""
+    try:
+        text = re.sub(r"\x1b\[[0-9;]*m|\[;?[0-9;]*m", "", log_file.read_text(errors="replace"))
+    except OSError:
+        text = ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "failed" in ln or "error" in ln.lower()]
+    return (errors or lines or ["control port not open"])[0][:200]
 
 
 def _follow(ctl: _Control, ring_timeout: float, expected: float, stop: object) -> CallOutcome:

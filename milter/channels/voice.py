@@ -122,6 +122,7 @@ class VoiceProvider:
         try:
             result, receipt = self._deliver(job)
         except ChannelError as e:
+            log.warning("job %d: no call to %s: %s", job.id, job.recipient, e)
             result = SubmitResult(job.id, error=str(e), temporary=e.temporary)
         except Exception as e:  # never lose the job's one result
             log.exception("job %d: voice call failed unexpectedly", job.id)
