@@ -201,6 +201,8 @@ class VoiceConfig:
     words_per_minute: int = 160
     max_seconds: float = 120.0  # longest message a call may play
     repeat: bool = False  # play the message twice, with a pause
+    confirm_digit: str = ""  # DTMF digit the listener must press ("" = no confirmation asked)
+    confirm_prompt: str = "Please press {digit} to confirm this message."  # spoken after the message
     ring_timeout: float = 30.0  # seconds to wait for an answer, then hang up (no answer)
     max_attempts: int = 3  # busy / no answer / hung up: tries before the job fails
     trunk_retry: float = 30.0  # seconds without calls after the trunk did not answer

@@ -252,3 +252,37 @@ def test_close_hangs_up_a_call_in_progress_without_counting_an_attempt(tmp_path)
         sipp.stop()
         rtp.close()
 
+
+
+def test_confirmation_digit_ends_the_call_as_delivered(tmp_path):
+    rtp = RtpCounter()
+    sipp = Sipp(tmp_path, "confirm", rtp.port)
+    p, c = provider(tmp_path, sipp.port, confirm_digit="1")
+    try:
+        p.submit([job(13)])
+        r = c.wait(90)
+        assert r.ok and c.receipts[0].state == "delivered", r
+        out = p.outcomes[-1][1]
+        assert out.outcome == "played" and out.detail.startswith("confirmed with 1 after "), out
+        assert out.played < 6  # we hung up when the digit came (the message and prompt last far longer)
+        assert sipp.wait(15) == 0, sipp.errors()  # INFO answered 200, then our BYE
+    finally:
+        p.close(5)
+        sipp.stop()
+        rtp.close()
+
+
+def test_no_confirmation_digit_is_retried(tmp_path):
+    rtp = RtpCounter()
+    sipp = Sipp(tmp_path, "answer", rtp.port)  # listens to everything, presses nothing
+    p, c = provider(tmp_path, sipp.port, confirm_digit="1", max_attempts=3)
+    try:
+        p.submit([job(14, text="Hello.")])
+        r = c.wait(90)
+        assert not r.ok and r.temporary and r.error.startswith("call not confirmed: 1 not pressed"), r
+        assert not c.receipts
+        assert sipp.wait(15) == 0, sipp.errors()
+    finally:
+        p.close(5)
+        sipp.stop()
+        rtp.close()

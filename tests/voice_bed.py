@@ -46,6 +46,26 @@ SDP = """      Content-Type: application/sdp
 """
 
 
+INFO = """  <send>
+    <![CDATA[
+      INFO [$contact] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: [$me];tag=[pid]SIPpTag01[call_number]
+      To: [$remote]
+      [last_Call-ID:]
+      CSeq: 1 INFO
+      Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Type: application/dtmf-relay
+      Content-Length: [len]
+
+      Signal=1
+      Duration=160
+    ]]>
+  </send>
+"""
+
+
 def _reply(status: str, body: str = NOBODY, tag: bool = True, cseq: str = "[last_CSeq:]",
            extra: str = "") -> str:
     return REPLY.format(status=status, body=body, tag=TAG if tag else "", cseq=cseq, extra=extra)
@@ -57,6 +77,15 @@ def scenario(kind: str, rtp_port: int = 0) -> str:
                  + _reply("200 OK", SDP.format(rtp_port=rtp_port), extra=' retrans="500"')
                  + '  <recv request="ACK" crlf="true"/>\n  <recv request="BYE"/>\n'
                  + _reply("200 OK", tag=False))
+    elif kind == "confirm":  # answers, and after 1.5 s the listener presses 1 (SIP INFO dtmf-relay)
+        steps = ('  <recv request="INVITE" crlf="true">\n    <action>\n'
+                 '      <ereg regexp="sip:[^>;]*" search_in="hdr" header="Contact:" assign_to="contact"/>\n'
+                 '      <ereg regexp="[^ ].*" search_in="hdr" header="From:" assign_to="remote"/>\n'
+                 '      <ereg regexp="&lt;[^&gt;]*&gt;" search_in="hdr" header="To:" assign_to="me"/>\n'
+                 '    </action>\n  </recv>\n' + _reply("180 Ringing")
+                 + _reply("200 OK", SDP.format(rtp_port=rtp_port), extra=' retrans="500"')
+                 + '  <recv request="ACK" crlf="true"/>\n  <pause milliseconds="1500"/>\n' + INFO
+                 + '  <recv response="200"/>\n  <recv request="BYE"/>\n' + _reply("200 OK", tag=False))
     elif kind == "busy":
         steps = ('  <recv request="INVITE" crlf="true"/>\n' + _reply("100 Trying", tag=False)
                  + _reply("486 Busy Here") + '  <recv request="ACK"/>\n')

@@ -116,15 +116,20 @@ def formats() -> frozenset[str]:
 
 def repeated(audio: Audio, dst: Path, pause: float = 1.5) -> Audio:
     """The message, a pause, the message again (the "repeat once" option)."""
-    enc = _encoding(audio.encoding)
+    return joined(audio, audio, dst, pause)
+
+
+def joined(first: Audio, second: Audio, dst: Path, pause: float = 1.5) -> Audio:
+    """Two recordings of the same encoding with a pause between them."""
+    enc = _encoding(first.encoding)
     gap = dst.with_name(dst.stem + ".gap.wav")
     try:
         run([tool("sox"), "-n", "-r", str(RATE), "-c", "1", "-e", enc, "-b", "8", str(gap),
              "trim", "0", f"{pause:.3f}"], TOOL_TIMEOUT)
-        run([tool("sox"), str(audio.path), str(gap), str(audio.path), str(dst)], TOOL_TIMEOUT)
+        run([tool("sox"), str(first.path), str(gap), str(second.path), str(dst)], TOOL_TIMEOUT)
     finally:
         gap.unlink(missing_ok=True)
-    return Audio(dst, seconds(dst), audio.encoding)
+    return Audio(dst, seconds(dst), first.encoding)
 
 
 def linear(audio: Audio, dst: Path) -> Path:

@@ -53,7 +53,7 @@ class Trunk:
 
 @dataclass(frozen=True)
 class CallOutcome:
-    outcome: str  # played | busy | no_answer | wrong_number | hung_up | unreachable | failed
+    outcome: str  # played | busy | no_answer | wrong_number | hung_up | unconfirmed | unreachable | failed
     detail: str  # the SIP reason or what went wrong
     answered: bool = False
     played: float = 0.0  # seconds between answer and hang-up
@@ -168,10 +168,12 @@ def _classify(reason: str, answered: bool, played: float, expected: float) -> Ca
 
 
 def place_call(trunk: Trunk, number: str, audio: Path, audio_seconds: float, work: Path,
-               ring_timeout: float = 30.0, stop: object = None) -> CallOutcome:
+               ring_timeout: float = 30.0, stop: object = None, confirm: str = "") -> CallOutcome:
     """Call `number` (the user part of the request URI) through the trunk and play `audio`
-    (16-bit linear 8 kHz WAV) once answered. Blocks for the call; never raises for call
-    outcomes (only ChannelError when baresip itself cannot run)."""
+    (16-bit linear 8 kHz WAV) once answered. `confirm`: a DTMF digit (SIP INFO or RFC 4733, as
+    baresip reports it) the listener must press before the call ends; we hang up when it comes.
+    Blocks for the call; never raises for call outcomes (only ChannelError when baresip itself
+    cannot run)."""
     work.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):  # a port taken between our look and baresip's bind: new ports
         proc, sock, out = _start(work, trunk, audio)
@@ -186,7 +188,7 @@ def place_call(trunk: Trunk, number: str, audio: Path, audio_seconds: float, wor
     try:
         ctl = _Control(sock)
         ctl.send("dial", f"sip:{number}@{trunk.host}:{trunk.port}")
-        return _follow(ctl, ring_timeout, audio_seconds, stop)
+        return _follow(ctl, ring_timeout, audio_seconds, stop, confirm)
     finally:
         if sock is not None:
             try:
@@ -232,11 +234,12 @@ def _why(log_file: Path) -> str:
     return (errors or lines or ["control port not open"])[0][:200]
 
 
-def _follow(ctl: _Control, ring_timeout: float, expected: float, stop: object) -> CallOutcome:
+def _follow(ctl: _Control, ring_timeout: float, expected: float, stop: object,
+            confirm: str = "") -> CallOutcome:
     ring_deadline = time.monotonic() + ring_timeout
     deadline = ring_deadline
     answered_at: float | None = None
-    ringing = hung_up_by_us = False
+    ringing = hung_up_by_us = confirmed = False
     while True:
         if stop is not None and getattr(stop, "is_set", lambda: False)() and not hung_up_by_us:
             ctl.send("hangup", token="h")
@@ -262,6 +265,12 @@ def _follow(ctl: _Control, ring_timeout: float, expected: float, stop: object) -
         elif kind == "CALL_ESTABLISHED":
             answered_at = now
             deadline = now + expected + 15.0
+        elif kind == "CALL_DTMF_START" and confirm and str(ev.get("param", "")) == confirm:
+            confirmed = True  # the listener pressed the digit: done, hang up
+            if not hung_up_by_us:
+                ctl.send("hangup", token="h")
+                hung_up_by_us = True
+                deadline = now + 5.0
         elif kind == "CALL_CLOSED":
             reason = str(ev.get("param", ""))
             played = now - answered_at if answered_at is not None else 0.0
@@ -271,5 +280,10 @@ def _follow(ctl: _Control, ring_timeout: float, expected: float, stop: object) -
                 return CallOutcome("no_answer", f"no answer within {ring_timeout:g}s", ringing=True)
             if stop is not None and getattr(stop, "is_set", lambda: False)():
                 return CallOutcome("failed", "stopped", answered_at is not None, played)
+            if confirm and answered_at is not None:
+                if confirmed:
+                    detail = f"confirmed with {confirm} after {played:.1f}s"
+                    return CallOutcome("played", detail, True, played, ringing)
+                return CallOutcome("unconfirmed", f"{confirm} not pressed ({reason})", True, played, ringing)
             out = _classify(reason, answered_at is not None, played, expected)
             return CallOutcome(out.outcome, out.detail, out.answered, out.played, ringing)

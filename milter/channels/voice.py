@@ -6,7 +6,8 @@ number through the SIP trunk with baresip (`sipcall.place_call`), and report:
 
 - answered and played to the end: the SubmitResult (ref `call-<job>-<n>`) and at once a
   `delivered` receipt for it (the call itself is the delivery);
-- busy, no answer, hung up early, other SIP failures: a temporary failure (the engine retries
+- busy, no answer, hung up early, the confirmation digit not pressed (`confirm_digit`), other
+  SIP failures: a temporary failure (the engine retries
   with backoff) until the job's attempt `max_attempts`, then failed;
 - a number the trunk does not know (404/484/604): failed at once;
 - the trunk unreachable: temporary, no attempt counted against max_attempts, and the provider
@@ -148,7 +149,8 @@ class VoiceProvider:
             number = self.cfg.dial_prefix + job.recipient.lstrip("+")
             log.info("job %d: calling %s (%.1fs of audio)", job.id, job.recipient, sound.seconds)
             out = place_call(self.trunk, number, play, sound.seconds, work / "baresip",
-                             ring_timeout=self.cfg.ring_timeout, stop=self._stop)
+                             ring_timeout=self.cfg.ring_timeout, stop=self._stop,
+                             confirm=self.cfg.confirm_digit)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         self.outcomes.append((job.id, out))
@@ -171,6 +173,10 @@ class VoiceProvider:
                                f"{self.cfg.max_seconds:g}s a call may play")
         if self.cfg.repeat:
             sound = audio.repeated(sound, work / "twice.wav")
+        if self.cfg.confirm_digit:  # the prompt after the message, in the same voice
+            prompt = audio.speak(self.cfg.confirm_prompt.format(digit=self.cfg.confirm_digit),
+                                 self.language_for(job), work / "prompt.wav", enc, self.cfg.words_per_minute)
+            sound = audio.joined(sound, prompt, work / "with-prompt.wav")
         return sound
 
     def _result(self, job: Job, ref: str, out: CallOutcome) -> tuple[SubmitResult, Receipt | None]:
@@ -191,7 +197,8 @@ class VoiceProvider:
             timer.daemon = True
             timer.start()
             return SubmitResult(job.id, error=f"SIP trunk unreachable: {out.detail}", temporary=True)
-        words = {"busy": "busy", "no_answer": "no answer", "hung_up": "hung up early"}
+        words = {"busy": "busy", "no_answer": "no answer", "hung_up": "hung up early",
+                 "unconfirmed": "not confirmed"}
         what = words.get(out.outcome, "failed")
         error = f"call {what}: {out.detail}" if what not in out.detail else f"call: {out.detail}"
         if job.attempts >= self.cfg.max_attempts:

@@ -12,7 +12,8 @@ from ..model import FaxConfig, VoiceConfig
 from .reader import Reader, host_ok, host_port
 
 VOICE_KEYS = ("trunk", "user", "domain", "auth_user", "password", "register", "codec", "listen", "rtp_ports",
-              "dial_prefix", "language", "words_per_minute", "max_seconds", "repeat", "ring_timeout",
+              "dial_prefix", "language", "words_per_minute", "max_seconds", "repeat",
+              "confirm_digit", "confirm_prompt", "ring_timeout",
               "max_attempts", "trunk_retry", "calls", "work_dir")
 FAX_KEYS = ("server", "dial_prefix", "max_pages", "max_bytes", "max_tries", "max_dials", "kill_after", "poll",
             "jobs", "work_dir")
@@ -20,6 +21,8 @@ _SIP_USER = re.compile(r"^[A-Za-z0-9._~+-]{1,64}$")
 _DIAL_PREFIX = re.compile(r"^[0-9+*#]{0,8}$")
 _LANG = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$")
 PREFIX_WHAT = "digits, + * or # (at most 8)"
+DIGIT_WHAT = "one DTMF digit (0-9, * or #)"
+_DIGIT = re.compile(r"^[0-9*#]?$")
 _RANGE = re.compile(r"^(\d{1,5})-(\d{1,5})$")
 
 
@@ -75,6 +78,12 @@ def parse_voice(r: Reader, node: Any) -> VoiceConfig:
     if domain and not host_ok(domain):
         r.bad(f"{p}.domain", f"{domain!r} is not a host name")
         domain = ""
+    prompt = r.string(d, "confirm_prompt", p, b.confirm_prompt) or b.confirm_prompt
+    try:
+        prompt.format(digit="1")
+    except (KeyError, IndexError, ValueError):
+        r.bad(f"{p}.confirm_prompt", "may contain {digit} and no other {...}")
+        prompt = b.confirm_prompt
     return VoiceConfig(
         trunk=_server(r, d, "trunk", p, b.trunk, 5060),
         user=_match(r, d, "user", p, b.user, _SIP_USER, "a SIP user name (letters, digits, ._~+-)"),
@@ -88,6 +97,8 @@ def parse_voice(r: Reader, node: Any) -> VoiceConfig:
         words_per_minute=r.number(d, "words_per_minute", p, b.words_per_minute, 80, 450),
         max_seconds=r.number(d, "max_seconds", p, b.max_seconds, 1, 3600, integer=False),
         repeat=_flag(r, d, "repeat", p, b.repeat),
+        confirm_digit=_match(r, d, "confirm_digit", p, b.confirm_digit, _DIGIT, DIGIT_WHAT),
+        confirm_prompt=prompt,
         ring_timeout=r.number(d, "ring_timeout", p, b.ring_timeout, 1, 300, integer=False),
         max_attempts=r.number(d, "max_attempts", p, b.max_attempts, 1, 100),
         trunk_retry=r.number(d, "trunk_retry", p, b.trunk_retry, 1, 3600, integer=False),

@@ -23,13 +23,14 @@ def test_sample_sections_switched_on_give_the_documented_values():
     doc = yaml.safe_load(re.sub(r"(?m)^(\s*)# (?!#)", r"\1", SAMPLE.read_text()))
     cfg = parse({**BASE, "voice": doc["voice"], "fax": doc["fax"]})
     assert cfg.voice == VoiceConfig(trunk="sip.example.net:5060", domain="example.net", auth_user="gw123",
-                                    password="secret")
+                                    password="secret", confirm_digit="1")
     assert cfg.fax == FaxConfig()
 
 
 def test_bad_values_are_named():
     voice = {"trunk": "bad host:x", "codec": "G729", "rtp_ports": "10-5", "language": "English",
-             "repeat": "yes", "ring_timeout": 0, "colour": 1}
+             "repeat": "yes", "ring_timeout": 0, "colour": 1, "confirm_digit": "12",
+             "confirm_prompt": "press {key}"}
     fax = {"server": "127.0.0.1:99999", "max_pages": 0, "dial_prefix": "00;rm", "work_dir": "rel"}
     with pytest.raises(ConfigError) as e:
         parse({**BASE, "voice": voice, "fax": fax})
@@ -38,6 +39,8 @@ def test_bad_values_are_named():
                  "voice.rtp_ports: '10-5' is not a port range",
                  "voice.language: 'English' is not an espeak-ng",
                  "voice.repeat: must be true or false", "voice.ring_timeout: must be between 1 and 300",
-                 "voice.colour: unknown key", "fax.server: port '99999'", "fax.max_pages: must be between 1",
+                 "voice.colour: unknown key", "voice.confirm_digit: '12' is not one DTMF digit",
+                 "voice.confirm_prompt: may contain {digit}", "fax.server: port '99999'",
+                 "fax.max_pages: must be between 1",
                  "fax.dial_prefix: '00;rm' is not digits", "fax.work_dir: 'rel' must be an absolute path"):
         assert want in text, (want, text)
