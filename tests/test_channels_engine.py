@@ -19,6 +19,7 @@ from sms_milter.dispatcher.engine import Engine
 from sms_milter.model import Config, FaxConfig, SmppConfig, VoiceConfig
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs
 from voice_bed import RtpCounter, Sipp
 
 
@@ -57,7 +58,7 @@ def test_voice_job_is_called_and_delivered_through_the_engine(tmp_path):
                                          rtp_ports="40000-44999"))
     run = Running(spool, ChannelRouter({"voice": provider}), Config())
     try:
-        (jid,) = spool.add_jobs([new_job("+41791234567", "mobile", "Your table is ready. See you soon.")])
+        (jid,) = add_jobs(spool, [new_job("+41791234567", "mobile", "Your table is ready. See you soon.")])
         assert wait_state(spool, jid, ("delivered", "failed")) == "delivered"
         job = spool.get(jid)
         assert job.provider_refs[0].startswith(f"call-{jid}-") and job.attempts == 1
@@ -77,7 +78,7 @@ def test_busy_voice_job_is_retried_with_backoff_then_failed(tmp_path):
                                          max_attempts=2, rtp_ports="40000-44999"))
     run = Running(spool, ChannelRouter({"voice": provider}), Config(smpp=SmppConfig(reconnect_min=1.0)))
     try:
-        (jid,) = spool.add_jobs([new_job("+41791234568", "home", "Call me back.")])
+        (jid,) = add_jobs(spool, [new_job("+41791234568", "home", "Call me back.")])
         t0 = time.monotonic()
         assert wait_state(spool, jid, ("delivered", "failed")) == "failed"
         job = spool.get(jid)
@@ -96,7 +97,7 @@ def test_fax_job_is_queued_in_hylafax_and_delivered_through_the_engine(tmp_path)
     provider = FaxProvider(FaxConfig(server=hf.server, work_dir=str(tmp_path / "f"), poll=0.3))
     run = Running(spool, ChannelRouter({"fax": provider}), Config())
     try:
-        (jid,) = spool.add_jobs([new_job("+41441234567", "fax", "Order 4711 confirmed.\nRegards")])
+        (jid,) = add_jobs(spool, [new_job("+41441234567", "fax", "Order 4711 confirmed.\nRegards")])
         assert wait_state(spool, jid, ("submitted", "failed")) == "submitted"
         ref = spool.get(jid).provider_refs[0]
         assert ref.startswith("hylafax:")
@@ -112,6 +113,6 @@ def test_fax_job_is_queued_in_hylafax_and_delivered_through_the_engine(tmp_path)
 
 def test_spool_keeps_the_device(tmp_path: Path):
     spool = SqliteSpool(tmp_path / "spool.sqlite3")
-    (jid,) = spool.add_jobs([new_job("+41441234567", "fax", "x")])
+    (jid,) = add_jobs(spool, [new_job("+41441234567", "fax", "x")])
     assert spool.get(jid).device == "fax"
     spool.close()
