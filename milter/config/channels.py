@@ -57,6 +57,15 @@ def _work_dir(r: Reader, d: dict, path: str, default: str) -> str:
     return value
 
 
+def _secret(r: Reader, d: dict, key: str, path: str) -> str:
+    """A password that goes into baresip's account line: no separators it would split on."""
+    value = r.string(d, key, path, "") or ""
+    if re.search(r'[\s;"<>,]', value):
+        r.bad(f"{path}.{key}", "must not contain spaces or any of ; \" < > ,")  # the value is never shown
+        return ""
+    return value
+
+
 def parse_voice(r: Reader, node: Any) -> VoiceConfig:
     p = "voice"
     d = r.mapping(node, p, VOICE_KEYS)
@@ -89,7 +98,7 @@ def parse_voice(r: Reader, node: Any) -> VoiceConfig:
         user=_match(r, d, "user", p, b.user, _SIP_USER, "a SIP user name (letters, digits, ._~+-)"),
         domain=domain,
         auth_user=(r.string(d, "auth_user", p, "") or ""),
-        password=(r.string(d, "password", p, "") or ""),
+        password=_secret(r, d, "password", p),
         register=_flag(r, d, "register", p, b.register),
         codec=codec, listen=listen, rtp_ports=rtp,
         dial_prefix=_match(r, d, "dial_prefix", p, b.dial_prefix, _DIAL_PREFIX, PREFIX_WHAT),

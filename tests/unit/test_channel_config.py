@@ -30,7 +30,7 @@ def test_sample_sections_switched_on_give_the_documented_values():
 def test_bad_values_are_named():
     voice = {"trunk": "bad host:x", "codec": "G729", "rtp_ports": "10-5", "language": "English",
              "repeat": "yes", "ring_timeout": 0, "colour": 1, "confirm_digit": "12",
-             "confirm_prompt": "press {key}"}
+             "confirm_prompt": "press {key}", "password": "se;cret"}
     fax = {"server": "127.0.0.1:99999", "max_pages": 0, "dial_prefix": "00;rm", "work_dir": "rel"}
     with pytest.raises(ConfigError) as e:
         parse({**BASE, "voice": voice, "fax": fax})
@@ -41,6 +41,7 @@ def test_bad_values_are_named():
                  "voice.repeat: must be true or false", "voice.ring_timeout: must be between 1 and 300",
                  "voice.colour: unknown key", "voice.confirm_digit: '12' is not one DTMF digit",
                  "voice.confirm_prompt: may contain {digit}", "fax.server: port '99999'",
-                 "fax.max_pages: must be between 1",
+                 "fax.max_pages: must be between 1", "voice.password: must not contain spaces",
                  "fax.dial_prefix: '00;rm' is not digits", "fax.work_dir: 'rel' must be an absolute path"):
         assert want in text, (want, text)
+    assert "se;cret" not in text
