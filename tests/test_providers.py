@@ -5,6 +5,7 @@ subprocess. Jobs go into the spool directly; every condition is polled with a de
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -92,6 +93,14 @@ def numbers(start: int, n: int, prefix: str = "+4179") -> list[str]:
 def accepted_by(s: Smsc) -> Counter:
     """destination_addr -> how many submit_sm the SMSC accepted for it."""
     return Counter(r["destination_addr"] for r in s.submits())
+
+
+def pending_receipts(s: Smsc) -> int:
+    """Receipts the SMSC sent and got no deliver_sm_resp ROK for (it would send them again)."""
+    assert s.proc is not None and s.proc.stdin is not None
+    s.proc.stdin.write('{"command": "stats"}\n')
+    s.proc.stdin.flush()
+    return int(json.loads(s._expect("STATS", 5)[6:])["pending_receipts"])  # noqa: SLF001
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -227,6 +236,9 @@ def test_routes_by_prefix_and_account_with_metrics_per_provider(pb):
     assert metric(text, "sms_milter_submits_total", provider="a", result="ok") == 40
     assert metric(text, "sms_milter_receipts_total", provider="b", result="delivered") == 40
     assert metric(text, "sms_milter_provider_bound", provider="a") == 1
+    # Every receipt went back through the router to the bind it came from (deliver_sm_resp).
+    wait_until(lambda: pending_receipts(a) == 0 and pending_receipts(b) == 0, 10, "receipts acknowledged",
+               detail=pb.detail)
 
 
 def test_failover_when_a_provider_dies_and_traffic_returns(pb):
