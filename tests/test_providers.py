@@ -307,3 +307,30 @@ def test_consecutive_temporary_errors_send_traffic_elsewhere_until_the_cooldown_
 
 def states_in(spool: SqliteSpool, ids: list[int], accept: set[str]) -> list[int]:
     return [i for i, j in states(spool, ids).items() if j.state in accept]
+
+
+def test_reload_from_one_provider_to_routes_moves_traffic(pb):
+    """SIGHUP with `provider:` replaced by `providers:` + `routes:`: the dispatcher re-binds
+    through the factory and the router, and new jobs follow the new routes."""
+    import signal
+
+    a, b = pb.smsc(), pb.smsc()
+    cfg = pb.config({"a": smpp(a)})  # one provider, no routes: no router
+    d = pb.dispatcher(cfg)
+    first = pb.spool.add_jobs([job(n, "one") for n in numbers(0, 20)])
+    wait_states(pb.spool, first, {"delivered"}, timeout=30, detail=pb.detail)
+    assert len(a.submits()) == 20 and not b.submits()
+    data = yaml.safe_load(cfg.read_text())
+    data["providers"]["b"] = smpp(b)
+    data["routes"] = [{"prefixes": ["+4179"], "providers": ["b", "a"]}, {"providers": ["a"]}]
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "provider settings changed: re-binding" in d.log(), 20, "the reload", detail=pb.detail)
+    wait_until(lambda: b.records("bind_transceiver"), 20, "b bound", detail=pb.detail)
+    later = pb.spool.add_jobs([job(n, "two") for n in numbers(100, 20)] +
+                              [job(n, "three") for n in numbers(200, 5, "+4178")])
+    wait_states(pb.spool, later, {"delivered"}, timeout=30, detail=pb.detail)
+    assert set(accepted_by(b)) == {n[1:] for n in numbers(100, 20)}
+    assert {n[1:] for n in numbers(200, 5, "+4178")} <= set(accepted_by(a))
+    assert "configuration reload failed" not in d.log()
