@@ -219,6 +219,9 @@ class Router:
                     self._sticky.pop(r.job_id, None)
                 else:
                     if r.maybe_sent:
+                        if r.job_id not in self._sticky:
+                            log.info("job %d may be at provider %s (%s): it is sent again through %s only",
+                                     r.job_id, m.name, r.error, m.name)
                         self._sticky[r.job_id] = (m.name, time.monotonic())
                     if r.count_attempt:  # the provider's own temporary error (not: connection lost, stop)
                         m.errors += 1
