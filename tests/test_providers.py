@@ -335,3 +335,21 @@ def test_reload_from_one_provider_to_routes_moves_traffic(pb):
     assert set(accepted_by(b)) == {n[1:] for n in numbers(100, 20)}
     assert {n[1:] for n in numbers(200, 5, "+4178")} <= set(accepted_by(a))
     assert "configuration reload failed" not in d.log()
+
+
+def test_a_route_whose_providers_are_down_waits_without_blocking_other_routes(pb):
+    b = pb.smsc()
+    dead = {"smpp": {**FAST, "port": free_port()}}  # nothing listens there: never bound
+    pb.dispatcher(pb.config({"a": dead, "b": smpp(b)},
+                            [{"prefixes": ["+4178"], "providers": ["a"]}, {"providers": ["b"]}]))
+    stuck = pb.spool.add_jobs([job(n, "to a") for n in numbers(0, 3, "+4178")])
+    fine = pb.spool.add_jobs([job(n, "to b") for n in numbers(0, 30)])
+    wait_states(pb.spool, fine, {"delivered"}, timeout=30, detail=pb.detail)
+
+    def told() -> bool:
+        return all("no provider of its route is up (a: not connected)" in (j.last_error or "")
+                   for j in states(pb.spool, stuck).values())
+
+    wait_until(told, 30, "last_error naming the down provider", detail=pb.detail)
+    assert {j.state for j in states(pb.spool, stuck).values()} == {"queued"}
+    assert not {n[1:] for n in numbers(0, 3, "+4178")} & set(accepted_by(b))  # never sent elsewhere
