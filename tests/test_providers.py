@@ -19,6 +19,7 @@ from bed import free_port, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, states, wait_states
 from sms_milter.config import ConfigError, parse
 from sms_milter.model import Route
+from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import SqliteSpool
 
 pytestmark = pytest.mark.usefixtures("smsc_node")
@@ -80,6 +81,11 @@ def pb(tmp_path, nsink):
     b = Bed(tmp_path, nsink.port)
     yield b
     b.close()
+
+
+def add(spool: SqliteSpool, jobs: list[NewJob]) -> list[int]:
+    """Commit jobs as the milter does (one transaction), on any backend."""
+    return list(spool.add_message(None, jobs, 0.0).job_ids)
 
 
 def smpp(s: Smsc, **more: Any) -> dict:
@@ -180,7 +186,7 @@ def test_binds_each_carry_traffic_and_a_refused_bind_is_retried(pb):
     is refused (ESME_RBINDFAIL) and retried with backoff; raising the limit lets it in."""
     s = pb.smsc("--max-binds", "2")
     d = pb.dispatcher(pb.config({"main": smpp(s, binds=3, window=5)}))
-    ids = pb.spool.add_jobs([job(n, "multi-bind") for n in numbers(0, 600)])
+    ids = add(pb.spool, [job(n, "multi-bind") for n in numbers(0, 600)])
     wait_states(pb.spool, ids, {"delivered"}, timeout=60, detail=pb.detail)
     sessions = Counter(r["session"] for r in s.submits())
     assert len(sessions) == 2 and min(sessions.values()) > 50, sessions  # both bound sessions worked
@@ -191,7 +197,7 @@ def test_binds_each_carry_traffic_and_a_refused_bind_is_retried(pb):
     s.control(max_binds=3)
     wait_until(lambda: len({r["session"] for r in s.records("bind_transceiver")}) - refused >= 3, 15,
                "the third bind once the SMSC allows it", detail=pb.detail)
-    ids = pb.spool.add_jobs([job(n, "three binds") for n in numbers(1000, 600)])
+    ids = add(pb.spool, [job(n, "three binds") for n in numbers(1000, 600)])
     wait_states(pb.spool, ids, {"delivered"}, timeout=60, detail=pb.detail)
     late = Counter(r["session"] for r in s.submits() if "7468726565" in r["body_hex"])  # "three"
     assert len(late) == 3, late
@@ -203,7 +209,7 @@ def test_throttling_slows_only_the_bind_that_got_it(pb):
     wait_until(lambda: len(s.records("bind_transceiver")) >= 2, 15, "two binds", detail=pb.detail)
     first = min(r["session"] for r in s.records("bind_transceiver"))
     s.control(throttle=60, throttle_session=first)
-    ids = pb.spool.add_jobs([job(n, "throttle one bind") for n in numbers(0, 3000)])
+    ids = add(pb.spool, [job(n, "throttle one bind") for n in numbers(0, 3000)])
     wait_states(pb.spool, ids, {"delivered"}, timeout=90, detail=pb.detail)
     recs = s.records("submit_sm")
     throttled = [r["t"] for r in recs if r.get("status") == 0x58]
@@ -225,9 +231,9 @@ def test_routes_by_prefix_and_account_with_metrics_per_provider(pb):
     cfg = pb.config({"a": smpp(a), "b": smpp(b)},
                     [{"prefixes": ["+4179"], "accounts": ["acme"], "providers": ["b"]}, {"providers": ["a"]}])
     pb.dispatcher(cfg)
-    to_b = pb.spool.add_jobs([job(n, "b") for n in numbers(0, 40)])
-    other_account = pb.spool.add_jobs([job(n, "a1", account="tmco") for n in numbers(100, 20)])
-    other_prefix = pb.spool.add_jobs([job(n, "a2") for n in numbers(200, 20, "+4178")])
+    to_b = add(pb.spool, [job(n, "b") for n in numbers(0, 40)])
+    other_account = add(pb.spool, [job(n, "a1", account="tmco") for n in numbers(100, 20)])
+    other_prefix = add(pb.spool, [job(n, "a2") for n in numbers(200, 20, "+4178")])
     wait_states(pb.spool, to_b + other_account + other_prefix, {"delivered"}, timeout=30, detail=pb.detail)
     assert set(accepted_by(b)) == {n[1:] for n in numbers(0, 40)}
     assert set(accepted_by(a)) == {n[1:] for n in numbers(100, 20) + numbers(200, 20, "+4178")}
@@ -248,10 +254,10 @@ def test_failover_when_a_provider_dies_and_traffic_returns(pb):
     a, b = pb.smsc(), pb.smsc()
     port_a = a.port
     d = pb.dispatcher(pb.config({"a": smpp(a, window=10), "b": smpp(b)}, [{"providers": ["a", "b"]}]))
-    first = pb.spool.add_jobs([job(n, "before") for n in numbers(0, 200)])
+    first = add(pb.spool, [job(n, "before") for n in numbers(0, 200)])
     wait_states(pb.spool, first, {"delivered"}, timeout=30, detail=pb.detail)
     assert len(a.submits()) == 200 and not b.submits()  # the first provider takes everything while up
-    burst = pb.spool.add_jobs([job(n, "burst") for n in numbers(1000, 3000)])
+    burst = add(pb.spool, [job(n, "burst") for n in numbers(1000, 3000)])
     wait_until(lambda: len(a.submits()) >= 700, 30, "a mid-stream", interval=0.01, detail=pb.detail)
     assert a.proc is not None
     a.proc.kill()  # SIGKILL: no unbind, answers on the wire lost
@@ -267,7 +273,7 @@ def test_failover_when_a_provider_dies_and_traffic_returns(pb):
     a2 = pb.smsc(port=port_a)
     wait_until(lambda: len(a2.records("bind_transceiver")) >= 1, 15, "a rebinds", detail=pb.detail)
     wait_states(pb.spool, burst, {"submitted", "delivered"}, timeout=30, detail=pb.detail)
-    after = pb.spool.add_jobs([job(n, "after") for n in numbers(5000, 200)])
+    after = add(pb.spool, [job(n, "after") for n in numbers(5000, 200)])
     wait_states(pb.spool, after, {"delivered"}, timeout=30, detail=pb.detail)
     assert {n[1:] for n in numbers(5000, 200)} <= set(accepted_by(a2))  # traffic returned to a
     burst_numbers = {n[1:] for n in numbers(1000, 3000)}
@@ -292,7 +298,7 @@ def test_consecutive_temporary_errors_send_traffic_elsewhere_until_the_cooldown_
     cfg = pb.config({"a": {**smpp(a, window=2), "down_after": 3, "cooldown": 2},
                      "b": smpp(b)}, [{"providers": ["a", "b"]}])
     d = pb.dispatcher(cfg)
-    ids = pb.spool.add_jobs([job(n, "errors") for n in numbers(0, 100)])
+    ids = add(pb.spool, [job(n, "errors") for n in numbers(0, 100)])
     wait_states(pb.spool, ids, {"delivered"}, timeout=60, detail=pb.detail)
     assert set(accepted_by(b)) == {n[1:] for n in numbers(0, 100)} and not a.submits()
     assert "provider a: 3 temporary errors in a row" in d.log()
@@ -300,7 +306,7 @@ def test_consecutive_temporary_errors_send_traffic_elsewhere_until_the_cooldown_
     n0, t0 = len(a.submits(accepted_only=False)), time.monotonic()
     trickle: list[int] = []
     for k in range(25):
-        trickle += pb.spool.add_jobs([job(n, "trickle") for n in numbers(1000 + 10 * k, 10)])
+        trickle += add(pb.spool, [job(n, "trickle") for n in numbers(1000 + 10 * k, 10)])
         time.sleep(0.3)  # pacing the load (not a synchronisation)
     wait_states(pb.spool, trickle, {"delivered"}, timeout=60, detail=pb.detail)
     probes, took = len(a.submits(accepted_only=False)) - n0, time.monotonic() - t0
@@ -308,12 +314,12 @@ def test_consecutive_temporary_errors_send_traffic_elsewhere_until_the_cooldown_
     a.control(syserr=0)  # a recovers: its next probe is accepted and traffic returns
 
     def returned() -> bool:
-        more = pb.spool.add_jobs([job(f"+4177{time.monotonic_ns() % 10**7:07d}", "probe")])
+        more = add(pb.spool, [job(f"+4177{time.monotonic_ns() % 10**7:07d}", "probe")])
         wait_states(pb.spool, more, {"delivered"}, timeout=30, detail=pb.detail)
         return bool(a.submits())
 
     wait_until(returned, 30, "traffic back on a after the cool-down", interval=0.2, detail=pb.detail)
-    back = pb.spool.add_jobs([job(n, "back") for n in numbers(5000, 50)])
+    back = add(pb.spool, [job(n, "back") for n in numbers(5000, 50)])
     wait_states(pb.spool, back, {"delivered"}, timeout=30, detail=pb.detail)
     assert {n[1:] for n in numbers(5000, 50)} <= set(accepted_by(a))
 
@@ -330,7 +336,7 @@ def test_reload_from_one_provider_to_routes_moves_traffic(pb):
     a, b = pb.smsc(), pb.smsc()
     cfg = pb.config({"a": smpp(a)})  # one provider, no routes: no router
     d = pb.dispatcher(cfg)
-    first = pb.spool.add_jobs([job(n, "one") for n in numbers(0, 20)])
+    first = add(pb.spool, [job(n, "one") for n in numbers(0, 20)])
     wait_states(pb.spool, first, {"delivered"}, timeout=30, detail=pb.detail)
     assert len(a.submits()) == 20 and not b.submits()
     data = yaml.safe_load(cfg.read_text())
@@ -341,7 +347,7 @@ def test_reload_from_one_provider_to_routes_moves_traffic(pb):
     d.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "provider settings changed: re-binding" in d.log(), 20, "the reload", detail=pb.detail)
     wait_until(lambda: b.records("bind_transceiver"), 20, "b bound", detail=pb.detail)
-    later = pb.spool.add_jobs([job(n, "two") for n in numbers(100, 20)] +
+    later = add(pb.spool, [job(n, "two") for n in numbers(100, 20)] +
                               [job(n, "three") for n in numbers(200, 5, "+4178")])
     wait_states(pb.spool, later, {"delivered"}, timeout=30, detail=pb.detail)
     assert set(accepted_by(b)) == {n[1:] for n in numbers(100, 20)}
@@ -354,8 +360,8 @@ def test_a_route_whose_providers_are_down_waits_without_blocking_other_routes(pb
     dead = {"smpp": {**FAST, "port": free_port()}}  # nothing listens there: never bound
     pb.dispatcher(pb.config({"a": dead, "b": smpp(b)},
                             [{"prefixes": ["+4178"], "providers": ["a"]}, {"providers": ["b"]}]))
-    stuck = pb.spool.add_jobs([job(n, "to a") for n in numbers(0, 3, "+4178")])
-    fine = pb.spool.add_jobs([job(n, "to b") for n in numbers(0, 30)])
+    stuck = add(pb.spool, [job(n, "to a") for n in numbers(0, 3, "+4178")])
+    fine = add(pb.spool, [job(n, "to b") for n in numbers(0, 30)])
     wait_states(pb.spool, fine, {"delivered"}, timeout=30, detail=pb.detail)
 
     def told() -> bool:
