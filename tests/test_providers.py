@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from bed import free_port, wait_until
+from bed import free_port, run_cli, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, states, wait_states
 from sms_milter.config import ConfigError, parse
 from sms_milter.model import Route
@@ -242,6 +242,12 @@ def test_routes_by_prefix_and_account_with_metrics_per_provider(pb):
     assert metric(text, "sms_milter_submits_total", provider="a", result="ok") == 40
     assert metric(text, "sms_milter_receipts_total", provider="b", result="delivered") == 40
     assert metric(text, "sms_milter_provider_bound", provider="a") == 1
+    # Each job records the provider that took it: `queue show` says so.
+    for jid, name in ((to_b[0], "b"), (other_prefix[0], "a")):
+        r = run_cli(cfg, "queue", "show", str(jid), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["provider"] == name
+        assert re.search(rf"(?m)^\s*provider:?\s+{name}\b", run_cli(cfg, "queue", "show", str(jid)).stdout)
     # Every receipt went back through the router to the bind it came from (deliver_sm_resp).
     wait_until(lambda: pending_receipts(a) == 0 and pending_receipts(b) == 0, 10, "receipts acknowledged",
                detail=pb.detail)
