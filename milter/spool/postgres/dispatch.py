@@ -104,8 +104,9 @@ class DispatchSide(Core):
                 return []
             by_id = {r["id"]: r for r in jobs}
             rows = c.execute(
-                "SELECT job_id, seq, coalesce(wire_ref, ref) AS ref, provider FROM parts WHERE job_id = ANY(%s)"
-                " AND state NOT IN ('delivered','failed','expired') ORDER BY job_id, seq",
+                "SELECT job_id, seq, coalesce(wire_ref, ref) AS ref, provider FROM parts"
+                " WHERE job_id = ANY(%s) AND state NOT IN ('delivered','failed','expired')"
+                " ORDER BY job_id, seq",
                 (list(by_id),)).fetchall()
             return [OverduePart(r["job_id"], r["seq"], dec(r["ref"]), dec(by_id[r["job_id"]]["recipient"]),
                                 dec(by_id[r["job_id"]]["originator"]), r["provider"]) for r in rows]
