@@ -139,3 +139,21 @@ def test_reconnects_after_the_connection_is_reset(url):
     assert req.result is not None and req.error is None
     assert len(s.claim("o", 10, 60)) == 2
     s.close()
+
+
+def test_an_older_job_committed_late_waits_for_the_one_in_flight(url):
+    """Two milters: ids are handed out at INSERT, so an older id may commit after a newer one of
+    the same number was claimed; it must wait until that one is submitted (one in flight)."""
+    import psycopg
+    s = _open(url)
+    with psycopg.connect(url, autocommit=True) as late:
+        late.execute("BEGIN")
+        late.execute("INSERT INTO jobs(recipient, originator, text, parts, account, created_at, not_before,"
+                     " expires_at) VALUES ('+41794', 'SMS', 'older', 1, 'acme', 0, 0, 1e12)")
+        newer = s.add_message(None, [_job("+41794", "newer")], 0).job_ids[0]
+        assert [j.text for j in s.claim("a", 10, 60)] == ["newer"]
+        late.execute("COMMIT")
+    assert s.claim("b", 10, 60) == []  # "newer" is in flight to the same number
+    s.mark_submitted_many([(newer, ["n1"])])
+    assert [j.text for j in s.claim("b", 10, 60)] == ["older"]
+    s.close()

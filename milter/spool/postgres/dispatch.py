@@ -19,27 +19,33 @@ from .db import Conn, dec, enc
 
 CLAIMED = ", ".join("jobs." + name.strip() for name in JOB_COLUMNS.split(","))
 WALK = 500  # queued jobs the claim looks at in id order before it looks per recipient
-_READY = ("j.state='queued' AND j.not_before<=%s AND (j.lease_until IS NULL OR j.lease_until<%s)"
+# A job is ready when no older job of its number waits (jobs_blocking) and none of its number is
+# in flight (jobs_leased): with several milters, ids are handed out at INSERT, not at COMMIT, so an
+# older id can become visible while a newer one of the same number is already being sent.
+# OFFSET 0: each NOT EXISTS stays a per-row index probe, not an anti join.
+_READY = ("j.state='queued' AND j.not_before<=%(now)s AND (j.lease_until IS NULL OR j.lease_until<%(now)s)"
           " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.recipient=j.recipient AND o.state='queued'"
-          " AND NOT o.deferred AND o.id<j.id OFFSET 0)")  # OFFSET 0: a per-row probe, not an anti join
-_LEASE = (" UPDATE jobs SET lease_owner=%s, lease_until=%s, attempts=attempts+1 FROM pick"
+          " AND NOT o.deferred AND o.id<j.id OFFSET 0)"
+          " AND NOT EXISTS (SELECT 1 FROM jobs f WHERE f.recipient=j.recipient AND f.state='queued'"
+          " AND f.lease_until IS NOT NULL AND f.lease_until>=%(now)s AND f.id<>j.id OFFSET 0)")
+_LEASE = (" UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, attempts=attempts+1 FROM pick"
           f" WHERE jobs.id=pick.id RETURNING {CLAIMED}")
 # The candidates in a MATERIALIZED CTE: a LIMIT ... SKIP LOCKED subquery under IN may be run
 # more than once by the plan and then yields more rows than LIMIT.
 # Candidates as an id array (= ANY(ARRAY(...))): the plan looks up just those rows by key.
 CLAIM_WALK = (f"WITH pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM jobs"
               f" WHERE state='queued' ORDER BY id LIMIT {WALK})) AND {_READY}"
-              f" ORDER BY j.id LIMIT %s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
+              f" ORDER BY j.id LIMIT %(limit)s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 CLAIM_HEADS = (
     "WITH RECURSIVE heads(recipient, id) AS ("
     " (SELECT recipient, id FROM jobs WHERE state='queued' AND NOT deferred ORDER BY recipient, id LIMIT 1)"
     " UNION ALL SELECT n.recipient, n.id FROM heads h, LATERAL (SELECT recipient, id FROM jobs"
     "  WHERE state='queued' AND NOT deferred AND recipient>h.recipient ORDER BY recipient, id LIMIT 1) n),"
     " cand AS (SELECT id FROM heads UNION ALL SELECT id FROM jobs WHERE state='queued' AND deferred"
-    "  AND not_before<=%s AND (lease_until IS NULL OR lease_until<%s)),"
+    "  AND not_before<=%(now)s AND (lease_until IS NULL OR lease_until<%(now)s)),"
     " pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM cand))"
     f" AND {_READY}"
-    f" ORDER BY j.id LIMIT %s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
+    f" ORDER BY j.id LIMIT %(limit)s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
 
@@ -57,10 +63,10 @@ class DispatchSide(Core):
             now = time.time()
             # Plans that do not depend on table statistics (index walks, parametrised probes).
             c.execute(PLAN_BY_INDEX)
-            rows = c.execute(CLAIM_WALK, (now, now, limit, owner, now + lease_seconds)).fetchall()
+            args = {"now": now, "limit": limit, "owner": owner, "until": now + lease_seconds}
+            rows = c.execute(CLAIM_WALK, args).fetchall()
             if len(rows) < limit:
-                rows += c.execute(CLAIM_HEADS, (now, now, now, now, limit - len(rows), owner,
-                                                now + lease_seconds)).fetchall()
+                rows += c.execute(CLAIM_HEADS, {**args, "limit": limit - len(rows)}).fetchall()
             return sorted((job_of(r) for r in rows), key=lambda j: j.id)
 
         return list(self._run(fn))

@@ -141,6 +141,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE jobs ADD COLUMN provider text",),
     # 3: the claim looks at due deferred jobs beside the per-recipient heads.
     ("CREATE INDEX jobs_deferred ON jobs(id) WHERE state = 'queued' AND deferred",),
+    # 4: jobs in flight (leased) by number: the claim sends one job per number at a time.
+    ("CREATE INDEX jobs_leased ON jobs(recipient) WHERE state = 'queued' AND lease_until IS NOT NULL",),
 )
 
 
