@@ -135,6 +135,36 @@ class SmppConfig:
     validity: int = 48 * 3600  # seconds a job may wait before it expires
     submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
     receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
+    binds: int = 1  # bind_transceiver sessions to this SMSC, each its own connection and window
+
+
+PROVIDER_KINDS = ("smpp", "http")
+LEGACY_PROVIDER = "smpp"  # the one provider `provider: {smpp: ...}` makes (its name in metrics and the spool)
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One entry of `providers:` (or the old `provider:` section): its kind and settings."""
+
+    name: str
+    kind: str  # one of PROVIDER_KINDS
+    smpp: SmppConfig | None = None
+    http: object | None = None  # the HTTP provider's settings (config/http.py), when kind == "http"
+    down_after: int = 3  # this many temporary errors in a row: the provider is skipped for `cooldown`
+    cooldown: float = 30.0  # seconds a provider found down is skipped by the routes
+
+
+@dataclass(frozen=True)
+class Route:
+    """One entry of `routes:`: first match wins; its providers are tried in order (failover)."""
+
+    prefixes: tuple[str, ...] = ()  # E.164 with '+'; () = every destination
+    accounts: tuple[str, ...] = ()  # account names; () = every account
+    providers: tuple[str, ...] = ()
+
+    def matches(self, recipient: str, account: str) -> bool:
+        return (not self.prefixes or recipient.startswith(self.prefixes)) and \
+            (not self.accounts or account in self.accounts)
 
 
 @dataclass(frozen=True)
@@ -165,13 +195,25 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     domains: dict[str, Domain] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
-    smpp: SmppConfig = field(default_factory=SmppConfig)
+    providers: dict[str, ProviderSpec] = field(default_factory=lambda: {
+        LEGACY_PROVIDER: ProviderSpec(LEGACY_PROVIDER, "smpp", SmppConfig())})
+    routes: tuple[Route, ...] = (Route(providers=(LEGACY_PROVIDER,)),)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     xml: XmlConfig = field(default_factory=XmlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: Limits = field(default_factory=Limits)  # the top-level defaults
     breaker: BreakerConfig | None = None
     source: str = ""
+
+    @property
+    def smpp(self) -> SmppConfig:
+        """The first SMPP provider's settings (defaults when there is none). Its `validity`,
+        `receipt_timeout` and `reconnect_min`/`reconnect_max` (the retry backoff) are read as the
+        dispatcher's own settings: they lived under `provider.smpp` before there were several."""
+        for spec in self.providers.values():
+            if spec.smpp is not None:
+                return spec.smpp
+        return SmppConfig()
 
     def summary(self) -> str:
         return (

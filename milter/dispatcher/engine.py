@@ -227,8 +227,8 @@ class Engine:
         try:
             name = self.provider.name
             applied, outcomes = self.spool.store_round(
-                [(r.job_id, list(r.refs), name) for r in ok],
-                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source, name)
+                [(r.job_id, list(r.refs), r.provider or name) for r in ok],
+                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source, r.provider or name)
                  for r in receipts])
         except SpoolError:
             self._results.extendleft(reversed(results))
@@ -265,7 +265,8 @@ class Engine:
             job = self._jobs.get(r.job_id)
             if r.temporary:
                 attempts = job.attempts if job else 1
-                delay = self._backoff(attempts) if r.count_attempt else 0.0
+                delay = r.retry_in if r.retry_in is not None else \
+                    self._backoff(attempts) if r.count_attempt else 0.0
                 releases.setdefault((delay, r.error, r.count_attempt), []).append(r.job_id)
             else:
                 self.spool.fail(r.job_id, r.error)

@@ -1,9 +1,10 @@
 """The provider seam: what the dispatcher engine needs from an SMS provider.
 
-SMPP (`smpp.SmppProvider`) is the one implementation; an HTTP API provider implements the
-same few methods later. A provider takes whole jobs, reports one `SubmitResult` per job
-(all of its parts accepted, or why not) and hands in delivery receipts, which the engine
-acknowledges with `ack_receipts` only after they are stored durably.
+Providers are built from the configuration by `providers.build_provider` (one entry per
+kind); `router.Router` is a Provider over several of them (routes, failover). A provider
+takes whole jobs, reports one `SubmitResult` per job (all of its parts accepted, or why
+not) and hands in delivery receipts, which the engine acknowledges with `ack_receipts`
+only after they are stored durably.
 
 Callbacks come from the provider's own threads; they must be quick (the engine queues them).
 """
@@ -24,6 +25,11 @@ class SubmitResult:
     error: str = ""  # why not ("" = accepted)
     temporary: bool = False  # True: try again later (the job goes back to the queue)
     count_attempt: bool = True  # False: the failure was not the job's (connection lost, stop)
+    # The provider may have (some of) the job: a part was accepted, or written and never
+    # answered. A retry must go to the same provider (never two providers for one job).
+    maybe_sent: bool = False
+    provider: str = ""  # the name of the provider that answered ("" = the engine's provider's name)
+    retry_in: float | None = None  # when temporary: seconds until the retry (None: the engine's backoff)
 
     @property
     def ok(self) -> bool:
@@ -37,6 +43,7 @@ class Receipt:
     error: str  # provider's status text for logs and last_error ("" when delivered)
     token: Any = None  # what ack_receipts needs to acknowledge it (None: nothing to acknowledge)
     source: str = ""  # the receipt's source address: the handset number ("" if unknown)
+    provider: str = ""  # the provider it came from ("" = the engine's provider's name)
 
 
 @dataclass(frozen=True)

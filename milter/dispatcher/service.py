@@ -28,7 +28,7 @@ from ..spool.base import STATES, Job, Spool, SpoolError
 from .engine import Engine
 from .notify import Notifier
 from .provider import Provider, Receipt, ReceiptCallback, ResultCallback, SubmitResult
-from .smpp import SmppProvider
+from .providers import build_dispatch
 
 log = logging.getLogger("sms_milter.dispatcher")
 
@@ -182,9 +182,9 @@ class Runtime(DaemonRuntime):
         self.engine.cfg = new
         self.notifier.cfg = new
         self.spool.validity = new.smpp.validity
-        rebind = new.smpp != old.smpp
+        rebind = new.providers != old.providers or new.routes != old.routes
         if rebind:
-            self.provider.swap(SmppProvider(new.smpp))
+            self.provider.swap(build_dispatch(new))
         return (f"{len(new.accounts)} account(s); provider "
                 + ("settings changed: re-binding" if rebind else "unchanged: binding kept"))
 
@@ -213,7 +213,7 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
             spool.close()
             return 1
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    provider = MeteredProvider(SmppProvider(cfg.smpp))
+    provider = MeteredProvider(build_dispatch(cfg))
     notifier = Notifier(spool, cfg)
     try:
         lease = float(os.environ.get("SMS_MILTER_LEASE_SECONDS", "") or 45.0)

@@ -206,9 +206,8 @@ class QuietLog:
 
 
 class SmppProvider:
-    name = "smpp"
-
-    def __init__(self, cfg: SmppConfig, connect_timeout: float = 10.0):
+    def __init__(self, cfg: SmppConfig, connect_timeout: float = 10.0, name: str = "smpp"):
+        self.name = name
         self.cfg = cfg
         self.connect_timeout = connect_timeout
         self._cond = threading.Condition(threading.RLock())
