@@ -25,10 +25,10 @@ import logging
 import re
 import socket
 import threading
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .provider import Receipt
 from .smpp import QuietLog
 
 log = logging.getLogger("sms_milter.dispatcher.callbacks")
@@ -258,7 +258,7 @@ class CallbackServer:
             return not close
         if receipts:
             ack = Ack(loop, len(receipts))
-            provider.hand_in([Receipt(r.ref, r.state, r.error, ack, r.source) for r in receipts])
+            provider.hand_in([replace(r, token=ack) for r in receipts])
             try:
                 await asyncio.wait_for(asyncio.shield(ack.future), cb.timeout)
             except TimeoutError:

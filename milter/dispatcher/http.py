@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -100,7 +101,7 @@ class HttpProvider:
                     self._open[job.id] = self._pool.submit(self._send, job)
             if stopped:
                 self._on_result(SubmitResult(job.id, error="dispatcher stopping", temporary=True,
-                                             count_attempt=False))
+                                             count_attempt=False, provider=self.name))
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         for r in receipts:
@@ -146,7 +147,7 @@ class HttpProvider:
         with self._lock:
             if self._open.pop(r.job_id, None) is None:
                 return
-        self._on_result(r)
+        self._on_result(r if r.provider else replace(r, provider=self.name))
 
     def clean(self, text: str, limit: int = 200) -> str:
         """Provider text for logs and last_error: one line, short, no configured secret."""
@@ -199,11 +200,11 @@ class HttpProvider:
         except httpx.TimeoutException:
             # The request may have been taken: at-least-once, as an unanswered submit_sm.
             return SubmitResult(job.id, error=f"no answer from {where} within {cfg.timeout:g}s",
-                                temporary=True)
+                                temporary=True, maybe_sent=True, provider=self.name)
         except (httpx.TransportError, ValueError) as e:
             self._down(f"cannot reach {where}: {self.clean(str(e)) or type(e).__name__}")
             return SubmitResult(job.id, error=f"cannot reach {where}: {type(e).__name__}", temporary=True,
-                                count_attempt=False)
+                                count_attempt=False, provider=self.name)
         if self._backoff:
             self._backoff = 0.0
             log.info("%s: %s answers again", self.name, where)
@@ -236,7 +237,7 @@ class HttpProvider:
             temporary = in_ranges(status, cfg.temporary_status) or bool(
                 cfg.temporary_regex and re.search(cfg.temporary_regex, text))
             return SubmitResult(job.id, error=f"{why}: {self.clean(text) or '(empty answer)'}",
-                                temporary=temporary)
+                                temporary=temporary, provider=self.name)
         ref = reference
         if cfg.message_id_json:
             ref = scalar(json_at(data, cfg.message_id_json)) or ""
@@ -251,7 +252,7 @@ class HttpProvider:
         if cfg.poll is not None:
             with self._lock:
                 self._polled[ref] = (job.id, job.recipient, job.parts, time.monotonic() + cfg.poll.interval)
-        return SubmitResult(job.id, refs=(ref,) * max(job.parts, 1))
+        return SubmitResult(job.id, refs=(ref,) * max(job.parts, 1), provider=self.name)
 
     # -- delivery reports ----------------------------------------------------------------
     def receipts_for(self, fields: Mapping[str, str], reference: str, parts: int) -> list[Receipt] | str:
@@ -283,7 +284,7 @@ class HttpProvider:
                 f = parse_receipt_text(err)
                 err = " ".join(f"{k}:{f[k]}" for k in ("stat", "err") if k in f)
             detail += f" {self.clean(err, 80)}"
-        r = Receipt(ref, state, detail, None, number)
+        r = Receipt(ref, state, detail, None, number, provider=self.name)
         if state in ("delivered", "failed", "expired"):
             with self._lock:
                 self._polled.pop(ref, None)
@@ -338,7 +339,8 @@ class HttpProvider:
                     elif ref in self._polled:
                         self._polled[ref] = (jid, recipient, parts, time.monotonic() + poll.interval)
                 if state:
-                    self.hand_in([Receipt(ref, state, detail, None, recipient)] * max(parts, 1))
+                    self.hand_in([Receipt(ref, state, detail, None, recipient, provider=self.name)]
+                                 * max(parts, 1))
 
     def query(self, parts: list[OverduePart], on_answer: Callable[[QueryAnswer], None]) -> None:
         """Parts whose report did not come (the engine asks after receipt_timeout)."""
