@@ -107,15 +107,17 @@ concatenation = true
         conf = self.base / "kannel.conf"
         conf.write_text(self.conf())
         self.bearerbox = subprocess.Popen([BEARERBOX, "-v", "1", str(conf)], cwd=self.base,
-                                          stdin=subprocess.DEVNULL, stdout=open(self.base / "bearerbox.out", "ab"),  # noqa: SIM115
-                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                          stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                          stdout=open(self.base / "bearerbox.out", "ab"),  # noqa: SIM115
+                                          preexec_fn=_die_with_parent)
         try:
             wait_until(lambda: self.status() is not None or self._dead(), timeout, "bearerbox status page",
                        interval=0.1, detail=self.logs)
             self._check_alive("bearerbox")
             self.smsbox = subprocess.Popen([SMSBOX, "-v", "1", str(conf)], cwd=self.base,
-                                           stdin=subprocess.DEVNULL, stdout=open(self.base / "smsbox.out", "ab"),  # noqa: SIM115
-                                           stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                           stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                           stdout=open(self.base / "smsbox.out", "ab"),  # noqa: SIM115
+                                           preexec_fn=_die_with_parent)
             self.wait_online(timeout)
         except BaseException:
             self.stop()
@@ -181,3 +183,41 @@ concatenation = true
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def providers_config(base: Path, notify_port: int, providers: dict, routes: list | None = None,
+                     spool_path: Path | None = None, milter_port: int | None = None,
+                     name: str = "sms-milter.yaml") -> Path:
+    """tests/bed.py's fixture configuration with `providers:` (and `routes:`) instead of `provider:`."""
+    import yaml
+    from bed import write_config
+
+    path = write_config(base, milter_port or free_port(), notify_port, spool_path=spool_path, name=name)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.pop("provider", None)
+    cfg["providers"] = providers
+    if routes is not None:
+        cfg["routes"] = routes
+    text = yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+    path.write_text("# written by tests/kannel_bed.py\n" + text)
+    return path
+
+
+def kannel_provider(k: Kannel, callback_port: int, token: str, **over: object) -> dict:
+    """The README's Kannel preset, pointed at this Kannel and a callback listener on loopback."""
+    http = {
+        "url": k.sendsms_url, "method": "GET",
+        "query": {"username": k.user, "password": k.password, "from": "{originator_digits}",
+                  "to": "{recipient_digits}", "text": "{text}", "charset": "UTF-8", "coding": "{coding}",
+                  "dlr-mask": "31", "dlr-url": "{callback_url}"},
+        "response": {"success_status": [202], "success_regex": "^[03]: ",
+                     "temporary_status": ["5xx", 408, 429]},
+        "timeout": 10, "concurrency": 8,
+        "callback": {"listen": f"127.0.0.1:{callback_port}", "token": token,
+                     "suffix": "?type=%d&to=%p&answer=%A", "state_field": "type",
+                     "states": {"1": "delivered", "2": "failed", "4": "buffered", "8": "ignore",
+                                "16": "failed"},
+                     "number_field": "to", "error_field": "answer"},
+    }
+    http.update(over)
+    return {"http": http}

@@ -42,6 +42,9 @@ from .provider import QueryAnswer, Receipt, ReceiptCallback, ResultCallback, Sub
 from .receipts import parse_receipt_text
 
 log = logging.getLogger("sms_milter.dispatcher.http")
+# httpx logs every request with its whole URL (query secrets included) at INFO: never let it.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 MAX_ANSWER = 1 << 20  # bytes of an answer read at most
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
