@@ -24,7 +24,7 @@ from collections.abc import Callable
 from ..model import Config
 from ..spool.base import ORPHAN_MAX_AGE, AppliedOrphan, Job, ReceiptOutcome, Spool, SpoolError
 from .provider import Provider, QueryAnswer, Receipt, SubmitResult
-from .smpp import QuietLog
+from .quietlog import QuietLog
 
 log = logging.getLogger("sms_milter.dispatcher")
 
