@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .smpp import QuietLog
+from .quietlog import QuietLog
 
 log = logging.getLogger("sms_milter.dispatcher.callbacks")
 
@@ -104,7 +104,7 @@ class CallbackServer:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.targets: dict[str, Any] = {}
-        self.quiet = QuietLog()
+        self.quiet = QuietLog(logger=log)
         self.connections = 0
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
