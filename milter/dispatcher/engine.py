@@ -122,8 +122,7 @@ class Engine:
     def _query_overdue(self) -> bool:
         """Ask the provider about parts whose receipt has not come within receipt_timeout
         (SMPP query_sm); True if there may be more due now."""
-        query = getattr(self.provider, "query", None)
-        if query is None or not self.provider.ready():
+        if not self.provider.ready():
             return False
         timeout = self.cfg.smpp.receipt_timeout
         now = time.time()
@@ -131,7 +130,7 @@ class Engine:
         if parts:
             log.info("%d part(s) of %d job(s) without a receipt after %gs: asking the SMSC (query_sm)",
                      len(parts), len({p.job_id for p in parts}), timeout)
-            query(parts, self._on_answer)
+            self.provider.query(parts, self._on_answer)
         return len(parts) >= 100
 
     def _answers_in(self) -> None:
@@ -144,7 +143,7 @@ class Engine:
             if a.state in ("delivered", "failed", "expired"):
                 log.info("job %d: no receipt for %s after %gs; the SMSC says %s", a.job_id, a.ref, timeout,
                          a.detail)
-                self._receipts.append(Receipt(a.ref, a.state, a.detail, None, a.recipient))
+                self._receipts.append(Receipt(a.ref, a.state, a.detail, None, a.recipient, a.provider))
             else:
                 why = f"no delivery receipt after {timeout:g}s; asked the SMSC: {a.detail}"
                 log.warning("job %d: %s (left as it is)", a.job_id, why)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..spool.base import Job
+from ..spool.base import Job, OverduePart
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class QueryAnswer:
     recipient: str
     state: str  # part state as a receipt gives it (delivered | buffered | failed | expired), "" = unknown
     detail: str  # for logs and last_error: the state word, or why the provider could not tell
+    provider: str = ""  # the provider that answered ("" = the engine's provider's name)
 
 
 ResultCallback = Callable[[SubmitResult], None]
@@ -78,6 +79,10 @@ class Provider(Protocol):
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs for sending (returns at once); each job later gets exactly one SubmitResult."""
+
+    def query(self, parts: list[OverduePart], on_answer: Callable[[QueryAnswer], None]) -> None:
+        """Ask about parts whose receipt did not come within receipt_timeout (SMPP query_sm); each
+        part gets one QueryAnswer, state "" when the provider cannot tell (or cannot ask)."""
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         """Acknowledge receipts the engine has stored (or given up on)."""

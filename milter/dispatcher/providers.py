@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ..model import Config, HttpConfig, ProviderSpec
 from .http import HttpProvider
 from .provider import Provider
+from .router import Router
 from .smpp import SmppProvider
 
 
@@ -51,5 +52,5 @@ def trivial(cfg: Config) -> bool:
 def build_dispatch(cfg: Config) -> Provider:
     if trivial(cfg):
         return build_provider(next(iter(cfg.providers.values())))
-    raise UnknownKind("several providers or routes: the router is not built yet (this commit has the "
-                      "factory only)")
+    return Router({name: build_provider(spec) for name, spec in cfg.providers.items()},
+                  cfg.providers, cfg.routes)
