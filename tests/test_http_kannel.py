@@ -8,10 +8,11 @@ Postfix + milter + dispatcher -> HTTP -> Kannel -> SMPP -> SMSC.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 
 import bed
 import pytest
-from dispatcher_bed import DispatcherProc, Smsc, job, wait_states
+from dispatcher_bed import DispatcherProc, Smsc, job, states, wait_states
 from kannel_bed import Kannel, kannel_provider, kannel_ready, providers_config
 from sms_milter.spool.sqlite import SqliteSpool
 
@@ -129,3 +130,79 @@ def test_mail_through_postfix_milter_dispatcher_and_kannel(tmp_path, sink, nsink
         d.stop()
         postfix.stop()
         milter.stop()
+
+
+def _numbers(start: int, n: int) -> list[str]:
+    return [f"+4179{start + i:07d}" for i in range(n)]
+
+
+def _accepted(smsc: Smsc) -> Counter:
+    return Counter(s["destination_addr"] for s in smsc.submits())
+
+
+def test_failover_between_kannel_and_the_smsc_and_back(tmp_path, nsink):
+    """Route [kannel (HTTP), direct (SMPP)]: Kannel is killed mid-stream (SIGKILL, both boxes);
+    the jobs not possibly at Kannel go out directly over SMPP, none through both; Kannel comes
+    back (same ports, same store): the jobs that were on the wire to it wait for it, new
+    traffic returns to it. Duplicate SMS (Kannel re-sending from its store what the SMSC had
+    already taken when it died) are counted and reported."""
+    behind_kannel, direct = Smsc(tmp_path).start(), Smsc(tmp_path).start()
+    k = Kannel(tmp_path, behind_kannel.port)
+    d = None
+    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    try:
+        k.start()
+        providers = {
+            "kannel": {**kannel_provider(k, bed.free_port(), secrets.token_urlsafe(32)), "down_after": 3,
+                       "cooldown": 2},
+            "direct": {"smpp": {"host": "127.0.0.1", "port": direct.port, "system_id": "gw", "password": "pw",
+                                "reconnect_min": 0.2, "reconnect_max": 1.0, "window": 10}},
+        }
+        config = providers_config(tmp_path, nsink.port, providers, [{"providers": ["kannel", "direct"]}],
+                                  spool_path=tmp_path / "spool.sqlite3")
+        d = DispatcherProc(config, tmp_path / "d.log").start()
+
+        def detail() -> str:
+            return d.log_tail(30) + k.logs(8)
+
+        first = spool.add_jobs([job(n, "before") for n in _numbers(0, 100)])
+        wait_states(spool, first, {"delivered"}, timeout=60, detail=detail)
+        assert set(_accepted(behind_kannel)) == {n[1:] for n in _numbers(0, 100)} and not direct.submits()
+
+        burst_numbers = _numbers(10000, 1500)
+        burst = spool.add_jobs([job(n, "burst") for n in burst_numbers])
+        bed.wait_until(lambda: len(behind_kannel.submits()) >= 100 + 300, 60, "Kannel mid-stream",
+                       interval=0.01, detail=detail)
+        k.kill()
+        at_kannel_before = set(_accepted(behind_kannel))
+        # Everything not possibly at Kannel goes out directly.
+        bed.wait_until(lambda: len(direct.submits()) > 0, 30, "failover to the SMSC", detail=detail)
+        bed.wait_until(lambda: len([j for j in states(spool, burst).values()
+                                    if j.state in ("submitted", "delivered")]) >= 1500 - 8, 60,
+                       "the burst through the SMSC", detail=detail)
+        # Kannel comes back: what it held and the jobs that waited for it go out, then new traffic.
+        k.start()
+        wait_states(spool, burst, {"submitted", "delivered"}, timeout=60, detail=detail)
+        after = spool.add_jobs([job(n, "after") for n in _numbers(20000, 100)])
+        wait_states(spool, after, {"delivered"}, timeout=60, detail=detail)
+        assert {n[1:] for n in _numbers(20000, 100)} <= set(_accepted(behind_kannel))  # traffic returned
+        via_kannel, via_direct = _accepted(behind_kannel), _accepted(direct)
+        burst_set = {n[1:] for n in burst_numbers}
+        both = set(via_kannel) & set(via_direct)
+        assert not both, sorted(both)[:10]  # never sent by two providers
+        assert burst_set <= set(via_kannel) | set(via_direct)  # every job went out
+        dups = sum(c - 1 for c in (*via_kannel.values(), *via_direct.values()) if c > 1)
+        delivered = sum(1 for j in states(spool, burst).values() if j.state == "delivered")
+        print(f"\n[kannel failover] Kannel killed after {len(at_kannel_before & burst_set)} burst submits at "
+              f"its SMSC; {len(set(via_direct) & burst_set)} went directly over SMPP, "
+              f"{len(set(via_kannel) & burst_set)} through Kannel in all; {dups} duplicate SMS; 0 sent by "
+              f"both providers; {delivered} of 1500 reported delivered ({1500 - delivered} submitted whose "
+              f"report Kannel lost with its in-memory DLR table)")
+        assert dups <= 50
+    finally:
+        if d is not None:
+            d.stop()
+        k.stop()
+        behind_kannel.stop()
+        direct.stop()
+        spool.close()

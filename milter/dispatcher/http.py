@@ -39,6 +39,7 @@ from ..model import HTTP_POLL_FIELDS, HttpConfig
 from ..spool.base import Job, OverduePart
 from .http_templates import in_ranges, job_values, json_at, render, safe_url, scalar, secrets_of
 from .provider import QueryAnswer, Receipt, ReceiptCallback, ResultCallback, SubmitResult
+from .quietlog import QuietLog
 from .receipts import parse_receipt_text
 
 log = logging.getLogger("sms_milter.dispatcher.http")
@@ -47,7 +48,7 @@ for _name in ("httpx", "httpcore"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 MAX_ANSWER = 1 << 20  # bytes of an answer read at most
-BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 
 
 class HttpProvider:
@@ -71,6 +72,7 @@ class HttpProvider:
         self._polled: dict[str, tuple[int, str, int, float]] = {}  # ref -> (job id, recipient, parts, next)
         self._stop = threading.Event()
         self._server: Any = None
+        self.quiet = QuietLog(logger=log)
 
     # -- Provider ------------------------------------------------------------------------
     def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
@@ -200,23 +202,37 @@ class HttpProvider:
                     body += chunk
                     if len(body) > MAX_ANSWER:
                         break
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
+                ValueError) as e:
+            # Never written: not at the provider.
+            self._down(f"cannot reach {where}: {self.clean(str(e)) or type(e).__name__}")
+            return SubmitResult(job.id, error=f"cannot reach {where}: {type(e).__name__}", temporary=True,
+                                count_attempt=False, provider=self.name)
         except httpx.TimeoutException:
             # The request may have been taken: at-least-once, as an unanswered submit_sm.
             return SubmitResult(job.id, error=f"no answer from {where} within {cfg.timeout:g}s",
                                 temporary=True, maybe_sent=True, provider=self.name)
-        except (httpx.TransportError, ValueError) as e:
-            self._down(f"cannot reach {where}: {self.clean(str(e)) or type(e).__name__}")
-            return SubmitResult(job.id, error=f"cannot reach {where}: {type(e).__name__}", temporary=True,
-                                count_attempt=False, provider=self.name)
+        except httpx.TransportError as e:
+            # Written, then the connection broke: the provider may have it (the job stays its).
+            self._down(f"connection to {where} lost: {self.clean(str(e)) or type(e).__name__}")
+            return SubmitResult(job.id, error=f"connection to {where} lost before the answer: "
+                                f"{type(e).__name__}", temporary=True, count_attempt=False, maybe_sent=True,
+                                provider=self.name)
         if self._backoff:
             self._backoff = 0.0
             log.info("%s: %s answers again", self.name, where)
         return self.classify(job, reference, resp.status_code, body.decode("utf-8", "replace"))
 
     def _down(self, why: str) -> None:
-        self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
-        self._down_until = time.monotonic() + self._backoff
-        log.warning("%s: %s; next try in %.0fs", self.name, why, self._backoff)
+        """No claims for a while (doubling, one step per outage, not per request that failed)."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._down_until:
+                return
+            self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+            self._down_until = now + self._backoff
+        self.quiet.log(logging.WARNING, f"down {why}", "%s: %s; next try in %.0fs", self.name, why,
+                       self._backoff)
         self._on_change()
 
     def classify(self, job: Job, reference: str, status: int, text: str) -> SubmitResult:
