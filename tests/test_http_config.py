@@ -144,3 +144,23 @@ def test_old_provider_section_still_valid(tmp_path):
     path = write_config(tmp_path, 1, 2, spool_path=tmp_path / "s.sqlite3")
     assert yaml.safe_load(path.read_text())["provider"]["smpp"]
     assert run_cli(path, "check-config").returncode == 0
+
+
+def test_readme_presets_pass_check_config(tmp_path):
+    """README's Kannel preset (tested against Kannel elsewhere) and the two untested vendor
+    examples are valid configuration as written."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## HTTP providers"):]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)[:2]]
+    found = {name: spec for b in blocks for name, spec in b["providers"].items()}
+    assert set(found) == {"kannel", "aspsms", "twilio"}
+    for name, spec in found.items():
+        path = providers_config(tmp_path, 2525, {name: spec}, spool_path=tmp_path / "s.sqlite3",
+                                name=f"{name}.yaml")
+        try:
+            load(path)
+        except ConfigError as e:
+            raise AssertionError(f"README preset {name}: {e.problems}") from None
