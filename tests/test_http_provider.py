@@ -33,6 +33,8 @@ class Vendor(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), VendorHandler)
         self.requests: list[dict] = []
         self.behaviour: dict[str, str] = {}  # recipient -> 500 | 400 | 429 | slow | refuse | garbage
+        self.status: dict[str, str] = {}  # message id -> state word at /status/<id>
+        self.asked: list[str] = []
         self.n = 0
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -61,6 +63,14 @@ class VendorHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.server.n += 1
             self._send(200, {"status": "ok", "data": {"messages": [{"id": f"VND{self.server.n:06d}"}]}})
+
+    def do_GET(self) -> None:  # noqa: N802 (the status URL of polled providers)
+        mid = self.path.rsplit("/", 1)[-1]
+        self.server.asked.append(mid)
+        if mid in self.server.status:
+            self._send(200, {"message": {"id": mid, "status": self.server.status[mid]}})
+        else:
+            self._send(404, {"error": "unknown message"})
 
     def _send(self, status: int, doc: dict) -> None:
         raw = json.dumps(doc).encode()
@@ -306,3 +316,39 @@ def test_report_is_answered_only_after_it_is_stored(vb):
         lock.close()
     wait_states(vb.spool, [jid], {"delivered"}, timeout=20, detail=vb.d.log_tail)  # stored once unlocked
     assert vb.report(path, doc)[0] == 200  # the provider's retry: acknowledged (a repeat, not applied twice)
+
+
+def test_providers_without_callbacks_are_polled(tmp_path, nsink):
+    v = Vendor()
+    prov = vendor_provider(v, bed.free_port(), secrets.token_urlsafe(32))
+    del prov["http"]["callback"]
+    prov["http"]["fields"].pop("callback")
+    prov["http"]["poll"] = {"url": f"http://127.0.0.1:{v.server_address[1]}/status/{{message_id}}",
+                            "interval": 1, "state_json": "message.status",
+                            "states": {"queued": "buffered", "sent": "ignore", "delivered": "delivered"}}
+    config = providers_config(tmp_path, nsink.port, {"vendor": prov}, spool_path=tmp_path / "s.sqlite3")
+    spool = SqliteSpool(tmp_path / "s.sqlite3")
+    jid, other = spool.add_jobs([job("+41791230371", "polled", sender="c4ca423@client.example",
+                                     notify="ALWAYS"), job("+41791230372", "polled too")])
+    d = DispatcherProc(config, tmp_path / "d.log").start()
+    try:
+        wait_states(spool, [jid, other], {"submitted"}, timeout=20, detail=d.log_tail)
+        ref, ref2 = spool.get(jid).provider_refs[0], spool.get(other).provider_refs[0]
+        bed.wait_until(lambda: ref.upper() in v.asked, 20, "the status URL asked", detail=d.log_tail)
+        assert spool.get(jid).state == "submitted"  # 404 from the status URL: nothing known yet
+        v.status[ref.upper()] = "queued"
+        wait_states(spool, [jid], {"buffered"}, timeout=20, detail=d.log_tail)
+        v.status[ref.upper()] = "delivered"
+        v.status[ref2.upper()] = "sent"
+        wait_states(spool, [jid], {"delivered"}, timeout=20, detail=d.log_tail)
+        texts = [m.text().lower() for m in nsink.wait_for(lambda m: "+41791230371" in m.text(), timeout=20,
+                                                         count=2)]
+        assert any("buffered" in t for t in texts) and any("delivered" in t for t in texts)
+        n = len(v.asked)
+        bed.wait_until(lambda: v.asked[n:].count(ref2.upper()) >= 2, 20, "still asked while not final")
+        assert spool.get(other).state == "submitted"
+        assert v.asked[n:].count(ref.upper()) == 0  # final: not asked again
+    finally:
+        d.stop()
+        spool.close()
+        v.shutdown()
