@@ -5,6 +5,7 @@ subprocess. Jobs go into the spool directly; every condition is polled with a de
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -92,6 +93,14 @@ def numbers(start: int, n: int, prefix: str = "+4179") -> list[str]:
 def accepted_by(s: Smsc) -> Counter:
     """destination_addr -> how many submit_sm the SMSC accepted for it."""
     return Counter(r["destination_addr"] for r in s.submits())
+
+
+def pending_receipts(s: Smsc) -> int:
+    """Receipts the SMSC sent and got no deliver_sm_resp ROK for (it would send them again)."""
+    assert s.proc is not None and s.proc.stdin is not None
+    s.proc.stdin.write('{"command": "stats"}\n')
+    s.proc.stdin.flush()
+    return int(json.loads(s._expect("STATS", 5)[6:])["pending_receipts"])  # noqa: SLF001
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -227,6 +236,9 @@ def test_routes_by_prefix_and_account_with_metrics_per_provider(pb):
     assert metric(text, "sms_milter_submits_total", provider="a", result="ok") == 40
     assert metric(text, "sms_milter_receipts_total", provider="b", result="delivered") == 40
     assert metric(text, "sms_milter_provider_bound", provider="a") == 1
+    # Every receipt went back through the router to the bind it came from (deliver_sm_resp).
+    wait_until(lambda: pending_receipts(a) == 0 and pending_receipts(b) == 0, 10, "receipts acknowledged",
+               detail=pb.detail)
 
 
 def test_failover_when_a_provider_dies_and_traffic_returns(pb):
@@ -295,3 +307,30 @@ def test_consecutive_temporary_errors_send_traffic_elsewhere_until_the_cooldown_
 
 def states_in(spool: SqliteSpool, ids: list[int], accept: set[str]) -> list[int]:
     return [i for i, j in states(spool, ids).items() if j.state in accept]
+
+
+def test_reload_from_one_provider_to_routes_moves_traffic(pb):
+    """SIGHUP with `provider:` replaced by `providers:` + `routes:`: the dispatcher re-binds
+    through the factory and the router, and new jobs follow the new routes."""
+    import signal
+
+    a, b = pb.smsc(), pb.smsc()
+    cfg = pb.config({"a": smpp(a)})  # one provider, no routes: no router
+    d = pb.dispatcher(cfg)
+    first = pb.spool.add_jobs([job(n, "one") for n in numbers(0, 20)])
+    wait_states(pb.spool, first, {"delivered"}, timeout=30, detail=pb.detail)
+    assert len(a.submits()) == 20 and not b.submits()
+    data = yaml.safe_load(cfg.read_text())
+    data["providers"]["b"] = smpp(b)
+    data["routes"] = [{"prefixes": ["+4179"], "providers": ["b", "a"]}, {"providers": ["a"]}]
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "provider settings changed: re-binding" in d.log(), 20, "the reload", detail=pb.detail)
+    wait_until(lambda: b.records("bind_transceiver"), 20, "b bound", detail=pb.detail)
+    later = pb.spool.add_jobs([job(n, "two") for n in numbers(100, 20)] +
+                              [job(n, "three") for n in numbers(200, 5, "+4178")])
+    wait_states(pb.spool, later, {"delivered"}, timeout=30, detail=pb.detail)
+    assert set(accepted_by(b)) == {n[1:] for n in numbers(100, 20)}
+    assert {n[1:] for n in numbers(200, 5, "+4178")} <= set(accepted_by(a))
+    assert "configuration reload failed" not in d.log()

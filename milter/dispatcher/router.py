@@ -74,7 +74,9 @@ class Router:
         self.routes = routes
         self._lock = threading.RLock()
         self._waiting: dict[int, tuple[Job, float]] = {}  # job id -> (job, waiting since)
-        self._sticky: dict[int, str] = {}  # job id -> the provider that may have it
+        self._sticky: dict[int, tuple[str, float]] = {}  # job id -> (the provider that may have it, since)
+        # A sticky job not seen for this long has ended elsewhere (expired, deleted): forgotten.
+        self.forget_after = 2.0 * max((sp.smpp.validity for sp in specs.values() if sp.smpp), default=172800)
         self._on_result: ResultCallback = lambda r: None
         self._on_change: Callable[[], None] = lambda: None
         self._stop = threading.Event()
@@ -162,7 +164,7 @@ class Router:
 
     def _target(self, job: Job, now: float, up: dict[str, bool]) -> tuple[Member | None, str]:
         """The provider to take the job now, or None and why not (caller holds the lock)."""
-        sticky = self._sticky.get(job.id)
+        sticky = self._sticky.get(job.id, ("", 0.0))[0] or None
         if sticky is not None and sticky in self.members:
             m = self.members[sticky]
             if up[sticky]:
@@ -217,7 +219,7 @@ class Router:
                     self._sticky.pop(r.job_id, None)
                 else:
                     if r.maybe_sent:
-                        self._sticky[r.job_id] = m.name
+                        self._sticky[r.job_id] = (m.name, time.monotonic())
                     if r.count_attempt:  # the provider's own temporary error (not: connection lost, stop)
                         m.errors += 1
                         if m.errors == m.spec.down_after:
@@ -232,6 +234,18 @@ class Router:
             on_receipt(replace(r, provider=m.name, token=(m.name, r.token) if r.token is not None else None))
         return receipt
 
+    def adopt(self, old: Router) -> None:
+        """After a reload: keep which jobs may be at which provider (for the providers kept)."""
+        with old._lock:  # noqa: SLF001 (the same class)
+            kept = {j: v for j, v in old._sticky.items() if v[0] in self.members}  # noqa: SLF001
+        with self._lock:
+            self._sticky.update(kept)
+
+    def _forget_old(self, now: float) -> None:
+        with self._lock:
+            for jid in [j for j, (_, since) in self._sticky.items() if now - since > self.forget_after]:
+                del self._sticky[jid]
+
     def _changed(self) -> None:
         """From a provider's thread (maybe holding its lock): the router's thread pumps."""
         self._kick.set()
@@ -243,6 +257,7 @@ class Router:
             self._kick.clear()
             try:
                 self._pump()
+                self._forget_old(time.monotonic())
             except Exception:  # noqa: BLE001 (a bug here must not stop routing)
                 log.exception("router")
             self._on_change()

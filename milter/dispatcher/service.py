@@ -148,6 +148,8 @@ class MeteredProvider:
         for name in members(old):
             metrics.BOUND.labels(name).set(0)
         self._bound = {}
+        if isinstance(old, Router) and isinstance(inner, Router):
+            inner.adopt(old)
         self.inner = inner
         self.name = inner.name
         self._start(inner)
