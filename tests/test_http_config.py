@@ -101,6 +101,8 @@ BAD = [
                                        "buffered, failed, expired, ignore, got 'done'"),
     ("callback.ref_field", "MessageSid", "providers.k.http.callback.ref_field: names the provider's message "
                                          "id, but the response has no message_id_json"),
+    ("headers", {"X-Key": "a\nb"}, "providers.k.http.headers.X-Key: the value must be printable ASCII"),
+    ("headers", {"X Key": "ab"}, "providers.k.http.headers.X Key: is not an HTTP header name"),
     ("callback.colour", "red", "providers.k.http.callback.colour: unknown key"),
     ("poll", {"url": "http://x/{message_id}"}, "providers.k.http.poll: needs state_json or state_regex"),
     ("poll", {"url": "http://x/{mid}", "state_json": "s", "states": {"a": "delivered"}},

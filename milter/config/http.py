@@ -117,6 +117,18 @@ def _pairs(r: Reader, node: Any, path: str, fields: tuple[str, ...] | None) -> t
     return tuple(out)
 
 
+def _headers(r: Reader, node: Any, path: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for k, v in _pairs(r, node, path, None):
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", k):
+            r.bad(f"{path}.{k}", "is not an HTTP header name")
+        elif not re.fullmatch(r"[\x20-\x7e\t]*", v):
+            r.bad(f"{path}.{k}", "the value must be printable ASCII on one line")
+        else:
+            out.append((k, v))
+    return tuple(out)
+
+
 def _states(r: Reader, node: Any, path: str) -> tuple[tuple[str, str], ...]:
     pairs = _pairs(r, node, path, None)
     for k, v in pairs:
@@ -238,7 +250,7 @@ def parse_http(r: Reader, node: Any, path: str) -> HttpConfig:
     cfg = HttpConfig(
         url=url, method=method,
         query=_pairs(r, d.get("query"), f"{path}.query", HTTP_FIELDS),
-        headers=_pairs(r, d.get("headers"), f"{path}.headers", None),
+        headers=_headers(r, d.get("headers"), f"{path}.headers"),
         auth=auth, body=body, fields=fields,
         success_status=_statuses(r, resp.get("success_status"), f"{rp}.success_status", base.success_status),
         success_regex=_regex(r, resp, "success_regex", rp),

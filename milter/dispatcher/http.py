@@ -203,7 +203,7 @@ class HttpProvider:
                     if len(body) > MAX_ANSWER:
                         break
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
-                ValueError) as e:
+                httpx.LocalProtocolError, httpx.InvalidURL, ValueError) as e:
             # Never written: not at the provider.
             self._down(f"cannot reach {where}: {self.clean(str(e)) or type(e).__name__}")
             return SubmitResult(job.id, error=f"cannot reach {where}: {type(e).__name__}", temporary=True,
