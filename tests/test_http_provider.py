@@ -126,6 +126,8 @@ class Bed:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
+        except urllib.error.URLError as e:  # not listening (yet)
+            return 0, str(e.reason)
 
     def close(self):
         self.d.stop()
@@ -352,3 +354,35 @@ def test_providers_without_callbacks_are_polled(tmp_path, nsink):
         d.stop()
         spool.close()
         v.shutdown()
+
+
+def test_sighup_with_changed_http_settings_keeps_reports_coming(vb):
+    """A reload that changes the provider re-creates it: the old listener is closed, the new
+    one takes the same address, the new token is the one that works."""
+    import signal
+
+    import yaml
+
+    (first,) = vb.spool.add_jobs([job("+41791230381", "before the reload")])
+    wait_states(vb.spool, [first], {"submitted"}, timeout=20, detail=vb.d.log_tail)
+    old_path = callback_path(vb.vendor.sent("+41791230381")[0])
+    data = yaml.safe_load(vb.config.read_text())
+    new_token = secrets.token_urlsafe(32)
+    data["providers"]["vendor"]["http"]["callback"]["token"] = new_token
+    data["providers"]["vendor"]["http"]["concurrency"] = 2
+    vb.config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    assert vb.d.proc is not None
+    vb.d.proc.send_signal(signal.SIGHUP)
+    bed.wait_until(lambda: "settings changed: re-binding" in vb.d.log(), 20, "the reload",
+                   detail=vb.d.log_tail)
+    (second,) = vb.spool.add_jobs([job("+41791230382", "after the reload")])
+    wait_states(vb.spool, [second], {"submitted"}, timeout=20, detail=vb.d.log_tail)
+    new_path = callback_path(vb.vendor.sent("+41791230382")[0])
+    assert new_token in new_path
+    delivered = {"message_id": vb.spool.get(second).provider_refs[0].upper(),
+                 "event": {"status": "delivered"}}
+    status = bed.wait_until(lambda: vb.report(new_path, delivered)[0] == 200 or None, 20, "the new listener")
+    assert status and vb.spool.get(second).state == "delivered"
+    old = {"message_id": vb.spool.get(first).provider_refs[0].upper(), "event": {"status": "delivered"}}
+    assert vb.report(old_path, old)[0] == 404  # the old token no longer works
+    assert "configuration reload failed" not in vb.d.log()
