@@ -203,21 +203,26 @@ def providers_config(base: Path, notify_port: int, providers: dict, routes: list
     return path
 
 
+def readme_kannel_preset() -> dict:
+    """README's Kannel preset (section "### Kannel"), as documented."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Kannel (`sendsms` + `dlr-url`)"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block, "README: no yaml block in the Kannel section"
+    return yaml.safe_load(block.group(1))["providers"]["kannel"]
+
+
 def kannel_provider(k: Kannel, callback_port: int, token: str, **over: object) -> dict:
-    """The README's Kannel preset, pointed at this Kannel and a callback listener on loopback."""
-    http = {
-        "url": k.sendsms_url, "method": "GET",
-        "query": {"username": k.user, "password": k.password, "from": "{originator_digits}",
-                  "to": "{recipient_digits}", "text": "{text}", "charset": "UTF-8", "coding": "{coding}",
-                  "dlr-mask": "31", "dlr-url": "{callback_url}"},
-        "response": {"success_status": [202], "success_regex": "^[03]: ",
-                     "temporary_status": ["5xx", 408, 429]},
-        "timeout": 10, "concurrency": 8,
-        "callback": {"listen": f"127.0.0.1:{callback_port}", "token": token,
-                     "suffix": "?type=%d&to=%p&answer=%A", "state_field": "type",
-                     "states": {"1": "delivered", "2": "failed", "4": "buffered", "8": "ignore",
-                                "16": "failed"},
-                     "number_field": "to", "error_field": "answer"},
-    }
+    """README's Kannel preset as written, pointed at this Kannel (URL, sendsms user) and a
+    callback listener on a free loopback port with a fresh token."""
+    preset = readme_kannel_preset()
+    http = preset["http"]
+    http["url"] = k.sendsms_url
+    http["query"].update(username=k.user, password=k.password)
+    http["callback"].update(listen=f"127.0.0.1:{callback_port}", token=token)
     http.update(over)
     return {"http": http}
