@@ -20,7 +20,16 @@ from . import metrics
 from .model import Account, BreakerConfig, Config, SenderRule
 from .policy import addresses, auth, content, limits, smstext, subject
 from .policy.refusal import INTERNAL_ERROR, SPOOL_UNAVAILABLE, Refusal
-from .spool.base import AddResult, LimitPlan, LimitUsage, NewJob, OutMail, Spool, SpoolDataError, SpoolError
+from .spool.base import (
+    AddResult,
+    LimitPlan,
+    LimitUsage,
+    MilterSpool,
+    NewJob,
+    OutMail,
+    SpoolDataError,
+    SpoolError,
+)
 
 log = logging.getLogger("sms_milter.gateway")
 
@@ -123,7 +132,7 @@ def _sms_text_problem(text: str, parts: int, account: Account) -> Refusal | None
 
 
 class Gateway:
-    def __init__(self, cfg: Config, spool: Spool, clock=time.time):
+    def __init__(self, cfg: Config, spool: MilterSpool, clock=time.time):
         self.cfg = cfg
         self.spool = spool
         self.clock = clock  # for the circuit breaker; the spool's counters use the spool's clock

@@ -4,8 +4,10 @@ A job goes to the first route that matches its recipient (E.164 prefix) and acco
 route's providers are tried in order, and the first one that is up takes it. A provider is
 down while it is not bound/connected (`ready()` false) and, after `down_after` temporary
 errors in a row (an error status or a submit left unanswered), for `cooldown` seconds;
-after the cool-down it gets traffic again, and one more temporary error sends it back to
-the cool-down. When the first provider is up again, traffic returns to it.
+after the cool-down it gets one job at a time until one is accepted (then all its traffic),
+and one more temporary error sends it back to the cool-down (meanwhile the next provider
+of the route takes the other jobs). When the first provider is up again, traffic returns
+to it.
 
 A job is never sent by two providers. A provider's temporary failure is handed to the
 engine only when it is final for that provider (an error answer, or never written), and
@@ -49,15 +51,21 @@ class Member:
     spec: ProviderSpec
     errors: int = 0  # temporary errors in a row
     down_until: float = 0.0  # skipped until then (monotonic) after down_after errors in a row
+    probing: bool = False  # after a cool-down: one job at a time until one is accepted
     handed: set[int] = field(default_factory=set)  # job ids it has and has not answered yet
 
     def usable(self, now: float, up: bool) -> bool:
         """Routes may use it now (`up`: its provider is ready)."""
         if now < self.down_until:
             return False
-        if self.errors >= self.spec.down_after:  # cool-down over: one more chance
+        if self.errors >= self.spec.down_after:  # cool-down over: one job to try it (a probe)
             self.errors = self.spec.down_after - 1
+            self.probing = True
         return up
+
+    def room(self, room: int) -> int:
+        """How many more jobs it may take: while probing, one at a time until one succeeds."""
+        return min(room, 1 - len(self.handed)) if self.probing else room
 
     def state(self, now: float, up: bool) -> str:
         if now < self.down_until:
@@ -103,7 +111,7 @@ class Router:
         now = time.monotonic()
         up, room = self._look()
         with self._lock:
-            usable = sum(room[n] for n, m in self.members.items() if m.usable(now, up[n]))
+            usable = sum(max(0, m.room(room[n])) for n, m in self.members.items() if m.usable(now, up[n]))
             return max(0, usable - len(self._waiting))
 
     def submit(self, jobs: list[Job]) -> None:
@@ -162,7 +170,8 @@ class Router:
         room = {n: m.provider.capacity() if up[n] else 0 for n, m in self.members.items()}
         return up, room
 
-    def _target(self, job: Job, now: float, up: dict[str, bool]) -> tuple[Member | None, str]:
+    def _target(self, job: Job, now: float, up: dict[str, bool],
+                room: dict[str, int]) -> tuple[Member | None, str]:
         """The provider to take the job now, or None and why not (caller holds the lock)."""
         sticky = self._sticky.get(job.id, ("", 0.0))[0] or None
         if sticky is not None and sticky in self.members:
@@ -175,8 +184,9 @@ class Router:
         if route is None:
             return None, "no route matches this destination"
         for name in route.providers:
-            if self.members[name].usable(now, up[name]):
-                return self.members[name], ""
+            m = self.members[name]
+            if m.usable(now, up[name]) and (not m.probing or m.room(room[name]) > 0):
+                return m, ""
         return None, "no provider of its route is up (" + "; ".join(
             self.members[n].state(now, up[n]) for n in route.providers) + ")"
 
@@ -192,14 +202,14 @@ class Router:
         now = time.monotonic()
         with self._lock:
             for jid, (job, since) in list(self._waiting.items()):
-                m, why = self._target(job, now, up)
+                m, why = self._target(job, now, up, room)
                 if m is None:
                     if now - since >= HOLD or self._stop.is_set():
                         del self._waiting[jid]
                         back.append(SubmitResult(jid, error=why, temporary=True, count_attempt=False,
                                                  retry_in=RETRY))
                     continue
-                if room[m.name] <= 0:
+                if m.room(room[m.name]) <= 0:
                     continue  # its provider is up but full: wait for room there (not overflow elsewhere)
                 room[m.name] -= 1
                 del self._waiting[jid]
@@ -216,9 +226,13 @@ class Router:
                 m.handed.discard(r.job_id)
                 if r.ok or not r.temporary:
                     m.errors = 0
+                    m.probing = False
                     self._sticky.pop(r.job_id, None)
                 else:
                     if r.maybe_sent:
+                        if r.job_id not in self._sticky:
+                            log.info("job %d may be at provider %s (%s): it is sent again through %s only",
+                                     r.job_id, m.name, r.error, m.name)
                         self._sticky[r.job_id] = (m.name, time.monotonic())
                     if r.count_attempt:  # the provider's own temporary error (not: connection lost, stop)
                         m.errors += 1
