@@ -154,7 +154,7 @@ def main() -> int:
         batch = [NewJob(recipient="+" + to, originator="+41760000000", text="bench message project",
                         parts=1, account="acme") for to in numbers(100000, n)]
         s = SqliteSpool(spool)
-        s.add_jobs(batch)
+        s.add_message(None, batch, 0.0)  # one transaction; wakes the dispatcher
         t0 = time.time()
         s.close()
 

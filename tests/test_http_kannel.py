@@ -15,6 +15,7 @@ import pytest
 from dispatcher_bed import DispatcherProc, Smsc, job, states, wait_states
 from kannel_bed import Kannel, kannel_provider, kannel_ready, providers_config
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs
 
 pytestmark = pytest.mark.usefixtures("smsc_node")
 UNDELIV = "41791239999"
@@ -69,7 +70,7 @@ def test_jobs_go_out_through_kannel_and_their_reports_come_back(kb, peers, nsink
         "ucs": job("+41791230103", "Grüße, Привет"),
         "alpha": job("+41791230104", "from an alphanumeric originator", originator="ALERTS"),
     }
-    ids = dict(zip(jobs, kb.spool.add_jobs(list(jobs.values())), strict=True))
+    ids = dict(zip(jobs, add_jobs(kb.spool, list(jobs.values())), strict=True))
     done = wait_states(kb.spool, list(ids.values()), {"delivered"}, timeout=60,
                        detail=lambda: kb.d.log_tail() + k.logs(10))
     subs = smsc.submits()
@@ -91,7 +92,7 @@ def test_jobs_go_out_through_kannel_and_their_reports_come_back(kb, peers, nsink
 
 
 def test_undeliverable_report_through_kannel_fails_the_job(kb, peers):
-    (jid,) = kb.spool.add_jobs([job("+" + UNDELIV, "to a dead handset")])
+    (jid,) = add_jobs(kb.spool, [job("+" + UNDELIV, "to a dead handset")])
     done = wait_states(kb.spool, [jid], {"failed"}, timeout=60, detail=kb.d.log_tail)
     assert "type=2" in done[jid].last_error and "stat:UNDELIV" in done[jid].last_error
     assert "to a dead handset" not in done[jid].last_error  # the receipt's text: excerpt never kept
@@ -165,12 +166,12 @@ def test_failover_between_kannel_and_the_smsc_and_back(tmp_path, nsink):
         def detail() -> str:
             return d.log_tail(30) + k.logs(8)
 
-        first = spool.add_jobs([job(n, "before") for n in _numbers(0, 100)])
+        first = add_jobs(spool, [job(n, "before") for n in _numbers(0, 100)])
         wait_states(spool, first, {"delivered"}, timeout=60, detail=detail)
         assert set(_accepted(behind_kannel)) == {n[1:] for n in _numbers(0, 100)} and not direct.submits()
 
         burst_numbers = _numbers(10000, 1500)
-        burst = spool.add_jobs([job(n, "burst") for n in burst_numbers])
+        burst = add_jobs(spool, [job(n, "burst") for n in burst_numbers])
         bed.wait_until(lambda: len(behind_kannel.submits()) >= 100 + 300, 60, "Kannel mid-stream",
                        interval=0.01, detail=detail)
         k.kill()
@@ -183,7 +184,7 @@ def test_failover_between_kannel_and_the_smsc_and_back(tmp_path, nsink):
         # Kannel comes back: what it held and the jobs that waited for it go out, then new traffic.
         k.start()
         wait_states(spool, burst, {"submitted", "delivered"}, timeout=60, detail=detail)
-        after = spool.add_jobs([job(n, "after") for n in _numbers(20000, 100)])
+        after = add_jobs(spool, [job(n, "after") for n in _numbers(20000, 100)])
         wait_states(spool, after, {"delivered"}, timeout=60, detail=detail)
         assert {n[1:] for n in _numbers(20000, 100)} <= set(_accepted(behind_kannel))  # traffic returned
         via_kannel, via_direct = _accepted(behind_kannel), _accepted(direct)

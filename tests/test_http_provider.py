@@ -22,6 +22,7 @@ import pytest
 from dispatcher_bed import DispatcherProc, job, wait_states
 from kannel_bed import providers_config
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs, orphan_count
 
 BEARER = "Bearer vendor-secret-4711-abcdef"
 
@@ -147,7 +148,7 @@ def callback_path(req: dict) -> str:
 
 
 def test_request_from_templates_message_id_from_json_and_webhook_report(vb, nsink):
-    (jid,) = vb.spool.add_jobs([job("+41791230301", "Привет via HTTP", sender="c4ca423@client.example")])
+    (jid,) = add_jobs(vb.spool, [job("+41791230301", "Привет via HTTP", sender="c4ca423@client.example")])
     wait_states(vb.spool, [jid], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     (req,) = vb.vendor.sent("+41791230301")
     assert req["path"] == "/api/v1/messages?account=acme" and req["auth"] == BEARER
@@ -175,7 +176,7 @@ def test_error_classes_temporary_permanent_timeout(vb):
     cases = {"+41791230311": "500", "+41791230312": "400", "+41791230313": "429", "+41791230314": "slow",
              "+41791230315": "refuse"}
     v.behaviour.update(cases)
-    added = vb.spool.add_jobs([job(n, f"case {how}") for n, how in cases.items()])
+    added = add_jobs(vb.spool, [job(n, f"case {how}") for n, how in cases.items()])
     ids = dict(zip(cases, added, strict=True))
     failed = wait_states(vb.spool, [ids["+41791230312"], ids["+41791230315"]], {"failed"}, timeout=20,
                          detail=vb.d.log_tail)
@@ -207,7 +208,7 @@ def test_unreachable_provider_jobs_wait_without_counting_attempts(tmp_path, nsin
     prov = vendor_provider(v, bed.free_port(), token, url=f"http://127.0.0.1:{dead}/send")
     config = providers_config(tmp_path, nsink.port, {"vendor": prov}, spool_path=tmp_path / "s.sqlite3")
     spool = SqliteSpool(tmp_path / "s.sqlite3")
-    (jid,) = spool.add_jobs([job("+41791230321", "nobody listens")])
+    (jid,) = add_jobs(spool, [job("+41791230321", "nobody listens")])
     d = DispatcherProc(config, tmp_path / "d.log").start()
     try:
         bed.wait_until(lambda: "cannot reach http://127.0.0.1" in (spool.get(jid).last_error or ""), 20,
@@ -235,7 +236,7 @@ def raw(port: int, data: bytes, timeout: float = 10) -> bytes:
 
 
 def test_wrong_token_huge_body_chunked_and_garbage_fields_are_refused(vb):
-    (jid,) = vb.spool.add_jobs([job("+41791230331", "hostile")])
+    (jid,) = add_jobs(vb.spool, [job("+41791230331", "hostile")])
     wait_states(vb.spool, [jid], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     path = callback_path(vb.vendor.sent("+41791230331")[0])
     good = {"message_id": "VND000001", "event": {"status": "delivered"}}
@@ -264,7 +265,7 @@ def test_wrong_token_huge_body_chunked_and_garbage_fields_are_refused(vb):
 
 
 def test_slow_clients_do_not_stall_the_listener(vb):
-    (jid,) = vb.spool.add_jobs([job("+41791230341", "slowloris")])
+    (jid,) = add_jobs(vb.spool, [job("+41791230341", "slowloris")])
     wait_states(vb.spool, [jid], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     path = callback_path(vb.vendor.sent("+41791230341")[0])
     slow = []
@@ -287,16 +288,16 @@ def test_slow_clients_do_not_stall_the_listener(vb):
 
 
 def test_unmatched_report_is_kept_as_an_orphan_and_a_foreign_number_is_not_applied(vb):
-    (jid,) = vb.spool.add_jobs([job("+41791230351", "matching")])
+    (jid,) = add_jobs(vb.spool, [job("+41791230351", "matching")])
     wait_states(vb.spool, [jid], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     ref = vb.spool.get(jid).provider_refs[0]
-    before = vb.spool.orphan_count()
+    before = orphan_count(vb.spool)
     # An id we never had, and our id with another handset's number: both stored, neither applied.
     unknown = {"message_id": "VND999999", "event": {"status": "delivered"}}
     assert vb.report(f"/dlr/{vb.token}", unknown)[0] == 200
     foreign = {"message_id": ref, "event": {"status": "delivered", "to": "+41790000000"}}
     assert vb.report(f"/dlr/{vb.token}", foreign)[0] == 200
-    assert vb.spool.orphan_count() == before + 2
+    assert orphan_count(vb.spool) == before + 2
     assert vb.spool.get(jid).state == "submitted"
     right = {"message_id": ref.upper(), "event": {"status": "delivered", "to": "0041791230351"}}
     assert vb.report(f"/dlr/{vb.token}", right)[0] == 200
@@ -304,7 +305,7 @@ def test_unmatched_report_is_kept_as_an_orphan_and_a_foreign_number_is_not_appli
 
 
 def test_report_is_answered_only_after_it_is_stored(vb):
-    (jid,) = vb.spool.add_jobs([job("+41791230361", "durable")])
+    (jid,) = add_jobs(vb.spool, [job("+41791230361", "durable")])
     wait_states(vb.spool, [jid], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     path = callback_path(vb.vendor.sent("+41791230361")[0])
     doc = {"message_id": vb.spool.get(jid).provider_refs[0], "event": {"status": "delivered"}}
@@ -330,7 +331,7 @@ def test_providers_without_callbacks_are_polled(tmp_path, nsink):
                             "states": {"queued": "buffered", "sent": "ignore", "delivered": "delivered"}}
     config = providers_config(tmp_path, nsink.port, {"vendor": prov}, spool_path=tmp_path / "s.sqlite3")
     spool = SqliteSpool(tmp_path / "s.sqlite3")
-    jid, other = spool.add_jobs([job("+41791230371", "polled", sender="c4ca423@client.example",
+    jid, other = add_jobs(spool, [job("+41791230371", "polled", sender="c4ca423@client.example",
                                      notify="ALWAYS"), job("+41791230372", "polled too")])
     d = DispatcherProc(config, tmp_path / "d.log").start()
     try:
@@ -363,7 +364,7 @@ def test_sighup_with_changed_http_settings_keeps_reports_coming(vb):
 
     import yaml
 
-    (first,) = vb.spool.add_jobs([job("+41791230381", "before the reload")])
+    (first,) = add_jobs(vb.spool, [job("+41791230381", "before the reload")])
     wait_states(vb.spool, [first], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     old_path = callback_path(vb.vendor.sent("+41791230381")[0])
     data = yaml.safe_load(vb.config.read_text())
@@ -375,7 +376,7 @@ def test_sighup_with_changed_http_settings_keeps_reports_coming(vb):
     vb.d.proc.send_signal(signal.SIGHUP)
     bed.wait_until(lambda: "settings changed: re-binding" in vb.d.log(), 20, "the reload",
                    detail=vb.d.log_tail)
-    (second,) = vb.spool.add_jobs([job("+41791230382", "after the reload")])
+    (second,) = add_jobs(vb.spool, [job("+41791230382", "after the reload")])
     wait_states(vb.spool, [second], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     new_path = callback_path(vb.vendor.sent("+41791230382")[0])
     assert new_token in new_path
