@@ -250,6 +250,8 @@ def test_wrong_token_huge_body_chunked_and_garbage_fields_are_refused(vb):
     huge_head = b"GET /dlr/x HTTP/1.1\r\n" + b"X-A: " + b"a" * 9000 + b"\r\n\r\n"
     assert raw(vb.cb_port, huge_head).startswith(b"HTTP/1.1 431")
     assert raw(vb.cb_port, b"\x16\x03\x01garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+    long_length = f"POST {path} HTTP/1.1\r\nContent-Length: {'9' * 5000}\r\n\r\n".encode()
+    assert raw(vb.cb_port, long_length).startswith(b"HTTP/1.1 400")
     for doc, why in [({"message_id": "VND000001", "event": {"status": "exploded"}}, "unknown event.status"),
                      ({"message_id": "VND000001"}, "no 'event.status' field"),
                      ({"event": {"status": "delivered"}}, "no message id"),
@@ -261,7 +263,7 @@ def test_wrong_token_huge_body_chunked_and_garbage_fields_are_refused(vb):
     assert vb.spool.get(jid).state == "submitted"  # none of that changed the job
     assert vb.report(path, good)[0] == 200
     assert vb.spool.get(jid).state == "delivered"
-    assert vb.token not in vb.d.log() and wrong not in vb.d.log()
+    assert vb.token not in vb.d.log() and wrong not in vb.d.log() and "Traceback" not in vb.d.log()
 
 
 def test_slow_clients_do_not_stall_the_listener(vb):

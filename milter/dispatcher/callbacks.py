@@ -217,7 +217,7 @@ class CallbackServer:
             await self._answer(writer, 411, "send the body with a Content-Length", close=True)
             return False
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        if not length_text.isdigit() or len(length_text) > 12:
             await self._answer(writer, 400, "bad Content-Length", close=True)
             return False
         length = int(length_text)
