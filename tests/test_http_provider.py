@@ -57,6 +57,15 @@ class VendorHandler(http.server.BaseHTTPRequestHandler):
         how = self.server.behaviour.get(body.get("to", ""), "ok")
         if how == "slow":
             time.sleep(4)
+        if how == "drip":  # an answer that never ends in time: one byte every 0.3 s
+            self.send_response(200)
+            self.send_header("Content-Length", "40")
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.3)
+            return
         if how in ("500", "400", "429"):
             self._send(int(how), {"error": f"simulated {how}", "echo": BEARER})
         elif how == "refuse":
@@ -174,7 +183,7 @@ def test_request_from_templates_message_id_from_json_and_webhook_report(vb, nsin
 def test_error_classes_temporary_permanent_timeout(vb):
     v = vb.vendor
     cases = {"+41791230311": "500", "+41791230312": "400", "+41791230313": "429", "+41791230314": "slow",
-             "+41791230315": "refuse"}
+             "+41791230315": "refuse", "+41791230316": "drip"}
     v.behaviour.update(cases)
     added = add_jobs(vb.spool, [job(n, f"case {how}") for n, how in cases.items()])
     ids = dict(zip(cases, added, strict=True))
@@ -194,9 +203,12 @@ def test_error_classes_temporary_permanent_timeout(vb):
                        detail=vb.d.log_tail)
     bed.wait_until(lambda: retried("+41791230314", "within 2s"), 20, "timeout -> back to the queue",
                    detail=vb.d.log_tail)
+    bed.wait_until(lambda: retried("+41791230316", "within 2s"), 20, "a dripping answer -> back to the queue",
+                   detail=vb.d.log_tail)
     # The vendor recovers: the temporary ones go out and are accepted.
     v.behaviour.clear()
-    wait_states(vb.spool, [ids[n] for n in ("+41791230311", "+41791230313", "+41791230314")], {"submitted"},
+    wait_states(vb.spool, [ids[n] for n in ("+41791230311", "+41791230313", "+41791230314", "+41791230316")],
+                {"submitted"},
                 timeout=60, detail=vb.d.log_tail)
 
 

@@ -195,6 +195,7 @@ class HttpProvider:
         try:
             request = self.request_for(job, reference)
             where = safe_url(str(request.url))
+            deadline = time.monotonic() + cfg.timeout  # for the whole exchange, not per read
             with self._client.stream(request.method, request.url, headers=request.headers,
                                      content=request.content) as resp:
                 body = b""
@@ -202,6 +203,8 @@ class HttpProvider:
                     body += chunk
                     if len(body) > MAX_ANSWER:
                         break
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("answer too slow", request=request)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol,
                 httpx.LocalProtocolError, httpx.InvalidURL, ValueError) as e:
             # Never written: not at the provider.
