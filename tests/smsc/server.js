@@ -78,9 +78,11 @@ function parseArgs(argv) {
 }
 
 const opt = parseArgs(process.argv);
-const logStream = opt.log ? fs.createWriteStream(opt.log, { flags: 'a' }) : null;
+// Written synchronously, before the PDU's answer goes out: whatever a client saw is in the log
+// (a stream flushed later; tests read the log as soon as the dispatcher had its answer).
+const logFd = opt.log ? fs.openSync(opt.log, 'a') : null;
 function record(obj) {
-  if (logStream) logStream.write(JSON.stringify(obj) + '\n');
+  if (logFd !== null) fs.writeSync(logFd, JSON.stringify(obj) + '\n');
 }
 
 // Message ids: unique across restarts of the simulator; hex and decimal forms never have the
