@@ -203,6 +203,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: Limits = field(default_factory=Limits)  # the top-level defaults
     breaker: BreakerConfig | None = None
+    voice: VoiceConfig | None = None  # the voice channel (`voice:`), None = off
+    fax: FaxConfig | None = None  # the fax channel (`fax:`), None = off
     source: str = ""
 
     @property
@@ -285,3 +287,47 @@ class HttpConfig:
 HTTP_FIELDS = ("recipient", "recipient_00", "recipient_digits", "text", "originator", "originator_digits",
                "reference", "callback_url", "parts", "coding", "unicode", "flash", "job_id")
 HTTP_POLL_FIELDS = (*HTTP_FIELDS, "message_id")
+
+
+# -- TeleMessage voice and fax channels (issue 15): see milter/channels/ ------------------------------
+@dataclass(frozen=True)
+class VoiceConfig:
+    """Voice calls (text-to-speech or a recording) through a SIP trunk, placed by baresip."""
+
+    trunk: str = "127.0.0.1:5060"  # host:port of the SIP trunk / registrar / outbound proxy
+    user: str = "sms-gateway"  # user part of our SIP address
+    domain: str = ""  # SIP domain of our address ("" = the trunk host)
+    auth_user: str = ""  # digest user ("" = user)
+    password: str = ""  # digest password ("" = no authentication); never logged
+    register: bool = False  # REGISTER with the trunk before calling
+    codec: str = "PCMU"  # PCMU (G.711 µ-law) | PCMA (A-law)
+    listen: str = "127.0.0.1"  # local address for SIP and RTP
+    rtp_ports: str = "20000-29999"
+    dial_prefix: str = "+"  # the request URI's user part: this + the E.164 digits
+    language: str = "en"  # espeak-ng language when the job names none
+    words_per_minute: int = 160
+    max_seconds: float = 120.0  # longest message a call may play
+    repeat: bool = False  # play the message twice, with a pause
+    confirm_digit: str = ""  # DTMF digit the listener must press ("" = no confirmation asked)
+    confirm_prompt: str = "Please press {digit} to confirm this message."  # spoken after the message
+    ring_timeout: float = 30.0  # seconds to wait for an answer, then hang up (no answer)
+    max_attempts: int = 3  # busy / no answer / hung up: tries before the job fails
+    trunk_retry: float = 30.0  # seconds without calls after the trunk did not answer
+    calls: int = 2  # calls at the same time
+    work_dir: str = "/var/lib/sms-milter/voice"  # per-call scratch (audio, baresip config)
+
+
+@dataclass(frozen=True)
+class FaxConfig:
+    """Faxes rendered to TIFF G3 and handed to a HylaFAX server (hfaxd) with sendfax."""
+
+    server: str = "127.0.0.1:4559"  # hfaxd host:port (it admits us by host: etc/hosts.hfaxd)
+    dial_prefix: str = "00"  # the dialled number: this + the E.164 digits
+    max_pages: int = 20
+    max_bytes: int = 10 * 1024 * 1024  # rendered TIFF at most
+    max_tries: int = 3  # HylaFAX's own retries (sendfax -T)
+    max_dials: int = 12  # sendfax -t
+    kill_after: float = 3 * 3600.0  # seconds HylaFAX keeps trying (sendfax -k)
+    poll: float = 5.0  # seconds between looks at the HylaFAX queue
+    jobs: int = 20  # faxes handed to HylaFAX and not finished yet, at most
+    work_dir: str = "/var/lib/sms-milter/fax"  # rendering scratch

@@ -25,6 +25,7 @@ from ..model import (
     XmlConfig,
 )
 from .accounts import parse_account
+from .channels import parse_fax, parse_voice
 from .limits import parse_breaker, parse_limits
 from .provider import parse_providers
 from .reader import Reader, duplicate_keys, host_port, scalar_words, socket_spec
@@ -146,7 +147,7 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
         raise ConfigError([f"{source}: the top level must be a mapping of sections "
                            f"({', '.join(REQUIRED_SECTIONS)}), got {r.got(data, '')}"])
     top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "providers", "routes",
-                                  "notify", "xml", "metrics", "limits"))
+                                  "notify", "xml", "metrics", "limits", "voice", "fax"))
     for section in REQUIRED_SECTIONS if complete else ():
         present = section in top or (section == "provider" and "providers" in top)
         if not present and section not in ("domains", "accounts"):  # those two say so themselves
@@ -169,6 +170,8 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
         metrics=_metrics(r, top.get("metrics")),
         limits=limits,
         breaker=breaker,
+        voice=parse_voice(r, top["voice"]) if "voice" in top else None,
+        fax=parse_fax(r, top["fax"]) if "fax" in top else None,
         source=source,
     )
     _cross_checks(r, cfg)

@@ -197,8 +197,10 @@ class Engine:
             return
         now = time.time()
         live = []
+        # A provider that serves other devices than SMS (channels.router) says which.
+        accepts = getattr(self.provider, "accepts", None)
         for job in jobs:
-            if job.device != "sms":
+            if not (accepts(job.device) if accepts is not None else job.device == "sms"):
                 self.spool.fail(job.id, f"no delivery channel for device {job.device!r}")
                 log.warning("job %d to %s failed: no delivery channel for device %r", job.id, job.recipient,
                             job.device)
