@@ -16,7 +16,7 @@ from sms_milter.channels.fax import FaxProvider
 from sms_milter.channels.router import ChannelRouter
 from sms_milter.channels.voice import VoiceProvider
 from sms_milter.dispatcher.engine import Engine
-from sms_milter.model import Config, FaxConfig, SmppConfig, VoiceConfig
+from sms_milter.model import Config, FaxConfig, ProviderSpec, SmppConfig, VoiceConfig
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import SqliteSpool
 from spool_helpers import add_jobs
@@ -76,7 +76,9 @@ def test_busy_voice_job_is_retried_with_backoff_then_failed(tmp_path):
     spool = SqliteSpool(tmp_path / "spool.sqlite3")
     provider = VoiceProvider(VoiceConfig(trunk=f"127.0.0.1:{sipp.port}", work_dir=str(tmp_path / "v"),
                                          max_attempts=2, rtp_ports="40000-44999"))
-    run = Running(spool, ChannelRouter({"voice": provider}), Config(smpp=SmppConfig(reconnect_min=1.0)))
+    # The dispatcher-wide backoff is the first SMPP provider's (Config.smpp since providers:).
+    cfg = Config(providers={"smpp": ProviderSpec("smpp", "smpp", SmppConfig(reconnect_min=1.0))})
+    run = Running(spool, ChannelRouter({"voice": provider}), cfg)
     try:
         (jid,) = add_jobs(spool, [new_job("+41791234568", "home", "Call me back.")])
         t0 = time.monotonic()
