@@ -76,9 +76,9 @@ def test_busy_voice_job_is_retried_with_backoff_then_failed(tmp_path):
     spool = SqliteSpool(tmp_path / "spool.sqlite3")
     provider = VoiceProvider(VoiceConfig(trunk=f"127.0.0.1:{sipp.port}", work_dir=str(tmp_path / "v"),
                                          max_attempts=2, rtp_ports="40000-44999"))
-    # The dispatcher-wide backoff is the first SMPP provider's (Config.smpp since providers:).
-    cfg = Config(providers={"smpp": ProviderSpec("smpp", "smpp", SmppConfig(reconnect_min=1.0))})
-    run = Running(spool, ChannelRouter({"voice": provider}), cfg)
+    backoff = SmppConfig(reconnect_min=1.0)
+    run = Running(spool, ChannelRouter({"voice": provider}),
+                  Config(providers={"smpp": ProviderSpec("smpp", "smpp", backoff)}))
     try:
         (jid,) = add_jobs(spool, [new_job("+41791234568", "home", "Call me back.")])
         t0 = time.monotonic()
