@@ -44,6 +44,7 @@ import libmilter as lm
 
 from . import metrics
 from .gateway import Commit, Gateway, Message, Outcome
+from .policy import catalogue as replies
 from .policy.refusal import INTERNAL_ERROR, Refusal
 from .spool.base import AddRequest, SpoolError
 
@@ -66,8 +67,7 @@ DECIDE_WORKERS = 2
 # The loop retries a commit that found the spool locked after this pause, doubling up to
 # the maximum, until each message's deadline (milter.spool_timeout after its end).
 RETRY_PAUSE, RETRY_PAUSE_MAX = 0.002, 0.05
-TOO_SLOW = Refusal("451", "4.3.0", "The SMS gateway could not decide this message in time; please try "
-                                   "again later.")
+TOO_SLOW = replies.TOO_SLOW()
 
 _UINT32 = struct.Struct("!I")
 _OPTNEG = struct.Struct("!III")

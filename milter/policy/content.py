@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
 
+from . import catalogue as replies
 from .refusal import Refusal
 
 
@@ -37,10 +38,6 @@ _MARKUP = re.compile(
     re.IGNORECASE,
 )
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
-
-
-def _fail(text: str, xcode: str = "5.6.1") -> Refusal:
-    return Refusal("550", xcode, text)
 
 
 def _raw_header(msg: Message, name: str) -> str | None:
@@ -118,18 +115,15 @@ def _decode(data: bytes, charset: str | None, where: str) -> str | Refusal:
     if info is None:
         name = safe_text(charset)
         name = name if len(name) <= 40 else name[:37] + "..."
-        return _fail(f"Unknown charset '{name}' in the {where}; use ISO-8859-1 or UTF-8.", "5.6.0")
+        return replies.UNKNOWN_CHARSET(charset=name, where=where)
     try:
         return data.decode(info.name)
     except UnicodeDecodeError as e:
         at = min(e.start, len(data) - 1) if data else 0
         byte = f"byte 0x{data[at]:02X} at line {_line_of(data, at)}" if data else "no data"
-        return _fail(f"The {where} is not valid {safe_text(charset)} ({byte}); declare the right charset "
-                     "or fix the text.", "5.6.0")
+        return replies.INVALID_TEXT_AT(where=where, charset=safe_text(charset), byte=byte)
     except (UnicodeError, ValueError, LookupError):  # a codec's own complaint: still bad text
-        return _fail(f"The {where} is not valid {safe_text(charset)}; declare the right charset or fix "
-                     "the text.",
-                     "5.6.0")
+        return replies.INVALID_TEXT(where=where, charset=safe_text(charset))
 
 
 def _surrogate_bytes(s: str) -> bytes:
@@ -170,8 +164,7 @@ def _decode_header(value: str) -> str | Refusal:
             else:
                 raw = base64.b64decode(data + b"=" * (-len(data) % 4))
         except (binascii.Error, ValueError):
-            return _fail("The Subject holds a damaged encoded word; send it again from a standard mail "
-                         "client.", "5.6.0")
+            return replies.DAMAGED_ENCODED_WORD()
         if pending is not None and pending[0].lower() != charset.lower():
             problem = flush()
             if problem:
@@ -193,11 +186,10 @@ def _leaves(part: Message) -> Iterator[Message | Refusal]:
     ctype = part.get_content_type()
     if ctype.startswith("multipart/"):
         if not part.is_multipart():
-            yield _fail(f"The message is declared {ctype} but has no valid MIME parts; send the SMS text as "
-                        "plain text only (text/plain).")
+            yield replies.MULTIPART_EMPTY(ctype=ctype)
             return
         if ctype not in ("multipart/mixed", "multipart/alternative"):
-            yield _fail(f"The message is {ctype}; SMS mail must be plain text only (one text/plain part).")
+            yield replies.MULTIPART_OTHER(ctype=ctype)
             return
         for sub in part.get_payload():
             if isinstance(sub, Message):  # is_multipart(): always a Message
@@ -209,11 +201,10 @@ def _leaves(part: Message) -> Iterator[Message | Refusal]:
 def _transfer_decode(part: Message) -> bytes | Refusal:
     cte = (_raw_header(part, "content-transfer-encoding") or "7bit").strip().lower()
     if cte not in ("7bit", "8bit", "binary", "quoted-printable", "base64", ""):
-        return _fail(f"Unknown Content-Transfer-Encoding '{cte}' in the text part; use 7bit, 8bit, "
-                     "quoted-printable or base64.", "5.6.0")
+        return replies.UNKNOWN_TRANSFER_ENCODING(cte=cte)
     data = part.get_payload(decode=True)  # raw bytes for 7bit/8bit, decoded for quoted-printable/base64
     if not isinstance(data, bytes):
-        return _fail("The text part could not be read; send the SMS text as plain text only (text/plain).")
+        return replies.PART_UNREADABLE()
     return data
 
 
@@ -227,7 +218,7 @@ def _markup_problem(body: str) -> Refusal | None:
     elif len(tag) > 40:
         tag = tag[:36] + "...>"
     line = body.count("\n", 0, m.start()) + 1
-    return _fail(f"The text contains HTML markup ({tag} at line {line}); send plain text only.")
+    return replies.HTML_MARKUP(tag=tag, line=line)
 
 
 # The common shape of SMS mail: one text/plain part, no transfer encoding, an ASCII header.
@@ -286,8 +277,7 @@ def _extract_full(raw: bytes) -> MessageText | Refusal:
         msg = BytesParser(policy=email.policy.default).parsebytes(raw)
         return _extract(msg)
     except Exception:  # a parser bug on hostile input must become an answer, not a crash
-        return _fail("The message could not be parsed as MIME; send the SMS text as plain text only "
-                     "(text/plain).", "5.6.0")
+        return replies.MIME_UNPARSABLE()
 
 
 def _extract(msg: Message) -> MessageText | Refusal:
@@ -328,20 +318,20 @@ def _the_part(msg: Message, types: tuple[str, ...], what: str
             return leaf
         ctype = leaf.get_content_type()
         if ctype == "text/html":
-            return _fail(f"The message contains an HTML part; send {what} as plain text only (text/plain).")
+            return replies.HTML_PART(what=what)
         if ctype in types:
             texts.append(leaf)
         else:
             others.append(ctype)
     if others:
-        only = ("SMS mail must be plain text only." if what == _SMS_TEXT
-                else f"mail to xml@ must carry {what} as its only part.")
-        return _fail(f"The message contains an attachment ({safe_text(others[0])[:60]}); {only}")
+        ctype = safe_text(others[0])[:60]
+        if what == _SMS_TEXT:
+            return replies.SMS_ATTACHMENT(ctype=ctype)
+        return replies.XML_ATTACHMENT(ctype=ctype, what=what)
     if len(texts) != 1:
         if not texts:
-            return _fail(f"The message contains no text part; send {what} as plain text (text/plain).")
-        return _fail(f"The message contains {len(texts)} text parts; send {what} as one plain text "
-                     "part without attachments.")
+            return replies.NO_TEXT_PART(what=what)
+        return replies.MANY_TEXT_PARTS(count=len(texts), what=what)
     part = texts[0]
     data = _transfer_decode(part)
     if isinstance(data, Refusal):
@@ -385,8 +375,7 @@ class XmlMail:
 
 
 def _xml_refusal(what: str) -> Refusal:
-    return _fail(f"Mail to xml@ must carry the XML request as its only, plain-text part (text/plain or "
-                 f"text/xml); {what}.")
+    return replies.XML_NOT_REQUEST(what=what)
 
 
 def extract_xml(raw: bytes) -> XmlMail | Refusal:
@@ -395,8 +384,7 @@ def extract_xml(raw: bytes) -> XmlMail | Refusal:
         msg = BytesParser(policy=email.policy.default).parsebytes(raw)
         found = _the_part(msg, XML_TYPES, "the XML request")
     except Exception:  # a parser bug on hostile input must become an answer, not a crash
-        return _fail("The message could not be parsed as MIME; send the XML request as plain text only "
-                     "(text/plain or text/xml).", "5.6.0")
+        return replies.XML_MIME_UNPARSABLE()
     if isinstance(found, Refusal):
         return found
     part, body, charset = found
@@ -407,8 +395,7 @@ def extract_xml(raw: bytes) -> XmlMail | Refusal:
     if charset is not None:
         codec = charset_codec(charset)
         if codec is None:
-            return _fail(f"Unknown charset '{charset[:40]}' in the XML request; use ISO-8859-1 or UTF-8.",
-                         "5.6.0")
+            return replies.UNKNOWN_CHARSET(charset=charset[:40], where="XML request")
     if not body.strip():
         return _xml_refusal("this message has no body")
     if _HTML_START.match(body):
@@ -451,10 +438,7 @@ def latin1_problem(text: str, where: str) -> Refusal | None:
     lineno = text.count("\n", 0, at) + 1
     col = at - text.rfind("\n", 0, at)
     name = unicodedata.name(ch, "unnamed character")
-    return Refusal("550", "5.6.0",
-                   f"Character U+{ord(ch):04X} ({name}) in the {where} at line {lineno}, "
-                   f"column {col} cannot be written in ISO-8859-1; this SMS domain accepts "
-                   "ISO-8859-1 text only.")
+    return replies.NOT_LATIN1(code=ord(ch), name=name, where=where, line=lineno, column=col)
 
 
 _SUBJECT_FIELD = re.compile(r"(?<!\{)(\{subject(?:[!:][^{}]*)?\})[,;:\- \t]*")
