@@ -53,19 +53,20 @@ class Reply:
 
 _R = Reply
 _DEVICE_NAMES = "SMS, Business, Mobile, Home or Fax"
+_ASPSMS_USAGE = "00<international number>@sms.example.com, textsms@sms.example.com or xml@sms.example.com"
 
 # -- RCPT: the address ------------------------------------------------------------------------
 NO_LOCAL_PART = _R("550", "5.1.3", "rcpt",
                    "Recipient {address} has no local part; use {usage}.",
                    "empty local part at an SMS domain (quoted local parts get the \"is not an SMS address\" "
                    "reply)",
-                   {"address": "@sms.example.com", "usage": "..."})
+                   {"address": "@sms.example.com", "usage": _ASPSMS_USAGE})
 NOT_SMS_DOMAIN = _R("550", "5.1.2", "rcpt",
                     "Recipient {address}: {host} is not an SMS domain of this gateway; use {usage}.",
                     "any address whose domain ends in an SMS domain is an SMS address: valid or refused, "
                     "never relayed as mail (`x.SMS.tm.example.com`, `sub.sms.example.com`)",
                     {"address": "0041...@sub.sms.example.com", "host": "sub.sms.example.com",
-                     "usage": "..."})
+                     "usage": _ASPSMS_USAGE})
 PLUS_NUMBER = _R("550", "5.1.3", "rcpt",
                  "Recipient {address}: write the number with 00 instead of + ({suggested}@{domain}).",
                  "aspsms number written with `+`",
@@ -116,7 +117,7 @@ MESSAGE_TOO_BIG = _R("552", "5.3.4", "eom",
                      {"size": "N", "limit": "M"})
 HTML_PART = _R("550", "5.6.1", "eom",
                "The message contains an HTML part; send {what} as plain text only (text/plain).",
-               "text/html (alone or in multipart/alternative); `what`: the SMS text or the XML request",
+               "text/html (alone or in multipart/alternative); for xml@ it says the XML request",
                {"what": "the SMS text"})
 SMS_ATTACHMENT = _R("550", "5.6.1", "eom",
                     "The message contains an attachment ({ctype}); SMS mail must be plain text only.",
