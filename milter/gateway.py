@@ -169,8 +169,9 @@ class Gateway:
                 return text
             memo: dict[tuple[str, str, int], Prepared | Refusal] = {}
             seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= are one SMS
+            envelope = Envelope(sender=msg.sender, message_id=text.message_id or "", queue_id=msg.queue_id)
             for r in text_rcpts:
-                made = self._jobs_for(msg, r, text, memo)
+                made = self._jobs_for(msg, r, text, envelope, memo)
                 if isinstance(made, Refusal):
                     return made
                 fresh = [j for j in made if (j.recipient, j.device) not in seen]
@@ -187,10 +188,9 @@ class Gateway:
             return plan
         return jobs, mails, notes, plan
 
-    def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText,
+    def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText, envelope: Envelope,
                   memo: dict[tuple[str, str, int], Prepared | Refusal]) -> Refusal | list[NewJob]:
         """The jobs of one SMS recipient (textsms@: of its Subject's R= values)."""
-        envelope = Envelope(sender=msg.sender, message_id=mt.message_id or "", queue_id=msg.queue_id)
         if r.target.kind == "textsms":
             most = max([self.cfg.limits.recipients_per_message,
                         *(a.limits.recipients_per_message for a in self.cfg.accounts.values())])

@@ -44,8 +44,7 @@ class Limiter:
     def decide(self, msg: Message, ask: rules.Ask) -> Refusal | None:
         """The rules in their order; the first enforced hit is the reply."""
         for hit, what in rules.hits(ask):
-            refusal = self.hit(msg, ask.account, hit, what)
-            if refusal is not None:
+            if hit is not None and (refusal := self.hit(msg, ask.account, hit, what)) is not None:
                 return refusal
         return None
 

@@ -1,4 +1,5 @@
 """The one way a message becomes SMS jobs: values in, `NewJob`s (or the `Refusal`) out.
+(The values are NamedTuples: immutable and cheap to make, several per message.)
 
 Every path (`<number>@` of each address style, textsms@) states what the message says for one
 account as a `Draft`; `prepare` runs the one sequence of checks on it (ISO-8859-1 where the
@@ -9,7 +10,7 @@ destination. xml@ builds its jobs from the XML request (`xmlapi/handler.py`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..model import Account
 from ..spool.base import NewJob
@@ -20,8 +21,7 @@ from .refusal import Refusal
 from .smstext import count_parts
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """What every job of one message shares."""
 
     sender: str
@@ -29,8 +29,7 @@ class Envelope:
     queue_id: str
 
 
-@dataclass(frozen=True)
-class Draft:
+class Draft(NamedTuple):
     """What a message says for one account, before the checks: the same for each destination."""
 
     text: str
@@ -40,8 +39,7 @@ class Draft:
     latin1_only: bool  # the address style takes ISO-8859-1 text only
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(NamedTuple):
     """A Draft that passed the checks: ready to become one job per destination."""
 
     account: str

@@ -19,7 +19,7 @@ from . import limits
 from .limits import Hit
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Ask:
     """What the rules look at, for one account at one decision point."""
 
