@@ -52,7 +52,7 @@ def insert(path: Path, start: int, n: int, batch: int = 10_000, sender: str = ""
         for s in range(start, start + n, batch):
             chunk = jobs(s, min(batch, start + n - s), sender, notify)
             parts += sum(j.parts for j in chunk)
-            spool.add_jobs(chunk)
+            spool.add_message(None, chunk, 0.0)
     finally:
         spool.close()
     return parts, time.perf_counter() - t0

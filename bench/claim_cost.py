@@ -45,8 +45,8 @@ def measure(base: Path, backlog: int, rounds: int) -> tuple[float, float]:
     """(ms per claim now, ms per claim with the old query) with `backlog` jobs to one number."""
     spool = SqliteSpool(base / f"claim-{backlog}.sqlite3")
     try:
-        spool.add_jobs([_job("+41790000000", f"storm {i}") for i in range(backlog)])
-        spool.add_jobs([_job(f"+4179100{i:04d}", "other") for i in range(200)])
+        spool.add_message(None, [_job("+41790000000", f"storm {i}") for i in range(backlog)], 0.0)
+        spool.add_message(None, [_job(f"+4179100{i:04d}", "other") for i in range(200)], 0.0)
         now_ms: list[float] = []
         old_ms: list[float] = []
         seen = 0

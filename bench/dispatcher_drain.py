@@ -4,7 +4,7 @@
     python bench/dispatcher_drain.py [--quick] [--jobs N] [--window W] [--notify]
 
 20,000 jobs (a third single-part GSM-7, a third 3-part GSM-7, a third 2-part UCS-2:
-40,000 SMS parts) go into a fresh spool in one transaction (SqliteSpool.add_jobs) while
+40,000 SMS parts) go into a fresh spool in one transaction (SqliteSpool.add_message) while
 `sms-milter dispatcher` is bound to the SMSC simulator (tests/smsc/server.js). Measured:
 from the commit of the jobs until the last job is `delivered` (its last receipt recorded
 in the spool; the spool's done_at).
@@ -67,7 +67,7 @@ def drain(spool: Path, n: int, disp: Proc, logfile: Path, sender: str) -> tuple[
     parts = sum(j.parts for j in batch)
     s = SqliteSpool(spool)
     try:
-        s.add_jobs(batch)  # one transaction; wakes the dispatcher
+        s.add_message(None, batch, 0.0)  # one transaction; wakes the dispatcher
         t0 = time.time()
     finally:
         s.close()

@@ -6,7 +6,7 @@
 - milter: 100 SMTP sessions held open at once through a private Postfix (smtpd process
   limit raised to 150), every one sending SMS mail for a while; the milter then has one
   open MTA connection per session (all served by its one event-loop thread).
-- dispatcher: 200,000 jobs inserted directly into the spool (SqliteSpool.add_jobs, in
+- dispatcher: 200,000 jobs inserted directly into the spool (SqliteSpool.add_message, in
   batches of 10,000), then `sms-milter dispatcher` runs against the SMSC simulator for
   60 s or until the spool is drained.
 

@@ -25,7 +25,7 @@ from .policy.jobs import Envelope, Prepared, build, prepare
 from .policy.limits import Hit
 from .policy.refusal import Refusal
 from .policy.styles import STYLES, aspsms, classify_recipient
-from .spool.base import AddResult, LimitPlan, NewJob, OutMail, Spool, SpoolDataError, SpoolError
+from .spool.base import AddResult, LimitPlan, MilterSpool, NewJob, OutMail, SpoolDataError, SpoolError
 
 __all__ = ["Commit", "Gateway", "Message", "Outcome", "SmsRecipient", "split_message"]
 
@@ -33,7 +33,7 @@ log = logging.getLogger("sms_milter.gateway")
 
 
 class Gateway:
-    def __init__(self, cfg: Config, spool: Spool, clock: Callable[[], float] = time.time):
+    def __init__(self, cfg: Config, spool: MilterSpool, clock: Callable[[], float] = time.time):
         self.cfg = cfg  # replaced on reload
         self.spool = spool
         self.limits = Limiter(lambda: self.cfg, spool, clock)

@@ -13,13 +13,13 @@ from .message import Message
 from .model import Account, BreakerConfig, Config
 from .policy import limits, rules
 from .policy.refusal import Refusal
-from .spool.base import LimitPlan, LimitUsage, NewJob, Spool, SpoolError
+from .spool.base import LimitPlan, LimitUsage, MilterSpool, NewJob, SpoolError
 
 log = logging.getLogger("sms_milter.gateway")
 
 
 class Limiter:
-    def __init__(self, config: Callable[[], Config], spool: Spool, clock: Callable[[], float]):
+    def __init__(self, config: Callable[[], Config], spool: MilterSpool, clock: Callable[[], float]):
         self._config = config  # the gateway's current configuration (it changes on reload)
         self.spool = spool
         self.clock = clock  # for the circuit breaker; the spool's counters use the spool's clock

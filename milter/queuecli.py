@@ -28,7 +28,7 @@ from typing import Any
 
 from .model import Config
 from .policy.limits import usage_report
-from .spool.base import FINAL_STATES, Change, JobDetail, SpoolError
+from .spool.base import FINAL_STATES, Change, JobDetail, QueueAdmin, SpoolError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 100 * 365 * 86400  # seconds; anything longer overflows dates and means "everything"
@@ -106,7 +106,7 @@ def add_parsers(qsub: Any, sub: Any, with_config: Callable[..., argparse.Argumen
     st.add_argument("--json", action="store_true", help="one JSON object")
 
 
-def open_existing(cfg: Config) -> Any:
+def open_existing(cfg: Config) -> QueueAdmin:
     """The configured spool, if it exists: the queue tools never create one."""
     from .spool import open_spool
 
@@ -163,7 +163,7 @@ def _report(command: str, changes: list[Change]) -> int:
     return 1 if refused else 0
 
 
-def _purge(spool: Any, args: argparse.Namespace) -> int:
+def _purge(spool: QueueAdmin, args: argparse.Namespace) -> int:
     before = time.time() - args.older_than
     states = (args.state,) if args.state else FINAL_STATES
     total = 0
@@ -203,7 +203,7 @@ def detail_record(d: JobDetail) -> dict[str, Any]:
     return rec
 
 
-def _show(spool: Any, args: argparse.Namespace, command: str) -> int:
+def _show(spool: QueueAdmin, args: argparse.Namespace, command: str) -> int:
     d = spool.detail(args.id)
     if d is None:
         _fail(command, f"job {args.id}: no such job")
@@ -214,7 +214,7 @@ def _show(spool: Any, args: argparse.Namespace, command: str) -> int:
         return 0
     for key in ("id", "state", "account", "device", "recipient", "originator", "parts", "attempts",
                 "last_error", "created_at", "not_before", "expires_at", "submitted_at", "done_at",
-                "notify", "queue_id", "message_id", "trans_ref"):
+                "notify", "queue_id", "message_id", "trans_ref", "provider"):
         if rec.get(key) not in (None, ""):
             print(f"{key + ':':<14}{rec[key]}")
     print(f"{'text:':<14}{rec['text']!r}")
@@ -236,7 +236,7 @@ def _month_start(now: datetime) -> datetime:
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-def stats_record(cfg: Config, spool: Any, now: float | None = None) -> dict[str, Any]:
+def stats_record(cfg: Config, spool: QueueAdmin, now: float | None = None) -> dict[str, Any]:
     """`stats --json`: counts by state, parts sent per account (UTC today / this month: by
     submit time, a dict per account), the oldest queued job's age in seconds."""
     now = time.time() if now is None else now

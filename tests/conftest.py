@@ -26,6 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bed  # noqa: E402
+from spool_backends import spool_factory  # noqa: E402, F401 (the spool unit tests' backends)
 
 
 def pytest_configure(config):

@@ -2,7 +2,7 @@
 
     smsc = Smsc(tmp).start("--hex-ids")
     cfg = dispatcher_config(tmp, smsc.port, notify_port)
-    spool = SqliteSpool(tmp / "spool.sqlite3"); ids = spool.add_jobs([job("+41791234567", "hi")])
+    spool = SqliteSpool(tmp / "spool.sqlite3"); ids = add_jobs(spool, [job("+41791234567", "hi")])
     d = DispatcherProc(cfg, tmp / "d.log").start()
     wait_states(spool, ids, {"delivered"})
 """

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bed import free_port, wait_until  # noqa: E402
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, wait_states  # noqa: E402
 from sms_milter.spool.sqlite import SqliteSpool  # noqa: E402
+from spool_helpers import add_jobs
 
 
 def _ms(values: list[float]) -> str:
@@ -41,13 +42,13 @@ def run(base: Path, jobs: int = 3000, window: int = 200, trickle: int = 300) -> 
         # Trickle: latency of a lightly loaded dispatcher.
         tids = []
         for i in range(trickle):
-            tids += spool.add_jobs([job(f"+4179180{i:04d}", f"trickle {i}")])
+            tids += add_jobs(spool, [job(f"+4179180{i:04d}", f"trickle {i}")])
             time.sleep(0.005)
         tdone = wait_states(spool, tids, {"delivered"}, timeout=60, detail=d.log_tail)
         sub_t = {r["destination_addr"]: r["t"] / 1000 for r in smsc.submits()}
         tdelays = [sub_t[j.recipient[1:]] - j.created_at for j in tdone.values()]
         # Drain: throughput with receipts.
-        ids = spool.add_jobs([job(f"+4179190{i:04d}", f"bench {i}") for i in range(jobs)])
+        ids = add_jobs(spool, [job(f"+4179190{i:04d}", f"bench {i}") for i in range(jobs)])
         done = wait_states(spool, ids, {"delivered"}, timeout=120, detail=d.log_tail)
         first = min(j.created_at for j in done.values())
         elapsed = max(j.done_at or 0 for j in done.values()) - first

@@ -23,6 +23,7 @@ from dispatcher_bed import (
 )
 from sms_milter.spool.base import OutMail
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs
 
 SMPP_PASSWORD = "Pw-77sec"  # SMPP 3.4 passwords have at most 8 characters
 ACCOUNT_PASSWORD = "s3cret"  # the acme account's password in bed.write_config
@@ -98,7 +99,7 @@ def test_encoding_on_the_wire_and_receipts_for_every_part(tb):
         "flash": job("+41791230006", "flash!", flash=True),
         "flashucs": job("+41791230007", "Grüße ça", flash=True),
     }
-    ids = dict(zip(jobs, tb.spool.add_jobs(list(jobs.values())), strict=True))
+    ids = dict(zip(jobs, add_jobs(tb.spool, list(jobs.values())), strict=True))
     tb.dispatcher()
     done = wait_states(tb.spool, list(ids.values()), {"delivered"}, timeout=20, detail=tb.detail)
     recs = smsc.submits()
@@ -146,7 +147,8 @@ def test_encoding_on_the_wire_and_receipts_for_every_part(tb):
 def test_text_only_receipts_arriving_before_the_submit_resp(tb):
     """Receipts without TLVs, each sent before its submit_sm_resp: still all land."""
     tb.start_smsc("--receipt-mode", "text", "--receipt-first", "--enroute")
-    ids = tb.spool.add_jobs([job(f"+4179124{i:04d}", f"text receipts {i}" * (1 + i % 12)) for i in range(40)])
+    ids = add_jobs(tb.spool, [job(f"+4179124{i:04d}", f"text receipts {i}" * (1 + i % 12))
+                             for i in range(40)])
     tb.dispatcher()
     wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
 
@@ -162,7 +164,7 @@ def test_receipts_before_ids_are_stored_and_a_stale_backlog_lose_nothing(tb):
     batch = [job(f"+4179127{i:04d}", f"early receipt {i} " + "x" * (150 + 150 * (i % 2))) for i in range(30)]
     assert {j.parts for j in batch} == {2, 3}
     parts = sum(j.parts for j in batch)
-    ids = tb.spool.add_jobs(batch)
+    ids = add_jobs(tb.spool, batch)
     d = tb.dispatcher(tb.config(window=100))  # every part in flight at once: one 6 s wait
     wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
     wait_until(lambda: len([a for a in smsc.records("deliver_sm_resp") if a["status"] == 0]) >= stale + parts,
@@ -186,7 +188,7 @@ def test_throttling_neither_fails_nor_reorders(tb):
     # Two recipients with 12 ordered jobs each, plus 20 others.
     batch = [job(f"+4179125000{n}", t) for t in texts for n in (1, 2)]
     batch += [job(f"+417912510{i:02d}", "other") for i in range(20)]
-    ids = tb.spool.add_jobs(batch)
+    ids = add_jobs(tb.spool, batch)
     d = tb.dispatcher()
     done = wait_states(tb.spool, ids, {"delivered"}, timeout=30, detail=tb.detail)
     assert all(j.attempts == 1 for j in done.values()), {j.id: j.attempts for j in done.values()}
@@ -201,7 +203,7 @@ def test_throttling_neither_fails_nor_reorders(tb):
 
 def test_temporary_error_retries_with_backoff(tb):
     tb.start_smsc("--syserr", "2")
-    ids = tb.spool.add_jobs([job("+41791260001", "retry me")])
+    ids = add_jobs(tb.spool, [job("+41791260001", "retry me")])
     tb.dispatcher()
     done = wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
     assert done[ids[0]].attempts == 3
@@ -209,7 +211,7 @@ def test_temporary_error_retries_with_backoff(tb):
 
 def test_permanent_error_fails_job_with_status(tb, nsink):
     tb.start_smsc("--fail-dest", "41791270001")
-    ids = tb.spool.add_jobs([job("+41791270001", "nope", sender="perm@client.example", notify="FAILED"),
+    ids = add_jobs(tb.spool, [job("+41791270001", "nope", sender="perm@client.example", notify="FAILED"),
                              job("+41791270002", "fine")])
     tb.dispatcher()
     done = wait_states(tb.spool, ids, timeout=20, detail=tb.detail)
@@ -224,7 +226,7 @@ def test_permanent_error_fails_job_with_status(tb, nsink):
 def test_expired_jobs(tb, nsink):
     tb.start_smsc("--expired-dest", "41791280002")
     now = time.time()
-    ids = tb.spool.add_jobs([
+    ids = add_jobs(tb.spool, [
         job("+41791280001", "too late", expires_at=now - 1, sender="exp1@client.example"),
         job("+41791280002", "expires at the SMSC", sender="exp2@client.example"),
     ])
@@ -240,7 +242,7 @@ def test_expired_jobs(tb, nsink):
 
 def test_smsc_down_at_start_comes_up_later(tb):
     port = free_port()
-    ids = tb.spool.add_jobs([job(f"+4179129{i:04d}", "later") for i in range(5)])
+    ids = add_jobs(tb.spool, [job(f"+4179129{i:04d}", "later") for i in range(5)])
     d = tb.dispatcher(tb.config(port=port))
     wait_until(lambda: "connect/bind failed" in d.log(), 10, "a failed connect in the log", detail=d.log_tail)
     assert {j.state for j in states(tb.spool, ids).values()} == {"queued"}
@@ -250,7 +252,7 @@ def test_smsc_down_at_start_comes_up_later(tb):
 
 def test_smsc_drops_connection_mid_window(tb):
     smsc = tb.start_smsc("--drop-after", "25", "--receipt-delay", "20")
-    ids = tb.spool.add_jobs([job(f"+4179130{i:04d}", f"drop {i}") for i in range(120)])
+    ids = add_jobs(tb.spool, [job(f"+4179130{i:04d}", f"drop {i}") for i in range(120)])
     d = tb.dispatcher()
     wait_states(tb.spool, ids, {"delivered"}, timeout=30, detail=tb.detail)
     assert any(r.get("dropped") for r in smsc.records("submit_sm"))
@@ -260,7 +262,7 @@ def test_smsc_drops_connection_mid_window(tb):
 
 def test_wrong_password_is_retried_and_never_logged(tb):
     tb.start_smsc()
-    ids = tb.spool.add_jobs([job("+41791310001", "auth")])
+    ids = add_jobs(tb.spool, [job("+41791310001", "auth")])
     d = tb.dispatcher(tb.config(password="wrong-99"))
     wait_until(lambda: "ESME_RINVPASWD" in d.log(), 10, "bind refusal in the log", detail=d.log_tail)
     assert states(tb.spool, ids)[ids[0]].state == "queued"
@@ -270,7 +272,7 @@ def test_wrong_password_is_retried_and_never_logged(tb):
 
 def test_rate_cap_keepalive_and_clean_unbind(tb):
     smsc = tb.start_smsc()
-    ids = tb.spool.add_jobs([job(f"+4179132{i:04d}", f"rate {i}") for i in range(30)])
+    ids = add_jobs(tb.spool, [job(f"+4179132{i:04d}", f"rate {i}") for i in range(30)])
     d = tb.dispatcher(tb.config(rate=40, enquire_link=1))
     wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
     ts = sorted(r["t"] / 1000 for r in smsc.submits())
@@ -287,7 +289,7 @@ def test_kill9_mid_batch_then_restart_loses_nothing(tb, monkeypatch):
     monkeypatch.setenv("SMS_MILTER_LEASE_SECONDS", "3")
     smsc = tb.start_smsc("--receipt-delay", "5")
     n = 1000
-    ids = tb.spool.add_jobs([job(f"+4179140{i:04d}", f"kill {i}") for i in range(n)])
+    ids = add_jobs(tb.spool, [job(f"+4179140{i:04d}", f"kill {i}") for i in range(n)])
     cfg = tb.config(window=10)
     d1 = tb.dispatcher(cfg, "d1")
     wait_until(lambda: len(smsc.submits()) >= 300, 20, "300 submits before the kill", detail=tb.detail)
@@ -312,7 +314,7 @@ def test_two_dispatchers_never_send_a_job_twice(tb):
     # Both bound before the jobs come: one alone could drain 600 jobs before the other starts.
     wait_until(lambda: "bound to SMSC" in a.log() and "bound to SMSC" in b.log(), 15, "both binds",
                detail=tb.detail)
-    ids = tb.spool.add_jobs([job(f"+4179150{i:04d}", f"two {i}") for i in range(n)])
+    ids = add_jobs(tb.spool, [job(f"+4179150{i:04d}", f"two {i}") for i in range(n)])
     wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
     per_dest = Counter(r["destination_addr"] for r in smsc.submits())
     assert len(per_dest) == n and max(per_dest.values()) == 1
@@ -336,7 +338,7 @@ def test_rude_smsc_smpp34_reorders_and_queue_full(tb):
     try:
         port = int(rude.stdout.readline().split()[1])
         batch = [job(f"+4179200{i % 40:04d}", f"rude {i:03d} " * (1 + i % 25)) for i in range(320)]
-        ids = tb.spool.add_jobs(batch)
+        ids = add_jobs(tb.spool, batch)
         d = tb.dispatcher(tb.config(port=port, window=50))
         done = wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
         assert all(j.attempts == 1 for j in done.values())
@@ -369,7 +371,7 @@ def test_notification_mail_per_notify_policy(tb, nsink):
             batch.append(job("+" + number, "notify me", sender=sender, notify=policy,
                              subject="Server down", message_id=f"<orig-{number}@client.example>"))
             meta.append((policy, number, sender))
-    ids = tb.spool.add_jobs(batch)
+    ids = add_jobs(tb.spool, batch)
     d = tb.dispatcher()
     wait_states(tb.spool, ids, timeout=20, detail=tb.detail)
     expected = {  # (policy, delivered-job?) -> statuses mailed
@@ -414,7 +416,7 @@ def test_notification_retried_when_smtp_is_down(tb, tmp_path):
     port = free_port()
     tb.notify_port = port
     tb.start_smsc()
-    ids = tb.spool.add_jobs([job("+41791610001", "later mail", sender="late@client.example")])
+    ids = add_jobs(tb.spool, [job("+41791610001", "later mail", sender="late@client.example")])
     d = tb.dispatcher()
     wait_states(tb.spool, ids, {"delivered"}, timeout=20, detail=tb.detail)
     from sms_milter.dispatcher.notify import sender_alias
@@ -448,7 +450,7 @@ def test_url_callbacks_and_outbox(tb, nsink):
     try:
         base = f"http://127.0.0.1:{srv.server_port}"
         tb.start_smsc("--undeliv", "41791620002")
-        ids = tb.spool.add_jobs([
+        ids = add_jobs(tb.spool, [
             job("+41791620001", "cb", trans_ref="T-1", urls={"delivered": f"{base}/ok?x=1"}),
             job("+41791620002", "cb", trans_ref="T 2", urls={"failed": f"{base}/bad"}),
         ])

@@ -10,6 +10,7 @@ import time
 import pytest
 from bed import wait_until
 from dispatcher_bed import job, states, wait_states
+from spool_helpers import add_jobs
 from test_dispatcher import Bed
 
 # The SMSC simulator must be able to run; nsink (a mailbox for notifications) is in conftest.py.
@@ -32,13 +33,13 @@ def test_restarted_smsc_reuses_message_ids_and_receipts_find_the_right_job(tb):
     final), and a late repeat of an old receipt must change nothing."""
     smsc = tb.start_smsc("--first-id", "1")
     port = smsc.port
-    old = tb.spool.add_jobs([job("+41791330001", "old to X"), job("+41791330002", "old to Y")])
+    old = add_jobs(tb.spool, [job("+41791330001", "old to X"), job("+41791330002", "old to Y")])
     d = tb.dispatcher()
     done = wait_states(tb.spool, old, {"delivered"}, timeout=20, detail=tb.detail)
     assert [done[i].provider_refs for i in old] == [("1",), ("2",)]
     smsc.stop()
     smsc = tb.start_smsc("--first-id", "1", "--receipt-delay", "300", port=port)
-    new = tb.spool.add_jobs([job("+41791330002", "new to Y 1"), job("+41791330002", "new to Y 2")])
+    new = add_jobs(tb.spool, [job("+41791330002", "new to Y 1"), job("+41791330002", "new to Y 2")])
     done = wait_states(tb.spool, new, {"delivered"}, timeout=30, detail=tb.detail)
     assert [done[i].provider_refs for i in new] == [("1",), ("2",)]
     # A repeat of X's old receipt for id 1: only X's finished job has that id and number.
@@ -58,7 +59,7 @@ def test_silent_smsc_times_out_submits_reconnects_and_says_why(tb):
     back to the queue with last_error saying so, a log line says it, and the bind is made
     again; once the SMSC answers, they are delivered."""
     smsc = tb.start_smsc("--silent")
-    ids = tb.spool.add_jobs([job(f"+4179134{i:04d}", f"silent {i}") for i in range(5)])
+    ids = add_jobs(tb.spool, [job(f"+4179134{i:04d}", f"silent {i}") for i in range(5)])
     d = tb.dispatcher(tb.config(submit_timeout=1, enquire_link=1))
 
     def all_told() -> bool:
@@ -81,7 +82,7 @@ def test_reconnect_storm_backs_off_and_logs_little(tb):
     """An SMSC that closes every connection right after the bind: binds back off exponentially
     (with jitter) to reconnect_max, and the log says so a few times, not once per cycle."""
     smsc = tb.start_smsc("--close-after-bind")
-    tb.spool.add_jobs([job(f"+4179135{i:04d}", f"storm {i}") for i in range(20)])
+    add_jobs(tb.spool, [job(f"+4179135{i:04d}", f"storm {i}") for i in range(20)])
     d = tb.dispatcher(tb.config(reconnect_min=0.1, reconnect_max=1.0))
     wait_until(lambda: len(smsc.records("bind_transceiver")) >= 3, 15, "three binds", detail=tb.detail)
     first = smsc.records("bind_transceiver")[0]["t"] / 1000
@@ -105,7 +106,7 @@ def test_missing_receipt_is_asked_for_with_query_sm_and_applied(tb):
     """The SMSC sends no receipts but answers query_sm: after receipt_timeout each job is asked
     about and ends as the SMSC says (delivered, or failed for an undeliverable number)."""
     smsc = tb.start_smsc("--no-receipts", "--query-sm", "--undeliv", "41791360002")
-    ids = tb.spool.add_jobs([job("+41791360001", "query me"), job("+41791360002", "query me too"),
+    ids = add_jobs(tb.spool, [job("+41791360001", "query me"), job("+41791360002", "query me too"),
                              job("+41791360003", "x" * 300)])  # 2 parts: each is asked about
     d = tb.dispatcher(tb.config(receipt_timeout=2))
     wait_states(tb.spool, ids, {"submitted"}, timeout=20, detail=tb.detail)
@@ -119,7 +120,7 @@ def test_missing_receipt_is_asked_for_with_query_sm_and_applied(tb):
 
 def test_buffered_job_whose_final_receipt_never_comes_is_asked_about_too(tb):
     tb.start_smsc("--no-receipts", "--enroute", "--query-sm")
-    ids = tb.spool.add_jobs([job("+41791390001", "enroute only")])
+    ids = add_jobs(tb.spool, [job("+41791390001", "enroute only")])
     tb.dispatcher(tb.config(receipt_timeout=2))
     wait_states(tb.spool, ids, {"buffered", "delivered"}, timeout=20, detail=tb.detail)
     done = wait_states(tb.spool, ids, {"delivered"}, timeout=30, detail=tb.detail)
@@ -132,7 +133,7 @@ def test_missing_receipt_the_smsc_cannot_tell_is_shown_in_queue_list(tb):
     from bed import queue_list
 
     smsc = tb.start_smsc("--no-receipts")
-    ids = tb.spool.add_jobs([job("+41791370001", "lost receipt")])
+    ids = add_jobs(tb.spool, [job("+41791370001", "lost receipt")])
     cfg = tb.config(receipt_timeout=2)
     tb.dispatcher(cfg)
     wait_until(lambda: smsc.records("query_sm"), 20, "a query_sm", detail=tb.detail)

@@ -10,6 +10,7 @@ from sms_milter.dispatcher.provider import Receipt, SubmitResult
 from sms_milter.dispatcher.receipts import interpret, parse_receipt_text
 from sms_milter.dispatcher.smpp import status_text
 from sms_milter.spool.base import Event, Job, NewJob
+from spool_helpers import add_jobs, mark_submitted, orphan_count, record_receipt
 
 CLIENT = smpplib.client.Client("127.0.0.1", 1, allow_unknown_opt_params=True)
 
@@ -116,16 +117,16 @@ def test_receipt_before_its_message_id_is_kept_and_applied(tmp_path):
     """The race, at the spool: the receipt (decimal id) is recorded before the submit response
     (hex id) is stored; it is kept durably (across a reopen) and applied when the id is stored."""
     s = _spool(tmp_path)
-    (jid,) = s.add_jobs([_new("+41791110001", 1)])
+    (jid,) = add_jobs(s, [_new("+41791110001", 1)])
     (claimed,) = s.claim("me", 10, 45)
     assert s.record_receipts([(str(0xABC123), "delivered", "")]) == [None]
     s.close()
     s = _spool(tmp_path)  # the orphan is on disk, not in memory
-    assert s.orphan_count() == 1
+    assert orphan_count(s) == 1
     applied = s.mark_submitted_many([(claimed.id, ["00ABC123"])])
     assert [(a.receipt.ref, a.outcome.job_id, a.outcome.state, a.outcome.changed) for a in applied] == [
         (str(0xABC123), jid, "delivered", True)]
-    assert s.get(jid).state == "delivered" and s.orphan_count() == 0
+    assert s.get(jid).state == "delivered" and orphan_count(s) == 0
     s.close()
 
 
@@ -133,11 +134,11 @@ def test_orphans_of_a_multipart_job_pass_through_every_state(tmp_path):
     """First part's ENROUTE and DELIVRD came before the ids were stored, the others after: the
     job still goes buffered (notification owed under ALWAYS) and then delivered."""
     s = _spool(tmp_path)
-    (jid,) = s.add_jobs([_new("+41791110002", 3, sender="a@client.example", notify="ALWAYS")])
+    (jid,) = add_jobs(s, [_new("+41791110002", 3, sender="a@client.example", notify="ALWAYS")])
     s.claim("me", 10, 45)
     assert s.record_receipts([("7001", "buffered", "receipt stat:ENROUTE"), ("7001", "delivered", "")]) == [
         None, None]
-    applied = s.mark_submitted(jid, "me", ["7001", "7002", "7003"])
+    applied = mark_submitted(s, jid, "me", ["7001", "7002", "7003"])
     assert [a.outcome.state for a in applied] == ["buffered", "buffered"]
     assert s.get(jid).state == "buffered"
     out = s.record_receipts([("7002", "delivered", ""), ("7003", "delivered", "")])
@@ -148,12 +149,12 @@ def test_orphans_of_a_multipart_job_pass_through_every_state(tmp_path):
 
 def test_unmatched_receipts_are_pruned_after_max_age(tmp_path):
     s = _spool(tmp_path)
-    assert s.record_receipt("999", "delivered") is None
+    assert record_receipt(s, "999", "delivered") is None
     assert s.prune_orphans(max_age=3600) == []
     with s._lock:  # noqa: SLF001 (age it)
         s._db.execute("UPDATE orphan_receipts SET at=at-7200")  # noqa: SLF001
     gone = s.prune_orphans(max_age=3600)
-    assert [(o.ref, o.part_state) for o in gone] == [("999", "delivered")] and s.orphan_count() == 0
+    assert [(o.ref, o.part_state) for o in gone] == [("999", "delivered")] and orphan_count(s) == 0
     s.close()
 
 
@@ -196,7 +197,7 @@ def test_engine_acknowledges_an_early_receipt_only_once_stored_and_applies_it_la
     from sms_milter.model import Config
 
     s = _spool(tmp_path)
-    (jid,) = s.add_jobs([_new("+41791110003", 2)])
+    (jid,) = add_jobs(s, [_new("+41791110003", 2)])
     prov = _FakeProvider()
     eng = Engine(s, prov, Config(), "me")  # type: ignore[arg-type]
     prov.start(eng._on_result, eng._on_receipt, lambda: None)  # noqa: SLF001
@@ -205,11 +206,11 @@ def test_engine_acknowledges_an_early_receipt_only_once_stored_and_applies_it_la
     early = Receipt("123456789", "delivered", "", token=1)
     prov.on_receipt(early)
     eng._process()  # noqa: SLF001
-    assert prov.acked == [early] and s.orphan_count() == 1  # acknowledged after it was stored
+    assert prov.acked == [early] and orphan_count(s) == 1  # acknowledged after it was stored
     assert s.get(jid).state == "queued"
     prov.on_result(SubmitResult(jid, refs=(format(123456789, "x"), "abcdef")))
     eng._process()  # noqa: SLF001
-    assert s.get(jid).state == "submitted" and s.orphan_count() == 0
+    assert s.get(jid).state == "submitted" and orphan_count(s) == 0
     prov.on_receipt(Receipt("abcdef", "delivered", "", token=2))
     eng._process()  # noqa: SLF001
     assert s.get(jid).state == "delivered" and len(prov.acked) == 2

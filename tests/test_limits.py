@@ -16,6 +16,7 @@ import pytest
 from conftest import Gateway
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs
 
 pytestmark = pytest.mark.bed
 
@@ -184,7 +185,7 @@ def test_circuit_breaker_pauses_a_failing_prefix(lgw):
     # The dispatcher records outcomes in the spool: 3 of 4 recent SMS to +41774... failed.
     spool = SqliteSpool(lgw.spool_path)
     try:
-        ids = spool.add_jobs([NewJob(recipient=f"+417741234{i:02d}", originator="SMS", text="x", parts=1,
+        ids = add_jobs(spool, [NewJob(recipient=f"+417741234{i:02d}", originator="SMS", text="x", parts=1,
                                      account="dup") for i in range(4)])
         for jid in ids[:3]:
             spool.fail(jid, "unknown subscriber")

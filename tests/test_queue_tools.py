@@ -21,6 +21,7 @@ from bed import free_port, milter_command, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, states, wait_states
 from sms_milter.spool.base import STATES
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs, mark_submitted, record_receipt
 
 SMPP_PASSWORD = "Pw-77sec"
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def show(tb: Bed, job_id: int) -> dict:
 
 
 def test_held_job_is_not_sent_until_released(tb):
-    held, canary = tb.spool.add_jobs([job("+41791110001", "wait for me"), job("+41791110002", "canary")])
+    held, canary = add_jobs(tb.spool, [job("+41791110001", "wait for me"), job("+41791110002", "canary")])
     out = ok(tb.cli("queue", "hold", str(held)))
     assert out == f"job {held}: queued -> held\n"
     assert [j.state for j in states(tb.spool, [held]).values()] == ["held"]
@@ -124,7 +125,7 @@ def test_held_job_is_not_sent_until_released(tb):
 
 
 def test_hold_state_queued_holds_every_waiting_job_and_refuses_jobs_in_flight(tb):
-    ids = tb.spool.add_jobs([job(f"+4179111010{i}", f"bulk {i}") for i in range(3)])
+    ids = add_jobs(tb.spool, [job(f"+4179111010{i}", f"bulk {i}") for i in range(3)])
     # A dispatcher (played here by the spool API) holds the first job's lease: it is being
     # submitted right now, so it cannot be held (it would be sent anyway).
     claimed = tb.spool.claim("someone-else", 1, 60)
@@ -146,7 +147,7 @@ def test_hold_state_queued_holds_every_waiting_job_and_refuses_jobs_in_flight(tb
 
 def test_retry_sends_a_failed_and_an_expired_job_again(tb):
     tb.start("--fail-dest", "41791120001", "--expired-dest", "41791120002")
-    failed, expired = tb.spool.add_jobs([job("+41791120001", "try again"), job("+41791120002", "once more")])
+    failed, expired = add_jobs(tb.spool, [job("+41791120001", "try again"), job("+41791120002", "once more")])
     done = wait_states(tb.spool, [failed, expired], detail=tb.detail)
     assert (done[failed].state, done[expired].state) == ("failed", "expired")
     r = tb.cli("queue", "retry", str(failed))  # the SMSC still refuses that number
@@ -174,7 +175,7 @@ def test_retry_sends_a_failed_and_an_expired_job_again(tb):
 
 
 def test_deleted_queued_job_is_never_sent(tb):
-    doomed, canary = tb.spool.add_jobs([job("+41791130001", "never"), job("+41791130002", "canary")])
+    doomed, canary = add_jobs(tb.spool, [job("+41791130001", "never"), job("+41791130002", "canary")])
     out = ok(tb.cli("queue", "delete", str(doomed)))
     assert out == f"job {doomed}: queued -> deleted\n"
     tb.start()
@@ -186,7 +187,7 @@ def test_deleted_queued_job_is_never_sent(tb):
 
 def test_submitted_job_cannot_be_deleted_and_stats_counts_it(tb):
     tb.start("--no-receipts")
-    sent, other = tb.spool.add_jobs([job("+41791140001", "x" * 200), job("+41791140002", "held back",
+    sent, other = add_jobs(tb.spool, [job("+41791140001", "x" * 200), job("+41791140002", "held back",
                                                                           not_before=time.time() + 3600)])
     wait_states(tb.spool, [sent], {"submitted"}, detail=tb.detail)
     r = tb.cli("queue", "delete", str(sent), str(other), "999999")
@@ -196,13 +197,15 @@ def test_submitted_job_cannot_be_deleted_and_stats_counts_it(tb):
     assert states(tb.spool, [sent])[sent].state == "submitted" and tb.spool.get(other) is None
     d = show(tb, sent)
     assert d["state"] == "submitted" and len(d["parts_sent"]) == 2
+    assert d["provider"] == "smpp"  # the provider that took it (issue 10): --json and text
     assert [p["state"] for p in d["parts_sent"]] == ["submitted", "submitted"]
     assert [e["event"] for e in d["events"]] == ["spooled", "submitted"]
     text = ok(tb.cli("queue", "show", str(sent)))
     assert "state:" in text and "+41791140001" in text and "parts sent:" in text
+    assert "\nprovider:     smpp\n" in text
     # stats --json: counts by state (every state, held included), parts per account as a dict
     # per account, the oldest queued job's age.
-    tb.spool.add_jobs([job("+41791140003", "later", not_before=time.time() + 3600)])
+    add_jobs(tb.spool, [job("+41791140003", "later", not_before=time.time() + 3600)])
     st = json.loads(ok(tb.cli("stats", "--json")))
     assert set(st["states"]) == set(STATES)
     assert st["states"]["submitted"] == 1 and st["states"]["queued"] == 1 and st["total"] == 2
@@ -232,7 +235,7 @@ def test_purge_removes_old_final_jobs_only(tb):
     sp = tb.spool
     names = ["queued", "held", "submitted", "buffered", "delivered", "failed", "expired", "old_delivered",
              "old_failed"]
-    ids = dict(zip(names, sp.add_jobs([job(f"+4179115{i:04d}", n) for i, n in enumerate(names)]),
+    ids = dict(zip(names, add_jobs(sp, [job(f"+4179115{i:04d}", n) for i, n in enumerate(names)]),
                    strict=True))
     sp.hold_jobs([ids["held"]])
     claimed = sp.claim("t", 10, 60)
@@ -242,7 +245,7 @@ def test_purge_removes_old_final_jobs_only(tb):
     sp.mark_submitted_many([(ids[n], [f"ref{n}"]) for n in to_submit])
     for n, receipt in (("buffered", "buffered"), ("delivered", "delivered"), ("failed", "failed"),
                        ("expired", "expired"), ("old_delivered", "delivered"), ("old_failed", "failed")):
-        sp.record_receipt(f"ref{n}", receipt)
+        record_receipt(sp, f"ref{n}", receipt)
     assert {n: j.state for n, j in zip(names, (sp.get(ids[n]) for n in names), strict=True)} == {
         "queued": "queued", "held": "held", "submitted": "submitted", "buffered": "buffered",
         "delivered": "delivered", "failed": "failed", "expired": "expired",
@@ -278,9 +281,9 @@ def test_purge_removes_old_final_jobs_only(tb):
 
 def test_purge_against_a_running_dispatcher_keeps_jobs_in_flight(tb):
     tb.start("--no-receipts")
-    done, pending = tb.spool.add_jobs([job("+41791160001", "done"), job("+41791160002", "pending")])
+    done, pending = add_jobs(tb.spool, [job("+41791160001", "done"), job("+41791160002", "pending")])
     wait_states(tb.spool, [done, pending], {"submitted"}, detail=tb.detail)
-    tb.spool.record_receipt(tb.spool.get(done).provider_refs[0], "delivered")
+    record_receipt(tb.spool, tb.spool.get(done).provider_refs[0], "delivered")
     out = ok(tb.cli("queue", "purge", "--older-than", "0s"))
     assert out.splitlines()[0] == f"job {done}: delivered -> purged"
     assert tb.spool.get(done) is None and tb.spool.get(pending).state == "submitted"
@@ -297,7 +300,7 @@ def test_version_is_the_package_version():
 
 
 def test_config_option_before_or_after_the_subcommand(tb):
-    (jid,) = tb.spool.add_jobs([job("+41791170001", "where is -c")])
+    (jid,) = add_jobs(tb.spool, [job("+41791170001", "where is -c")])
     c = str(tb.config)
     for args in (["-c", c, "queue", "list", "--json"], ["queue", "-c", c, "list", "--json"],
                  ["queue", "list", "--json", "-c", c], ["queue", "list", "--config", c, "--json"]):
@@ -329,12 +332,12 @@ def test_read_only_commands_never_create_a_spool(tb):
 
 def test_retry_forgets_the_old_message_ids(tb):
     """A late receipt for the failed try's message id must not finish the new try."""
-    (jid,) = tb.spool.add_jobs([job("+41791180001", "late receipt")])
+    (jid,) = add_jobs(tb.spool, [job("+41791180001", "late receipt")])
     assert [j.id for j in tb.spool.claim("t", 1, 60)] == [jid]
-    tb.spool.mark_submitted(jid, "t", ["aa01"])
-    assert tb.spool.record_receipt("aa01", "failed").state == "failed"
+    mark_submitted(tb.spool, jid, "t", ["aa01"])
+    assert record_receipt(tb.spool, "aa01", "failed").state == "failed"
     assert ok(tb.cli("queue", "retry", str(jid))) == f"job {jid}: failed -> queued\n"
-    assert tb.spool.record_receipt("aa01", "delivered") is None  # matches nothing now
+    assert record_receipt(tb.spool, "aa01", "delivered") is None  # matches nothing now
     j = tb.spool.get(jid)
     assert (j.state, j.attempts, j.done_at, j.provider_refs) == ("queued", 0, None, ())
 
@@ -345,7 +348,7 @@ def test_show_lists_a_notification_still_owed(tmp_path):
     b = Bed(tmp_path, free_port())
     try:
         b.start()
-        (jid,) = b.spool.add_jobs([job("+41791190001", "tell me", sender="c4ca423@client.example",
+        (jid,) = add_jobs(b.spool, [job("+41791190001", "tell me", sender="c4ca423@client.example",
                                        notify="ALWAYS")])
         wait_states(b.spool, [jid], {"delivered"}, detail=b.detail)
 
@@ -367,7 +370,7 @@ def test_show_lists_a_notification_still_owed(tmp_path):
 
 
 def test_held_job_keeps_its_validity_and_expires_once_released(tb):
-    (jid,) = tb.spool.add_jobs([job("+41791200001", "too late", expires_at=time.time() + 0.5)])
+    (jid,) = add_jobs(tb.spool, [job("+41791200001", "too late", expires_at=time.time() + 0.5)])
     ok(tb.cli("queue", "hold", str(jid)))
     wait_until(lambda: time.time() > tb.spool.get(jid).expires_at, 5, "the validity to end")
     assert tb.spool.expire_due() == [] and tb.spool.get(jid).state == "held"  # held: left alone

@@ -37,6 +37,7 @@ from bed import (
     wait_until,
 )
 from dispatcher_bed import Smsc, dispatcher_config, node_ready
+from spool_helpers import add_jobs
 
 SENDER = "c4ca423@client.example"  # account acme in bed.write_config
 
@@ -381,7 +382,7 @@ def test_dispatcher_rebinds_only_when_the_provider_settings_change(rig, tmp_path
         _with_account(cfg, "newco", "x@newco.example")  # accounts only
         disp.hup()
         disp.wait_log(r"configuration reloaded .*provider unchanged: binding kept")
-        ids = spool.add_jobs([job("+41791111001", "after an accounts-only reload")])
+        ids = add_jobs(spool, [job("+41791111001", "after an accounts-only reload")])
         spool.wake()
         wait_states(spool, ids, {"delivered"})
         assert len(smsc.records("bind_transceiver")) == 1
@@ -394,7 +395,7 @@ def test_dispatcher_rebinds_only_when_the_provider_settings_change(rig, tmp_path
         disp.wait_log(r"configuration reloaded .*provider settings changed: re-binding")
         wait_until(lambda: len(smsc.records("bind_transceiver")) == 2, 20, "a second bind")
         assert len(smsc.records("unbind")) == 1
-        ids = spool.add_jobs([job("+41791111002", "after a provider reload")])
+        ids = add_jobs(spool, [job("+41791111002", "after a provider reload")])
         spool.wake()
         wait_states(spool, ids, {"delivered"})
         assert "configuration reload failed" not in disp.log()

@@ -18,6 +18,7 @@ from dispatcher_bed import DispatcherProc, dispatcher_config, job, wait_states
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sms_milter.xmlapi.callback import CallbackUrl, parse_url, url_problem
+from spool_helpers import add_jobs
 from test_dispatcher import Bed
 from test_xml import XmlBed, accepted, recipients, request, value, xb  # noqa: F401 (the fixture)
 
@@ -120,7 +121,7 @@ def test_redirects_are_checked_against_the_allowlist_at_every_hop(tmp_path):
         try:
             b.start_smsc()
             base = f"http://127.0.0.1:{home.port}"
-            ids = b.spool.add_jobs([
+            ids = add_jobs(b.spool, [
                 job("+41791380001", "cb", trans_ref="R1", urls={"delivered": f"{base}/hop"}),
                 job("+41791380002", "cb", trans_ref="R2", urls={"delivered": f"{base}/away"}),
                 job("+41791380003", "cb", trans_ref="R3", urls={"delivered": f"{base}/sneaky"}),

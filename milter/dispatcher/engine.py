@@ -22,7 +22,15 @@ from collections import deque
 from collections.abc import Callable
 
 from ..model import Config
-from ..spool.base import ORPHAN_MAX_AGE, AppliedOrphan, Job, ReceiptOutcome, Spool, SpoolError
+from ..spool.base import (
+    ORPHAN_MAX_AGE,
+    AppliedOrphan,
+    DispatchSpool,
+    Job,
+    ReceiptOutcome,
+    SpoolError,
+    SubmittedItem,
+)
 from .provider import Provider, QueryAnswer, Receipt, SubmitResult
 from .smpp import QuietLog
 
@@ -34,7 +42,7 @@ PRUNE_EVERY = 300.0  # seconds between looks for old orphan receipts and expired
 
 
 class Engine:
-    def __init__(self, spool: Spool, provider: Provider, cfg: Config, owner: str,
+    def __init__(self, spool: DispatchSpool, provider: Provider, cfg: Config, owner: str,
                  on_events: Callable[[], None] = lambda: None, lease_seconds: float = 45.0,
                  orphan_max_age: float = ORPHAN_MAX_AGE):
         self.spool = spool
@@ -227,7 +235,7 @@ class Engine:
         try:
             name = self.provider.name
             applied, outcomes = self.spool.store_round(
-                [(r.job_id, list(r.refs), name) for r in ok],
+                [SubmittedItem(r.job_id, list(r.refs), name) for r in ok],
                 [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source, name)
                  for r in receipts])
         except SpoolError:

@@ -1,8 +1,13 @@
 """Notifications: delivery-status mails, xml@ URL callbacks, and the outbox of xml@ replies.
 
-Events come from the spool's outbox table, written in the same transaction as the job's
-state change; each is sent, then marked done. A crash between the two sends it again:
-at-least-once (a duplicate notification, never a lost one).
+When a mail or URL callback is owed is a lifecycle rule (`spool/lifecycle.py`): a job that
+reaches a state owes a mail to its envelope sender if its Notify policy lists that state
+(`NOTIFY_STATES`: by default delivered, failed and expired; ALWAYS adds buffered; FAILED only
+failed and expired; NONE nothing; never for the null sender), and an xml@ callback if it gave
+a URL for that state (`owed_events`). The spool writes each owed notification as a row of its
+events table in the same transaction as the job's state change; here each is sent, then marked
+done. A crash between the two sends it again: at-least-once (a duplicate notification, never
+a lost one). xml@ replies are ready-made mails from the spool's outbox table.
 
 Every mail goes out with the null envelope sender (`MAIL FROM:<>`), as RFC 3834 asks of
 automatic replies: a bounce of a notification can never loop back into the gateway.
@@ -25,7 +30,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, formatdate, make_msgid
 
 from ..model import Config
-from ..spool.base import Event, Job, OutMail, Spool, SpoolError
+from ..spool.base import DispatchSpool, Event, Job, OutMail, SpoolError
 from ..xmlapi import callback
 
 log = logging.getLogger("sms_milter.dispatcher.notify")
@@ -106,7 +111,7 @@ def callback_url(url: str, trans_ref: str | None) -> str:
 
 
 class Notifier:
-    def __init__(self, spool: Spool, cfg: Config):
+    def __init__(self, spool: DispatchSpool, cfg: Config):
         self.spool = spool
         self.cfg = cfg
         self._kick = threading.Event()

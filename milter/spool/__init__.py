@@ -3,12 +3,11 @@ a backend from `open_spool`; only this package knows SQL or which backend is in 
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..model import Config
+from .base import Spool
 
 
-def open_spool(cfg: Config, busy_timeout: float | None = None) -> Any:
+def open_spool(cfg: Config, busy_timeout: float | None = None) -> Spool:
     """The configured spool (SQLite today; `spool.url` will choose PostgreSQL here)."""
     from .sqlite import SqliteSpool
 

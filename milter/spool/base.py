@@ -8,13 +8,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-# A job's parts accepted by the provider: (job_id, message ids one per part[, provider name]).
-SubmittedItem = tuple[int, list[str]] | tuple[int, list[str], str]
+from .admin import AccountStats as AccountStats
+from .admin import Change as Change
+from .admin import JobDetail as JobDetail
+from .admin import Notification as Notification
+from .admin import Part as Part
+from .admin import SpoolStats as SpoolStats
+from .lifecycle import FINAL_STATES as FINAL_STATES  # the states are the lifecycle's
+from .lifecycle import STATES as STATES
+from .lifecycle import normalize_ref as normalize_ref
+from .lifecycle import refs_for_lookup as refs_for_lookup
 
-STATES = ("queued", "held", "submitted", "delivered", "buffered", "failed", "expired")
-FINAL_STATES = ("delivered", "failed", "expired")
+
+class SubmittedItem(NamedTuple):
+    """A job whose parts a provider accepted: their message ids (one per part, in order) and
+    the provider's name (recorded on the job and its parts; receipts match per provider)."""
+
+    job_id: int
+    refs: list[str]
+    provider: str = ""
+
+
+# What mark_submitted_many / store_round take: a SubmittedItem, or the plain tuple it is.
+Submitted = SubmittedItem | tuple[int, list[str]] | tuple[int, list[str], str]
 # `held`: set by `queue hold`, cleared by `queue release`; the dispatcher claims `queued` only.
 
 
@@ -63,6 +81,7 @@ class Job(NewJob):
     submitted_at: float | None = None
     done_at: float | None = None
     provider_refs: tuple[str, ...] = ()
+    provider: str = ""  # the provider that took it ('' until submitted, or unknown)
 
     def public(self) -> dict:
         """The fields `queue list --json` promises (and a few more)."""
@@ -199,10 +218,42 @@ class OverduePart:
     originator: str  # as in the job (the submit's source address)
 
 
-class Spool(Protocol):
+ORPHAN_MAX_AGE = 3 * 86400.0  # an unmatched receipt older than this matched nothing: pruned
+
+
+# -- the interface, split by who uses it ----------------------------------------------------
+# A backend implements all of `Spool`; each caller types against the part it uses. The rules
+# (which state a receipt leads to, which notifications are owed) are `lifecycle`'s: a
+# backend asks it and stores the answer.
+
+
+class ReadSpool(Protocol):
+    """Readers: xml@ (credits, TransRefNumber lookups), the CLI, metrics."""
+
+    def get(self, job_id: int) -> Job | None: ...
+
+    def list_jobs(self, state: str | None = None, limit: int | None = None) -> list[Job]: ...
+
+    def find_by_trans_ref(self, account: str, refs: list[str]) -> dict[str, list[Job]]: ...
+
+    def parts_used(self, account: str) -> int:
+        """SMS parts an account has spooled that did not fail (xml@ ShowCredits)."""
+
+    def account_usage(self, now: float | None = None) -> list[AccountUsage]:
+        """Per account: parts committed today and this calendar month (UTC), from the limit counters."""
+
+    def counts_apart(self) -> dict[str, int]:
+        """Jobs by state, read without ever taking (or waiting for) the lock the daemon's own
+        spool work takes: for the metrics thread."""
+
+    def close(self) -> None: ...
+
+
+class CommitSpool(Protocol):
+    """The milter (and xml@, the pipe transport): commit messages' jobs, read the breaker's input."""
+
     validity: float  # seconds a new or retried job stays valid (provider.smpp.validity; a reload sets it)
 
-    # -- milter side -------------------------------------------------------------------
     def add_message(self, key: str | None, jobs: list[NewJob], key_ttl: float,
                     mails: list[OutMail] | None = None, limits: LimitPlan | None = None) -> AddResult:
         """Commit all jobs (and mails) of one message durably in one transaction, or raise SpoolError.
@@ -226,35 +277,45 @@ class Spool(Protocol):
     def wake(self) -> None:
         """Tell any waiting dispatcher that new work is there (best effort)."""
 
-    # -- dispatcher side ---------------------------------------------------------------
+    def finished_by_prefix(self, since: float, digits: int) -> dict[str, tuple[int, int]]:
+        """Jobs that reached a final state since `since`, by destination prefix ('+' and `digits`
+        digits): prefix -> (finished, failed or expired). The circuit breaker's input."""
+
+    def close(self) -> None: ...
+
+
+class MilterSpool(CommitSpool, ReadSpool, Protocol):
+    """The milter's gateway: it commits, and xml@ reads (credits, TransRefNumber lookups)."""
+
+
+class DispatchSpool(Protocol):
+    """The dispatcher: claims, submits, receipts, leases, expiry, notifications, housekeeping."""
+
+    validity: float
+
     def wait_for_work(self, timeout: float) -> None: ...
 
     def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
 
-    def mark_submitted(self, job_id: int, owner: str, refs: list[str]) -> list[AppliedOrphan]:
-        """Record a job's parts as submitted with their message ids and, in the same
-        transaction, apply every stored orphan receipt for one of those ids."""
-
-    def mark_submitted_many(self, items: list[SubmittedItem]) -> list[AppliedOrphan]:
-        """mark_submitted for many (job_id, refs) in one transaction."""
+    def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
+        """Record jobs' parts as submitted with their message ids (and the provider that took
+        them) and, in the same transaction, apply every stored orphan receipt for one of those ids."""
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
                 count_attempt: bool = False) -> None: ...
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 
-    def store_round(self, submitted: list[SubmittedItem], receipts: list[tuple[str, ...]],
+    def store_round(self, submitted: list[Submitted], receipts: list[tuple[str, ...]],
                     ) -> tuple[list[AppliedOrphan], list[ReceiptOutcome | None]]:
         """mark_submitted_many(submitted) then record_receipts(receipts) in one transaction."""
 
-    def record_receipt(self, ref: str, part_state: str, error: str = "") -> ReceiptOutcome | None:
-        """Apply a receipt durably. None: no part has that id (yet); the receipt is then stored
-        as an orphan, durably too, and applied when mark_submitted* stores that id."""
-
     def record_receipts(self, items: list[tuple[str, ...]]) -> list[ReceiptOutcome | None]:
-        """record_receipt for many (ref, part_state, error[, source]), in order, in one transaction.
-        A receipt matches a part by message id and, if it names one, the handset number
-        (source_addr); one matching only final parts is `stale` and not applied."""
+        """Apply receipts (ref, part_state, error[, source[, provider]]), in order, in one
+        transaction. A receipt matches a part by message id and, if it names one, the handset
+        number (source_addr); one matching only final parts is `stale` and not applied; one
+        matching no part (yet) is stored as an orphan, durably too, and applied when
+        mark_submitted_many stores that id (None in the answer)."""
 
     def prune_orphans(self, max_age: float, limit: int = 1000) -> list[OrphanReceipt]:
         """Delete (and return) orphan receipts older than max_age seconds: they matched nothing."""
@@ -287,85 +348,14 @@ class Spool(Protocol):
 
     def outbox_retry(self, mail_id: int, error: str, delay: float) -> None: ...
 
-    # -- everyone ----------------------------------------------------------------------
-    def get(self, job_id: int) -> Job | None: ...
-
-    def list_jobs(self, state: str | None = None, limit: int | None = None) -> list[Job]: ...
-
-    def find_by_trans_ref(self, account: str, refs: list[str]) -> dict[str, list[Job]]: ...
-
-    def parts_used(self, account: str) -> int: ...
-
-    def account_usage(self, now: float | None = None) -> list[AccountUsage]:
-        """Per account: parts committed today and this calendar month (UTC), from the limit counters."""
-
-    def finished_by_prefix(self, since: float, digits: int) -> dict[str, tuple[int, int]]:
-        """Jobs that reached a final state since `since`, by destination prefix ('+' and `digits`
-        digits): prefix -> (finished, failed or expired). The circuit breaker's input."""
+    def get(self, job_id: int) -> Job | None:
+        """The job a notification is about."""
 
     def close(self) -> None: ...
 
 
-# -- the administrator's queue tools (`sms-milter queue show/hold/...`, `stats`) --------
-@dataclass(frozen=True)
-class Change:
-    """What an administrator's queue command did to one job (or why it did nothing)."""
-
-    job_id: int
-    before: str | None  # the job's state before; None: no such job
-    after: str | None  # its state after ("deleted" when removed); None: left unchanged
-    reason: str = ""  # why it was left unchanged
-
-    @property
-    def changed(self) -> bool:
-        return self.after is not None
-
-
-@dataclass(frozen=True)
-class Part:
-    seq: int  # 0-based
-    ref: str  # the provider's message id (normalized)
-    state: str  # submitted, delivered, buffered, failed, expired
-
-
-@dataclass(frozen=True)
-class Notification:
-    """A notification (mail or URL callback) a job still owes: sent ones are not kept."""
-
-    id: int
-    kind: str  # "mail" | "url"
-    status: str  # the job state that caused it
-    at: float
-    next_at: float
-    attempts: int
-    last_error: str
-
-
-@dataclass(frozen=True)
-class JobDetail:
-    job: Job
-    parts: list[Part]
-    notifications: list[Notification]
-
-
-@dataclass
-class AccountStats:
-    """Per account: SMS parts handed to the provider (by submit time, UTC calendar).
-    A dict per account in `stats --json`, so more figures (caps) can sit beside these."""
-
-    parts_today: int = 0
-    parts_month: int = 0
-
-
-@dataclass
-class SpoolStats:
-    states: dict[str, int]  # every state in STATES, 0 included
-    accounts: dict[str, AccountStats]
-    oldest_queued_at: float | None  # created_at of the oldest `queued` job
-
-
-class QueueAdmin(Protocol):
-    """What the CLI's queue tools and `stats` ask of a spool (besides get / list_jobs)."""
+class QueueAdmin(ReadSpool, Protocol):
+    """The administrator's queue tools (`sms-milter queue ...`, `stats`): reads, and changes by hand."""
 
     def detail(self, job_id: int) -> JobDetail | None: ...
 
@@ -393,25 +383,7 @@ class QueueAdmin(Protocol):
     def stats(self, day_start: float, month_start: float) -> SpoolStats: ...
 
 
-ORPHAN_MAX_AGE = 3 * 86400.0  # an unmatched receipt older than this matched nothing: pruned
+class Spool(CommitSpool, DispatchSpool, QueueAdmin, Protocol):
+    """Everything a backend implements (what `open_spool` returns)."""
 
-
-# Provider message ids as every backend stores and looks them up.
-def normalize_ref(ref: str) -> str:
-    """A provider message id as stored: lowercased, leading zeros dropped."""
-    return ref.strip().lower().lstrip("0") or "0"
-
-
-def refs_for_lookup(ref: str) -> list[str]:
-    """Every stored form a receipt's id may match: SMSCs give the id in hex in one PDU and
-    in decimal in another (either way round), so try the id as it is, its hex reading
-    written in decimal, and its decimal reading written in hex."""
-    r = normalize_ref(ref)
-    forms = [r]
-    try:
-        forms.append(str(int(r, 16)))
-    except ValueError:
-        pass
-    if r.isdigit():
-        forms.append(format(int(r), "x"))
-    return list(dict.fromkeys(forms))
+    path: str  # where the spool is, for logs (a file; a URL never with its password)

@@ -45,7 +45,7 @@ from ..policy.auth import find_userkey_account, network_allowed
 from ..policy.content import extract_xml
 from ..policy.refusal import SPOOL_UNAVAILABLE, Refusal
 from ..policy.smstext import count_parts
-from ..spool.base import Job, NewJob, OutMail, Spool, SpoolError
+from ..spool.base import Job, NewJob, OutMail, ReadSpool, SpoolError
 from . import codes, reply
 from .request import (
     DEFERRED_MAX_AHEAD,
@@ -95,14 +95,14 @@ def _error(code: int, detail: str) -> _Answer:
 @dataclass(frozen=True)
 class _Ctx:
     cfg: Config
-    spool: Spool
+    spool: ReadSpool
     sender: str
     queue_id: str
     message_id: str
     now: float
 
 
-def handle(raw_message: bytes, sender: str, client_ip: str | None, cfg: Config, spool: Spool,
+def handle(raw_message: bytes, sender: str, client_ip: str | None, cfg: Config, spool: ReadSpool,
            queue_id: str, now: float) -> XmlOutcome | Refusal:
     mail = extract_xml(raw_message)
     if isinstance(mail, Refusal):
@@ -212,7 +212,7 @@ def _check_originator(req: XmlRequest, account: Account) -> _Answer:
 
 # -- ShowCredits -----------------------------------------------------------------------
 
-def _remaining(account: Account, spool: Spool) -> int | None:
+def _remaining(account: Account, spool: ReadSpool) -> int | None:
     if account.credits is None:
         return None
     return max(0, account.credits - spool.parts_used(account.name))

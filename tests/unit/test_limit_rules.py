@@ -18,6 +18,7 @@ from sms_milter.model import BreakerConfig
 from sms_milter.policy import limits
 from sms_milter.spool.base import AddRequest, LimitPlan, LimitUsage, NewJob
 from sms_milter.spool.sqlite import SqliteSpool
+from spool_helpers import add_jobs
 
 T0 = float(calendar.timegm((2026, 12, 1, 10, 0, 0, 0, 0, 0)))  # a Tuesday, 10:00:00 UTC
 
@@ -277,7 +278,7 @@ def test_gateway_breaker_reads_finished_jobs_from_the_spool(tmp_path):
     msg = Message(sender="a@client.example")
     assert gw.rcpt(msg, b"<0041781234567@sms.example.com>", "0041781234567@sms.example.com") is None
     # The dispatcher records outcomes: 3 of 4 to +4178 failed.
-    ids = spool.add_jobs([job(f"+417812345{i:02d}") for i in range(4)])
+    ids = add_jobs(spool, [job(f"+417812345{i:02d}") for i in range(4)])
     for jid in ids[:3]:
         spool.fail(jid, "unknown subscriber")
     spool.fail(ids[3], "", state="delivered")

@@ -13,6 +13,7 @@ import time
 
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import MIGRATIONS, SCHEMA, SqliteSpool
+from spool_helpers import add_jobs
 
 
 def _job(recipient: str, text: str = "x", **kw) -> NewJob:
@@ -39,8 +40,8 @@ def _steps(spool: SqliteSpool, fn) -> int:
 def _claim_steps(tmp_path, backlog: int) -> int:
     s = SqliteSpool(tmp_path / f"s{backlog}.sqlite3")
     try:
-        s.add_jobs([_job("+41790000000", f"storm {i}") for i in range(backlog)])
-        s.add_jobs([_job(f"+4179100{i:04d}") for i in range(20)])
+        add_jobs(s, [_job("+41790000000", f"storm {i}") for i in range(backlog)])
+        add_jobs(s, [_job(f"+4179100{i:04d}") for i in range(20)])
         total = 0
         for r in range(5):
             jobs: list = []
@@ -57,10 +58,10 @@ def test_claim_cost_does_not_grow_with_one_recipients_backlog(tmp_path):
     assert large < 2 * small, (small, large)  # the scan of every queued job: about 100x
 
 
-def test_order_per_recipient_and_one_in_flight(tmp_path):
-    s = SqliteSpool(tmp_path / "s.sqlite3")
-    a = s.add_jobs([_job("+41791", f"a{i}") for i in range(4)])
-    b = s.add_jobs([_job("+41792", "b0")])
+def test_order_per_recipient_and_one_in_flight(spool_factory):
+    s = spool_factory()
+    a = add_jobs(s, [_job("+41791", f"a{i}") for i in range(4)])
+    b = add_jobs(s, [_job("+41792", "b0")])
     assert [j.id for j in s.claim("o", 10, 60)] == [a[0], b[0]]
     assert s.claim("o", 10, 60) == []  # a[1] waits behind a[0] in flight
     s.release([a[0]], "o", 0.0)  # back to the queue: it is still the head
@@ -71,20 +72,18 @@ def test_order_per_recipient_and_one_in_flight(tmp_path):
     assert [j.id for j in s.claim("o", 10, 60)] == [a[2]]
     # A retried old job goes before the newer ones again (not in flight yet: a[3]).
     s.mark_submitted_many([(a[2], ["2"])])
-    with s._lock:  # noqa: SLF001 (what `queue retry` does: failed -> queued)
-        s._db.execute("UPDATE jobs SET state='queued', lease_owner=NULL, lease_until=NULL WHERE id=?",  # noqa: SLF001
-                      (a[1],))
+    assert [c.after for c in s.retry_jobs([a[1]])] == ["queued"]  # `queue retry`: failed -> queued
     assert [j.id for j in s.claim("o", 10, 60)] == [a[1]]
-    with s._lock:  # noqa: SLF001 (what `queue delete` does to a queued head)
-        s._db.execute("DELETE FROM jobs WHERE id=?", (a[1],))  # noqa: SLF001
+    s.release([a[1]], "o", 0.0)
+    assert [c.after for c in s.delete_jobs([a[1]])] == ["deleted"]  # `queue delete` of a queued head
     assert [j.id for j in s.claim("o", 10, 60)] == [a[3]]
     s.close()
 
 
-def test_deferred_jobs_do_not_block_and_wait_for_their_time(tmp_path):
-    s = SqliteSpool(tmp_path / "s.sqlite3")
-    later = s.add_jobs([_job("+41793", "later", not_before=time.time() + 3600)])
-    now = s.add_jobs([_job("+41793", "now")])
+def test_deferred_jobs_do_not_block_and_wait_for_their_time(spool_factory):
+    s = spool_factory()
+    later = add_jobs(s, [_job("+41793", "later", not_before=time.time() + 3600)])
+    now = add_jobs(s, [_job("+41793", "now")])
     assert [j.id for j in s.claim("o", 10, 60)] == now
     assert later  # still queued, not due
     s.close()

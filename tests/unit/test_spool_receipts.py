@@ -3,24 +3,24 @@ provider; the newest unfinished part first; a receipt matching only finished par
 
 from __future__ import annotations
 
-from sms_milter.spool.base import NewJob
-from sms_milter.spool.sqlite import SqliteSpool
+from sms_milter.spool.base import NewJob, Spool
+from spool_helpers import add_jobs, orphan_count
 
 
 def _job(recipient: str) -> NewJob:
     return NewJob(recipient=recipient, originator="SMS", text="x", parts=1, account="acme")
 
 
-def _sent(s: SqliteSpool, recipient: str, ref: str, provider: str = "smpp") -> int:
-    (jid,) = s.add_jobs([_job(recipient)])
+def _sent(s: Spool, recipient: str, ref: str, provider: str = "smpp") -> int:
+    (jid,) = add_jobs(s, [_job(recipient)])
     (j,) = s.claim("o", 10, 60)
     assert j.id == jid
     s.mark_submitted_many([(jid, [ref], provider)])
     return jid
 
 
-def test_reused_id_matches_by_number_and_by_state(tmp_path):
-    s = SqliteSpool(tmp_path / "s.sqlite3")
+def test_reused_id_matches_by_number_and_by_state(spool_factory):
+    s = spool_factory()
     x_old = _sent(s, "+41791000001", "1")
     assert s.record_receipts([("1", "delivered", "", "41791000001", "smpp")])[0].changed
     y_new = _sent(s, "+41791000002", "1")  # the SMSC restarted: id 1 again, another number
@@ -35,13 +35,13 @@ def test_reused_id_matches_by_number_and_by_state(tmp_path):
     s.close()
 
 
-def test_other_number_or_provider_is_kept_as_orphan_until_its_part_comes(tmp_path):
-    s = SqliteSpool(tmp_path / "s.sqlite3")
+def test_other_number_or_provider_is_kept_as_orphan_until_its_part_comes(spool_factory):
+    s = spool_factory()
     a = _sent(s, "+41791000003", "77")
     assert s.record_receipts([("77", "delivered", "", "41791000004", "smpp")]) == [None]
     assert s.record_receipts([("77", "delivered", "", "41791000003", "kannel")]) == [None]
-    assert s.get(a).state == "submitted" and s.orphan_count() == 2
+    assert s.get(a).state == "submitted" and orphan_count(s) == 2
     b = _sent(s, "+41791000004", "77")  # the part the first orphan belongs to
     assert s.get(b).state == "delivered" and s.get(a).state == "submitted"
-    assert s.orphan_count() == 1  # the other provider's receipt still waits
+    assert orphan_count(s) == 1  # the other provider's receipt still waits
     s.close()

@@ -16,8 +16,8 @@ def job(n: int) -> NewJob:
     return NewJob(recipient=f"+4179123{n:04d}", originator="SMS", text=f"text {n}", parts=1, account="acme")
 
 
-def test_concurrent_sessions_share_commits_and_keep_their_own_jobs(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "s.db")
+def test_concurrent_sessions_share_commits_and_keep_their_own_jobs(spool_factory) -> None:
+    spool = spool_factory()
     got: dict[int, tuple[int, ...]] = {}
 
     def session(i: int) -> None:
@@ -36,8 +36,8 @@ def test_concurrent_sessions_share_commits_and_keep_their_own_jobs(tmp_path: Pat
         assert [spool.get(i).text for i in pair] == [f"text {n}", f"text {n + 5000}"]
 
 
-def test_same_key_adds_nothing_within_its_ttl(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "s.db")
+def test_same_key_adds_nothing_within_its_ttl(spool_factory) -> None:
+    spool = spool_factory()
     first = spool.add_message("k", [job(1)], key_ttl=60)
     again = spool.add_message("k", [job(1)], key_ttl=60)
     assert (again.job_ids, again.duplicate, first.duplicate) == (first.job_ids, True, False)
@@ -47,8 +47,8 @@ def test_same_key_adds_nothing_within_its_ttl(tmp_path: Path) -> None:
     assert spool.add_message("short", [job(2)], key_ttl=0.0).job_ids != short.job_ids  # expired
 
 
-def test_one_commit_for_many_messages_dedupes_within_it_and_against_the_spool(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "s.db")
+def test_one_commit_for_many_messages_dedupes_within_it_and_against_the_spool(spool_factory) -> None:
+    spool = spool_factory()
     before = spool.add_message("old", [job(1)], key_ttl=60)
     batch = [AddRequest(k, [job(n)], 60.0, []) for n, k in enumerate(["a", "old", "a", None, None], 2)]
     spool.commit_now(batch)
@@ -59,8 +59,8 @@ def test_one_commit_for_many_messages_dedupes_within_it_and_against_the_spool(tm
     assert len(spool.list_jobs()) == 4  # old, a and the two without a key
 
 
-def test_expired_keys_are_pruned_a_batch_at_a_time(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "s.db")
+def test_expired_keys_are_pruned_a_batch_at_a_time(spool_factory) -> None:
+    spool = spool_factory()
     for n in range(5):
         spool.add_message(f"gone-{n}", [job(n)], key_ttl=0.0)
     kept = spool.add_message("kept", [job(9)], key_ttl=60)
@@ -103,14 +103,14 @@ def test_a_locked_spool_times_out_without_writing(tmp_path: Path) -> None:
 # --- issue 9: one message's failure stays its own; never wait; a spool moved under us
 
 
-def test_a_message_whose_values_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
+def test_a_message_whose_values_cannot_be_stored_fails_alone(spool_factory) -> None:
     """Item 1: a value SQLite refuses (a lone surrogate from an 8-bit header) inside a group
     commit refuses that message only, naming the header; its neighbours commit."""
     from dataclasses import replace
 
     from sms_milter.spool.base import SpoolDataError
 
-    spool = SqliteSpool(tmp_path / "s.db")
+    spool = spool_factory()
     bad = replace(job(7), message_id="<ab\udcd6cd@x>")
     batch = [AddRequest(f"k{n}", [job(n), job(n + 100)], 60.0, []) for n in range(5)]
     batch.insert(2, AddRequest("bad", [job(6), bad], 60.0, []))

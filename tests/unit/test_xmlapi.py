@@ -15,6 +15,7 @@ from sms_milter.policy.refusal import Refusal
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.sqlite import SqliteSpool
 from sms_milter.xmlapi.handler import XmlOutcome, handle
+from spool_helpers import mark_submitted, record_receipt
 
 NOW = calendar.timegm((2025, 3, 10, 12, 0, 0, 0, 0, 0))  # 10.03.2025 12:00:00 GMT
 SENDER = "app@client.example"
@@ -372,8 +373,8 @@ def test_inquire_reports_states(spool) -> None:
     sent = send(spool, "0041791234567", "0041797654321", "0041790000002")
     ids = spool.add_message("k", sent.jobs, 60).job_ids
     spool.fail(ids[1], "receipt stat:UNDELIV err:206")
-    spool.mark_submitted(ids[2], "x", ["abc"])
-    spool.record_receipt("abc", "delivered")
+    mark_submitted(spool, ids[2], "x", ["abc"])
+    record_receipt(spool, "abc", "delivered")
     body = "".join(f"<TransRefNumber>{r}</TransRefNumber>" for r in ("ref1", "ref2", "ref3", "unknown"))
     out = run(spool, mail(request("InquireDeliveryNotifications", body)))
     xml = reply_xml(out)
