@@ -133,6 +133,36 @@ class SmppConfig:
     validity: int = 48 * 3600  # seconds a job may wait before it expires
     submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
     receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
+    binds: int = 1  # bind_transceiver sessions to this SMSC, each its own connection and window
+
+
+PROVIDER_KINDS = ("smpp", "http")
+LEGACY_PROVIDER = "smpp"  # the one provider `provider: {smpp: ...}` makes (its name in metrics and the spool)
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One entry of `providers:` (or the old `provider:` section): its kind and settings."""
+
+    name: str
+    kind: str  # one of PROVIDER_KINDS
+    smpp: SmppConfig | None = None
+    http: object | None = None  # the HTTP provider's settings (config/http.py), when kind == "http"
+    down_after: int = 3  # this many temporary errors in a row: the provider is skipped for `cooldown`
+    cooldown: float = 30.0  # seconds a provider found down is skipped by the routes
+
+
+@dataclass(frozen=True)
+class Route:
+    """One entry of `routes:`: first match wins; its providers are tried in order (failover)."""
+
+    prefixes: tuple[str, ...] = ()  # E.164 with '+'; () = every destination
+    accounts: tuple[str, ...] = ()  # account names; () = every account
+    providers: tuple[str, ...] = ()
+
+    def matches(self, recipient: str, account: str) -> bool:
+        return (not self.prefixes or recipient.startswith(self.prefixes)) and \
+            (not self.accounts or account in self.accounts)
 
 
 @dataclass(frozen=True)
@@ -163,16 +193,74 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     domains: dict[str, Domain] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
-    smpp: SmppConfig = field(default_factory=SmppConfig)
+    providers: dict[str, ProviderSpec] = field(default_factory=lambda: {
+        LEGACY_PROVIDER: ProviderSpec(LEGACY_PROVIDER, "smpp", SmppConfig())})
+    routes: tuple[Route, ...] = (Route(providers=(LEGACY_PROVIDER,)),)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     xml: XmlConfig = field(default_factory=XmlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     limits: Limits = field(default_factory=Limits)  # the top-level defaults
     breaker: BreakerConfig | None = None
+    voice: VoiceConfig | None = None  # the voice channel (`voice:`), None = off
+    fax: FaxConfig | None = None  # the fax channel (`fax:`), None = off
     source: str = ""
+
+    @property
+    def smpp(self) -> SmppConfig:
+        """The first SMPP provider's settings (defaults when there is none). Its `validity`,
+        `receipt_timeout` and `reconnect_min`/`reconnect_max` (the retry backoff) are read as the
+        dispatcher's own settings: they lived under `provider.smpp` before there were several."""
+        for spec in self.providers.values():
+            if spec.smpp is not None:
+                return spec.smpp
+        return SmppConfig()
 
     def summary(self) -> str:
         return (
             f"{self.source}: OK: {len(self.domains)} domain(s), {len(self.accounts)} account(s), "
             f"milter on {self.milter.socket}, spool {self.spool.url or self.spool.path}"
         )
+
+
+# -- TeleMessage voice and fax channels (issue 15): see milter/channels/ ------------------------------
+@dataclass(frozen=True)
+class VoiceConfig:
+    """Voice calls (text-to-speech or a recording) through a SIP trunk, placed by baresip."""
+
+    trunk: str = "127.0.0.1:5060"  # host:port of the SIP trunk / registrar / outbound proxy
+    user: str = "sms-gateway"  # user part of our SIP address
+    domain: str = ""  # SIP domain of our address ("" = the trunk host)
+    auth_user: str = ""  # digest user ("" = user)
+    password: str = ""  # digest password ("" = no authentication); never logged
+    register: bool = False  # REGISTER with the trunk before calling
+    codec: str = "PCMU"  # PCMU (G.711 µ-law) | PCMA (A-law)
+    listen: str = "127.0.0.1"  # local address for SIP and RTP
+    rtp_ports: str = "20000-29999"
+    dial_prefix: str = "+"  # the request URI's user part: this + the E.164 digits
+    language: str = "en"  # espeak-ng language when the job names none
+    words_per_minute: int = 160
+    max_seconds: float = 120.0  # longest message a call may play
+    repeat: bool = False  # play the message twice, with a pause
+    confirm_digit: str = ""  # DTMF digit the listener must press ("" = no confirmation asked)
+    confirm_prompt: str = "Please press {digit} to confirm this message."  # spoken after the message
+    ring_timeout: float = 30.0  # seconds to wait for an answer, then hang up (no answer)
+    max_attempts: int = 3  # busy / no answer / hung up: tries before the job fails
+    trunk_retry: float = 30.0  # seconds without calls after the trunk did not answer
+    calls: int = 2  # calls at the same time
+    work_dir: str = "/var/lib/sms-milter/voice"  # per-call scratch (audio, baresip config)
+
+
+@dataclass(frozen=True)
+class FaxConfig:
+    """Faxes rendered to TIFF G3 and handed to a HylaFAX server (hfaxd) with sendfax."""
+
+    server: str = "127.0.0.1:4559"  # hfaxd host:port (it admits us by host: etc/hosts.hfaxd)
+    dial_prefix: str = "00"  # the dialled number: this + the E.164 digits
+    max_pages: int = 20
+    max_bytes: int = 10 * 1024 * 1024  # rendered TIFF at most
+    max_tries: int = 3  # HylaFAX's own retries (sendfax -T)
+    max_dials: int = 12  # sendfax -t
+    kill_after: float = 3 * 3600.0  # seconds HylaFAX keeps trying (sendfax -k)
+    poll: float = 5.0  # seconds between looks at the HylaFAX queue
+    jobs: int = 20  # faxes handed to HylaFAX and not finished yet, at most
+    work_dir: str = "/var/lib/sms-milter/fax"  # rendering scratch

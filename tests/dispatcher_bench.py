@@ -29,6 +29,19 @@ def _ms(values: list[float]) -> str:
     return f"median {statistics.median(values) * 1000:.1f} ms, p95 {q[18] * 1000:.1f} ms"
 
 
+def logged_submits(smsc: Smsc, want: set[str]) -> dict[str, float]:
+    """destination -> when the simulator got its submit_sm, once every wanted one is in its log
+    (written asynchronously: under load a line can land after the receipt was stored)."""
+    found: dict[str, float] = {}
+
+    def complete() -> bool:
+        found.update({r["destination_addr"]: r["t"] / 1000 for r in smsc.submits()})
+        return want <= found.keys()
+
+    wait_until(complete, 10, "every submit_sm in the simulator's log")
+    return found
+
+
 def run(base: Path, jobs: int = 3000, window: int = 200, trickle: int = 300) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     smsc = Smsc(base).start()
@@ -45,14 +58,14 @@ def run(base: Path, jobs: int = 3000, window: int = 200, trickle: int = 300) -> 
             tids += add_jobs(spool, [job(f"+4179180{i:04d}", f"trickle {i}")])
             time.sleep(0.005)
         tdone = wait_states(spool, tids, {"delivered"}, timeout=60, detail=d.log_tail)
-        sub_t = {r["destination_addr"]: r["t"] / 1000 for r in smsc.submits()}
+        sub_t = logged_submits(smsc, {j.recipient[1:] for j in tdone.values()})
         tdelays = [sub_t[j.recipient[1:]] - j.created_at for j in tdone.values()]
         # Drain: throughput with receipts.
         ids = add_jobs(spool, [job(f"+4179190{i:04d}", f"bench {i}") for i in range(jobs)])
         done = wait_states(spool, ids, {"delivered"}, timeout=120, detail=d.log_tail)
         first = min(j.created_at for j in done.values())
         elapsed = max(j.done_at or 0 for j in done.values()) - first
-        sub_t = {r["destination_addr"]: r["t"] / 1000 for r in smsc.submits()}
+        sub_t = logged_submits(smsc, {j.recipient[1:] for j in done.values()})
         ddelays = [sub_t[j.recipient[1:]] - j.created_at for j in done.values()]
         out = {"jobs": jobs, "window": window, "seconds": elapsed, "sms_per_s": jobs / elapsed,
                "drain_delay": _ms(ddelays), "trickle_delay": _ms(tdelays), "trickle_jobs": trickle}

@@ -113,8 +113,13 @@ def test_missing_receipt_is_asked_for_with_query_sm_and_applied(tb):
     done = wait_states(tb.spool, ids, timeout=30, detail=tb.detail)
     assert [done[i].state for i in ids] == ["delivered", "failed", "delivered"]
     assert "query_sm stat:UNDELIV" in done[ids[1]].last_error
-    asked = [r for r in smsc.records("query_sm") if r["status"] == 0]
-    assert sorted(r["message_id"] for r in asked) == sorted(ref for i in ids for ref in done[i].provider_refs)
+    refs = sorted(ref for i in ids for ref in done[i].provider_refs)
+
+    def asked() -> list[str]:  # the simulator's log is written asynchronously: poll it
+        return sorted(r["message_id"] for r in smsc.records("query_sm") if r["status"] == 0)
+
+    wait_until(lambda: len(asked()) >= len(refs), 10, "every query_sm in the SMSC's log", detail=tb.detail)
+    assert asked() == refs
     assert "the SMSC says query_sm stat:DELIVRD" in d.log()
 
 

@@ -252,3 +252,22 @@ def test_fast_text_encoding_equals_smstext():
     for t in texts:
         enc = encode(t)
         assert encode_text(t) == (enc.data_coding, list(enc.parts)), t
+
+
+def test_bind_and_query_octets_equal_smpplibs():
+    """The bind and query_sm are ours (no smpplib at run time); smpplib is the oracle."""
+    from sms_milter.dispatcher import pdus
+
+    for sid, pw, st in [("gw", "pw", ""), ("a-very-long-system-id", "longpassword", "VMA-system-type")]:
+        theirs = smpplib.smpp.make_pdu("bind_transceiver", client=CLIENT, system_id=sid[:15], password=pw[:8],
+                                       system_type=st[:12])
+        theirs.sequence = 7
+        assert pdus.bind_transceiver(7, sid, pw, st) == theirs.generate()
+    q = smpplib.smpp.make_pdu("query_sm", client=CLIENT, message_id="12d687", source_addr_ton=5,
+                              source_addr_npi=0, source_addr="SMS")
+    q.sequence = 9
+    assert pdus.query_sm(9, "12d687", (5, 0, "SMS")) == q.generate()
+    raw = pdus.pdu(pdus.QUERY_SM_RESP, 9, 0, b"12d687\0\0\x02\x00")
+    assert pdus.parse_query_sm_resp(raw) == (2, 0)
+    whole, rest = pdus.split_pdus(raw + raw[:5])
+    assert whole == [raw] and rest == raw[:5]

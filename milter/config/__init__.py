@@ -25,8 +25,9 @@ from ..model import (
 )
 from ..policy.styles import STYLES
 from .accounts import parse_account
+from .channels import parse_fax, parse_voice
 from .limits import parse_breaker, parse_limits
-from .provider import parse_provider
+from .provider import parse_providers
 from .reader import Reader, duplicate_keys, host_port, scalar_words, socket_spec
 
 DEFAULT_PATH = "/etc/sms-milter/sms-milter.yaml"
@@ -145,8 +146,8 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of sections "
                            f"({', '.join(REQUIRED_SECTIONS)}), got {r.got(data, '')}"])
-    top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "notify", "xml",
-                                  "metrics", "limits"))
+    top = r.mapping(data, "", ("milter", "spool", "domains", "accounts", "provider", "providers", "routes",
+                                  "notify", "xml", "metrics", "limits", "voice", "fax"))
     for section in REQUIRED_SECTIONS if complete else ():
         present = section in top or (section == "provider" and "providers" in top)
         if not present and section not in ("domains", "accounts"):  # those two say so themselves
@@ -156,17 +157,21 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
     breaker = parse_breaker(r, limits_node.get("breaker")) if isinstance(limits_node, dict) else None
     accounts_node = r.mapping(top.get("accounts"), "accounts")
     accounts = {str(n): parse_account(r, str(n), spec, limits) for n, spec in accounts_node.items()}
+    providers, routes = parse_providers(r, top)
     cfg = Config(
         milter=_milter(r, top.get("milter")),
         spool=_spool(r, top.get("spool")),
         domains=_domains(r, top.get("domains")),
         accounts=accounts,
-        smpp=parse_provider(r, top.get("provider")),
+        providers=providers,
+        routes=routes,
         notify=_notify(r, top.get("notify")),
         xml=_xml(r, top.get("xml")),
         metrics=_metrics(r, top.get("metrics")),
         limits=limits,
         breaker=breaker,
+        voice=parse_voice(r, top["voice"]) if "voice" in top else None,
+        fax=parse_fax(r, top["fax"]) if "fax" in top else None,
         source=source,
     )
     _cross_checks(r, cfg)
@@ -176,6 +181,10 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
 
 
 def _cross_checks(r: Reader, cfg: Config) -> None:
+    for i, route in enumerate(cfg.routes):
+        for j, name in enumerate(route.accounts):
+            if name not in cfg.accounts:
+                r.bad(f"routes[{i}].accounts[{j}]", f"no account named {name!r}")
     seen_addr: dict[str, str] = {}
     seen_key: dict[str, str] = {}
     for acc in cfg.accounts.values():

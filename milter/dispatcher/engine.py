@@ -32,7 +32,7 @@ from ..spool.base import (
     SubmittedItem,
 )
 from .provider import Provider, QueryAnswer, Receipt, SubmitResult
-from .smpp import QuietLog
+from .quietlog import QuietLog
 
 log = logging.getLogger("sms_milter.dispatcher")
 
@@ -130,8 +130,7 @@ class Engine:
     def _query_overdue(self) -> bool:
         """Ask the provider about parts whose receipt has not come within receipt_timeout
         (SMPP query_sm); True if there may be more due now."""
-        query = getattr(self.provider, "query", None)
-        if query is None or not self.provider.ready():
+        if not self.provider.ready():
             return False
         timeout = self.cfg.smpp.receipt_timeout
         now = time.time()
@@ -139,7 +138,7 @@ class Engine:
         if parts:
             log.info("%d part(s) of %d job(s) without a receipt after %gs: asking the SMSC (query_sm)",
                      len(parts), len({p.job_id for p in parts}), timeout)
-            query(parts, self._on_answer)
+            self.provider.query(parts, self._on_answer)
         return len(parts) >= 100
 
     def _answers_in(self) -> None:
@@ -152,7 +151,7 @@ class Engine:
             if a.state in ("delivered", "failed", "expired"):
                 log.info("job %d: no receipt for %s after %gs; the SMSC says %s", a.job_id, a.ref, timeout,
                          a.detail)
-                self._receipts.append(Receipt(a.ref, a.state, a.detail, None, a.recipient))
+                self._receipts.append(Receipt(a.ref, a.state, a.detail, None, a.recipient, a.provider))
             else:
                 why = f"no delivery receipt after {timeout:g}s; asked the SMSC: {a.detail}"
                 log.warning("job %d: %s (left as it is)", a.job_id, why)
@@ -198,8 +197,10 @@ class Engine:
             return
         now = time.time()
         live = []
+        # A provider that serves other devices than SMS (channels.router) says which.
+        accepts = getattr(self.provider, "accepts", None)
         for job in jobs:
-            if job.device != "sms":
+            if not (accepts(job.device) if accepts is not None else job.device == "sms"):
                 self.spool.fail(job.id, f"no delivery channel for device {job.device!r}")
                 log.warning("job %d to %s failed: no delivery channel for device %r", job.id, job.recipient,
                             job.device)
@@ -235,8 +236,8 @@ class Engine:
         try:
             name = self.provider.name
             applied, outcomes = self.spool.store_round(
-                [SubmittedItem(r.job_id, list(r.refs), name) for r in ok],
-                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source, name)
+                [SubmittedItem(r.job_id, list(r.refs), r.provider or name) for r in ok],
+                [(r.ref, r.state, "" if r.state == "delivered" else r.error, r.source, r.provider or name)
                  for r in receipts])
         except SpoolError:
             self._results.extendleft(reversed(results))
@@ -273,7 +274,8 @@ class Engine:
             job = self._jobs.get(r.job_id)
             if r.temporary:
                 attempts = job.attempts if job else 1
-                delay = self._backoff(attempts) if r.count_attempt else 0.0
+                delay = r.retry_in if r.retry_in is not None else \
+                    self._backoff(attempts) if r.count_attempt else 0.0
                 releases.setdefault((delay, r.error, r.count_attempt), []).append(r.job_id)
             else:
                 self.spool.fail(r.job_id, r.error)

@@ -1,4 +1,4 @@
-"""A job as SMPP submit_sm parts, and a fast submit_sm encoder.
+"""SMPP 3.4 on the wire: a job as submit_sm parts, the PDUs the dispatcher writes and reads.
 
 The wire rules (INTERFACE.md): destination TON 1 / NPI 1 without '+'; numeric originator
 the same, alphanumeric TON 5 / NPI 0; GSM-7 data_coding 0 else UCS-2 8 (flash: message
@@ -7,7 +7,9 @@ esm_class 0x40; registered_delivery 1; nothing scheduled on the SMSC side.
 
 `submit_sm_body` (behind `HEADER`) writes the same octets as smpplib's generic generator, and
 `parse_deliver_sm` reads what smpplib's parser reads (unit tests compare them), at a
-fraction of their cost: they are the dispatcher's hot path.
+fraction of their cost: they are the dispatcher's hot path. The bind, query_sm and the
+small PDUs are coded here too (smpplib stays the byte-for-byte oracle of the unit tests);
+smpplib itself only lends its table of status names.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import itertools
 import struct
 from dataclasses import dataclass
+
+import smpplib.consts
 
 from ..policy.addresses import originator_wire
 from ..policy.smstext import (
@@ -31,7 +35,89 @@ from ..policy.smstext import (
 )
 from ..spool.base import Job
 
+GENERIC_NACK = 0x80000000
+BIND_TRANSCEIVER = 0x00000009
+BIND_TRANSCEIVER_RESP = 0x80000009
+QUERY_SM = 0x00000003
+QUERY_SM_RESP = 0x80000003
 SUBMIT_SM = 0x00000004
+SUBMIT_SM_RESP = 0x80000004
+DELIVER_SM = 0x00000005
+DELIVER_SM_RESP = 0x80000005
+UNBIND = 0x00000006
+UNBIND_RESP = 0x80000006
+ENQUIRE_LINK = 0x00000015
+ENQUIRE_LINK_RESP = 0x80000015
+
+ESME_RINVCMDID = 0x03
+ESME_RALYBND = 0x05
+ESME_RBINDFAIL = 0x0D
+ESME_RTHROTTLED = 0x58
+ESME_RMSGQFUL = 0x14
+THROTTLE_STATUSES = frozenset((ESME_RTHROTTLED, ESME_RMSGQFUL))
+# Worth trying again later; every other error status fails the job.
+TEMPORARY_STATUSES = frozenset((
+    0x04,  # ESME_RINVBNDSTS (a bind problem, not the message's)
+    0x08,  # ESME_RSYSERR
+    0x45,  # ESME_RSUBMITFAIL
+    0x64,  # ESME_RX_T_APPN
+    0xFE,  # ESME_RDELIVERYFAILURE
+    0xFF,  # ESME_RUNKNOWNERR
+))
+STATUS_NAMES = {v: k[5:] for k, v in vars(smpplib.consts).items()
+                if k.startswith("SMPP_ESME_") and isinstance(v, int)}
+MAX_PDU = 65536  # a longer command_length is garbage: the connection is dropped
+
+
+def status_text(status: int) -> str:
+    name = STATUS_NAMES.get(status, "ESME_UNKNOWN")
+    desc = smpplib.consts.DESCRIPTIONS.get(status, "unknown status")
+    return f"{name} (0x{status:08X}): {desc}"
+
+
+def pdu(command_id: int, seq: int, status: int = 0, body: bytes = b"") -> bytes:
+    return HEADER.pack(16 + len(body), command_id, status, seq) + body
+
+
+def split_pdus(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The whole PDUs at the start of `buf`, and the rest; ValueError on a bad length."""
+    out: list[bytes] = []
+    pos, end = 0, len(buf)
+    while end - pos >= 16:
+        n = int.from_bytes(buf[pos:pos + 4], "big")
+        if n < 16 or n > MAX_PDU:
+            raise ValueError(f"bad PDU length {n}")
+        if end - pos < n:
+            break
+        out.append(buf[pos:pos + n])
+        pos += n
+    return out, buf[pos:]
+
+
+def bind_transceiver(seq: int, system_id: str, password: str, system_type: str) -> bytes:
+    """bind_transceiver, SMPP 3.4, no address range (each string cut to its SMPP length)."""
+    return pdu(BIND_TRANSCEIVER, seq, 0, _c(system_id, 16) + _c(password, 9) + _c(system_type, 13)
+               + b"\x34\x00\x00\x00")
+
+
+def query_sm(seq: int, ref: str, source: tuple[int, int, str]) -> bytes:
+    ton, npi, addr = source
+    return pdu(QUERY_SM, seq, 0, _c(ref, 65) + bytes((ton, npi)) + _c(addr, 21))
+
+
+def parse_query_sm_resp(raw: bytes) -> tuple[int, int]:
+    """(message_state, error_code) of a query_sm_resp; ValueError if malformed."""
+    try:
+        pos = raw.index(b"\0", 16) + 1  # message_id
+        pos = raw.index(b"\0", pos) + 1  # final_date
+        return raw[pos], raw[pos + 1]
+    except IndexError:
+        raise ValueError("malformed query_sm_resp") from None
+
+
+def message_id(raw: bytes) -> str:
+    """The message_id of a submit_sm_resp ("" when there is none)."""
+    return raw[16:].split(b"\0", 1)[0].decode("ascii", "replace") if len(raw) > 16 else ""
 ESM_UDHI = 0x40
 FLASH_CODING = {0: 0x10, 8: 0x18}  # message class 0 with the GSM-7 / UCS-2 alphabet
 

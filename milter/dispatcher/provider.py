@@ -1,9 +1,10 @@
 """The provider seam: what the dispatcher engine needs from an SMS provider.
 
-SMPP (`smpp.SmppProvider`) is the one implementation; an HTTP API provider implements the
-same few methods later. A provider takes whole jobs, reports one `SubmitResult` per job
-(all of its parts accepted, or why not) and hands in delivery receipts, which the engine
-acknowledges with `ack_receipts` only after they are stored durably.
+Providers are built from the configuration by `providers.build_provider` (one entry per
+kind); `router.Router` is a Provider over several of them (routes, failover). A provider
+takes whole jobs, reports one `SubmitResult` per job (all of its parts accepted, or why
+not) and hands in delivery receipts, which the engine acknowledges with `ack_receipts`
+only after they are stored durably.
 
 Callbacks come from the provider's own threads; they must be quick (the engine queues them).
 """
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..spool.base import Job
+from ..spool.base import Job, OverduePart
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class SubmitResult:
     error: str = ""  # why not ("" = accepted)
     temporary: bool = False  # True: try again later (the job goes back to the queue)
     count_attempt: bool = True  # False: the failure was not the job's (connection lost, stop)
+    # The provider may have (some of) the job: a part was accepted, or written and never
+    # answered. A retry must go to the same provider (never two providers for one job).
+    maybe_sent: bool = False
+    provider: str = ""  # the name of the provider that answered ("" = the engine's provider's name)
+    retry_in: float | None = None  # when temporary: seconds until the retry (None: the engine's backoff)
 
     @property
     def ok(self) -> bool:
@@ -37,6 +43,7 @@ class Receipt:
     error: str  # provider's status text for logs and last_error ("" when delivered)
     token: Any = None  # what ack_receipts needs to acknowledge it (None: nothing to acknowledge)
     source: str = ""  # the receipt's source address: the handset number ("" if unknown)
+    provider: str = ""  # the provider it came from ("" = the engine's provider's name)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class QueryAnswer:
     recipient: str
     state: str  # part state as a receipt gives it (delivered | buffered | failed | expired), "" = unknown
     detail: str  # for logs and last_error: the state word, or why the provider could not tell
+    provider: str = ""  # the provider that answered ("" = the engine's provider's name)
 
 
 ResultCallback = Callable[[SubmitResult], None]
@@ -71,6 +79,10 @@ class Provider(Protocol):
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs for sending (returns at once); each job later gets exactly one SubmitResult."""
+
+    def query(self, parts: list[OverduePart], on_answer: Callable[[QueryAnswer], None]) -> None:
+        """Ask about parts whose receipt did not come within receipt_timeout (SMPP query_sm); each
+        part gets one QueryAnswer, state "" when the provider cannot tell (or cannot ask)."""
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         """Acknowledge receipts the engine has stored (or given up on)."""

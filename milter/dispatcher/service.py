@@ -24,11 +24,12 @@ from .. import metrics, sdnotify
 from ..model import Config
 from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
 from ..spool import open_spool
-from ..spool.base import STATES, Job, Spool, SpoolError
+from ..spool.base import STATES, Job, OverduePart, Spool, SpoolError
 from .engine import Engine
 from .notify import Notifier
-from .provider import Provider, Receipt, ReceiptCallback, ResultCallback, SubmitResult
-from .smpp import SmppProvider
+from .provider import Provider, QueryAnswer, Receipt, ReceiptCallback, ResultCallback, SubmitResult
+from .providers import build_dispatch
+from .router import Router
 
 log = logging.getLogger("sms_milter.dispatcher")
 
@@ -41,6 +42,11 @@ class _Token:
     token: object
 
 
+def members(p: Provider) -> dict[str, Provider]:
+    """The named providers behind `p`: a router's members, or `p` itself."""
+    return dict(p.providers()) if isinstance(p, Router) else {p.name: p}
+
+
 class MeteredProvider:
     """The provider as the engine sees it: counts submits, receipts and binds for /metrics,
     and lets a reload swap the provider underneath (the engine keeps this object)."""
@@ -51,7 +57,7 @@ class MeteredProvider:
         self.clock = metrics.SubmitClock()
         self._created: dict[int, float] = {}  # job id -> committed at, while handed over
         self._lock = threading.Lock()
-        self._bound = False
+        self._bound: dict[str, bool] = {}  # provider name -> bound (the gauge's value)
         self._on_result: ResultCallback = lambda r: None
         self._on_receipt: ReceiptCallback = lambda r: None
         self._on_change: Callable[[], None] = lambda: None
@@ -65,7 +71,7 @@ class MeteredProvider:
     def _start(self, inner: Provider) -> None:
         def result(r: SubmitResult) -> None:
             outcome = "ok" if r.ok else "temporary" if r.temporary else "failed"
-            metrics.SUBMITS.labels(inner.name, outcome).inc()
+            metrics.SUBMITS.labels(r.provider or inner.name, outcome).inc()
             with self._lock:
                 created = self._created.pop(r.job_id, None)
             if r.ok:
@@ -76,7 +82,7 @@ class MeteredProvider:
             self._on_result(r)
 
         def receipt(r: Receipt) -> None:
-            metrics.RECEIPTS.labels(inner.name, r.state).inc()
+            metrics.RECEIPTS.labels(r.provider or inner.name, r.state).inc()
             took = self.clock.receipt(r.ref, time.time())
             if took is not None:
                 metrics.SUBMIT_TO_RECEIPT.observe(took)
@@ -84,12 +90,14 @@ class MeteredProvider:
             self._on_receipt(replace(r, token=_Token(inner, r.token)))
 
         def change() -> None:
-            bound = inner is self.inner and inner.ready()
-            if bound != self._bound:
-                self._bound = bound
-                metrics.BOUND.labels(inner.name).set(1 if bound else 0)
-                if bound:
-                    metrics.BINDS.labels(inner.name).inc()
+            current = inner is self.inner
+            for name, p in members(inner).items():
+                bound = current and p.ready()
+                if bound != self._bound.get(name, False):
+                    self._bound[name] = bound
+                    metrics.BOUND.labels(name).set(1 if bound else 0)
+                    if bound:
+                        metrics.BINDS.labels(name).inc()
             self._on_change()
 
         inner.start(result, receipt, change)
@@ -106,6 +114,9 @@ class MeteredProvider:
                 self._created[j.id] = j.created_at
                 JOB_QUEUE_IDS.note(j.id, j.queue_id)
         self.inner.submit(jobs)
+
+    def query(self, parts: list[OverduePart], on_answer: Callable[[QueryAnswer], None]) -> None:
+        self.inner.query(parts, on_answer)
 
     def ack_receipts(self, receipts: list[Receipt]) -> None:
         by_inner: dict[int, tuple[Provider, list[Receipt]]] = {}
@@ -134,11 +145,22 @@ class MeteredProvider:
         old = self.inner
         old.drain(5.0)
         old.close(1.0)
-        self._bound = False
-        metrics.BOUND.labels(old.name).set(0)
+        for name in members(old):
+            metrics.BOUND.labels(name).set(0)
+        self._bound = {}
+        if isinstance(old, Router) and isinstance(inner, Router):
+            inner.adopt(old)
         self.inner = inner
         self.name = inner.name
         self._start(inner)
+
+
+def link_status(cfg: Config, inner: Provider) -> str:
+    """`bound to SMSC host:port` (one SMPP provider) or each provider's name and state."""
+    if not isinstance(inner, Router):
+        s = cfg.smpp
+        return f"{'bound to' if inner.ready() else 'connecting to'} SMSC {s.host}:{s.port}"
+    return "providers: " + ", ".join(f"{n} {'up' if p.ready() else 'down'}" for n, p in inner.providers())
 
 
 class Runtime(DaemonRuntime):
@@ -162,11 +184,10 @@ class Runtime(DaemonRuntime):
         return self._cfg
 
     def status(self) -> str:
-        s = self.cfg.smpp
-        link = "bound to" if self.provider.ready() else "connecting to"
         st = self.engine.stats
-        return (f"{link} SMSC {s.host}:{s.port}; {st['submitted']} submitted, {st['receipts']} receipt(s), "
-                f"{st['failed']} failed, {len(self.engine._jobs)} in flight")  # noqa: SLF001
+        return (f"{link_status(self.cfg, self.provider.inner)}; {st['submitted']} submitted, "
+                f"{st['receipts']} receipt(s), {st['failed']} failed, "
+                f"{len(self.engine._jobs)} in flight")  # noqa: SLF001
 
     def on_turn(self) -> None:
         if not self.ready_sent:  # the first turn of the loop: spool open, provider started
@@ -182,11 +203,21 @@ class Runtime(DaemonRuntime):
         self.engine.cfg = new
         self.notifier.cfg = new
         self.spool.validity = new.smpp.validity
-        rebind = new.smpp != old.smpp
+        rebind = new.providers != old.providers or new.routes != old.routes
         if rebind:
-            self.provider.swap(SmppProvider(new.smpp))
+            self.provider.swap(build_dispatch(new))
         return (f"{len(new.accounts)} account(s); provider "
                 + ("settings changed: re-binding" if rebind else "unchanged: binding kept"))
+
+
+def describe(cfg: Config) -> str:
+    parts = []
+    for spec in cfg.providers.values():
+        s = spec.smpp
+        what = f"SMSC {s.host}:{s.port}, window {s.window}, rate {s.rate or 'unlimited'}" + (
+            f", {s.binds} binds" if s.binds > 1 else "") if s else spec.kind
+        parts.append(what if len(cfg.providers) == 1 else f"provider {spec.name} ({what})")
+    return "; ".join(parts)
 
 
 def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Event | None = None,
@@ -213,7 +244,7 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
             spool.close()
             return 1
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    provider = MeteredProvider(SmppProvider(cfg.smpp))
+    provider = MeteredProvider(build_dispatch(cfg))
     notifier = Notifier(spool, cfg)
     try:
         lease = float(os.environ.get("SMS_MILTER_LEASE_SECONDS", "") or 45.0)
@@ -222,8 +253,7 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
     engine = Engine(spool, provider, cfg, owner, on_events=notifier.kick, lease_seconds=max(lease, 1.0))
     runtime = Runtime(cfg, config_path, engine, provider, notifier, spool, reload, sd)
     engine.tick = runtime.tick
-    log.info("dispatcher %s started: spool %s, SMSC %s:%d, window %d, rate %s", owner, spool.path,
-             cfg.smpp.host, cfg.smpp.port, cfg.smpp.window, cfg.smpp.rate or "unlimited")
+    log.info("dispatcher %s started: spool %s, %s", owner, spool.path, describe(cfg))
     notifier.start(stop)
     try:
         engine.run(stop)

@@ -216,6 +216,7 @@ class OverduePart:
     ref: str  # the message id as the SMSC wrote it in the submit_sm_resp
     recipient: str  # E.164 with '+'
     originator: str  # as in the job (the submit's source address)
+    provider: str = ""  # the provider that took the part ("" in spools from before providers had names)
 
 
 ORPHAN_MAX_AGE = 3 * 86400.0  # an unmatched receipt older than this matched nothing: pruned

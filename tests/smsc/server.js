@@ -17,6 +17,9 @@
 //   --no-receipts        never send receipts (with --enroute: only the ENROUTE one, never the final one)
 //   --enroute            send an ENROUTE receipt before the final one
 //   --throttle N         answer ESME_RTHROTTLED (0x58) to the next N submits
+//   --throttle-session K only submits of session K (the Kth connection, 1-based) are throttled
+//   --max-binds N        at most N sessions bound at once per system_id: one more bind gets
+//                        ESME_RBINDFAIL (0x0D) and is closed (an SMSC's session limit)
 //   --qfull N            answer ESME_RMSGQFUL (0x14) to the next N submits
 //   --syserr N           answer ESME_RSYSERR (0x08, temporary) to the next N submits
 //   --fail-dest A,B      answer ESME_RINVDSTADR (0x0B, permanent) for these destination_addr
@@ -59,7 +62,7 @@ function parseArgs(argv) {
     resp_delay: 0, stale_receipts: 0,
     enroute: false, throttle: 0, qfull: 0, syserr: 0, fail_dest: [], undeliv: [], expired_dest: [],
     drop_after: -1, no_unbind_resp: false, first_id: 0, silent: false, close_after_bind: false,
-    query_sm: false,
+    query_sm: false, throttle_session: 0, max_binds: 0,
   };
   const lists = new Set(['fail_dest', 'undeliv', 'expired_dest']);
   for (let i = 2; i < argv.length; i++) {
@@ -75,9 +78,11 @@ function parseArgs(argv) {
 }
 
 const opt = parseArgs(process.argv);
-const logStream = opt.log ? fs.createWriteStream(opt.log, { flags: 'a' }) : null;
+// Written synchronously, before the PDU's answer goes out: whatever a client saw is in the log
+// (a stream flushed later; tests read the log as soon as the dispatcher had its answer).
+const logFd = opt.log ? fs.openSync(opt.log, 'a') : null;
 function record(obj) {
-  if (logStream) logStream.write(JSON.stringify(obj) + '\n');
+  if (logFd !== null) fs.writeSync(logFd, JSON.stringify(obj) + '\n');
 }
 
 // Message ids: unique across restarts of the simulator; hex and decimal forms never have the
@@ -213,6 +218,12 @@ const server = smpp.createServer((session) => {
       session.close();
       return;
     }
+    if (opt.max_binds > 0 && bound.has(sid) && bound.get(sid).size >= opt.max_binds) {
+      record({ t: Date.now(), session: session.num, command: 'bind_refused', status: smpp.ESME_RBINDFAIL });
+      session.send(pdu.response({ command_status: smpp.ESME_RBINDFAIL }));
+      session.close();
+      return;
+    }
     systemId = sid;
     if (!bound.has(sid)) bound.set(sid, new Set());
     bound.get(sid).add(session);
@@ -280,7 +291,9 @@ const server = smpp.createServer((session) => {
     }
     if (opt.drop_after > 0) opt.drop_after--;
     let status = 0;
-    if (opt.throttle > 0) { opt.throttle--; status = smpp.ESME_RTHROTTLED; }
+    if (opt.throttle > 0 && (!opt.throttle_session || opt.throttle_session === session.num)) {
+      opt.throttle--; status = smpp.ESME_RTHROTTLED;
+    }
     else if (opt.qfull > 0) { opt.qfull--; status = smpp.ESME_RMSGQFUL; }
     else if (opt.syserr > 0) { opt.syserr--; status = smpp.ESME_RSYSERR; }
     else if (opt.fail_dest.includes(sub.destination_addr)) status = smpp.ESME_RINVDSTADR;

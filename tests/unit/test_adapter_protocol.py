@@ -1,4 +1,4 @@
-"""adapter.MilterSession parses the milter protocol itself (for speed): the replies it gives
+"""session.MilterSession parses the milter protocol itself (for speed): the replies it gives
 for a whole Postfix-like conversation, for any way the bytes are cut into reads, and for
 what an MTA may send that we negotiated away or that is no milter protocol at all.
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import libmilter as lm
 import pytest
-from sms_milter.adapter import PROTOCOL_FLAGS, MilterSession, ProtocolError
 from sms_milter.config import load
 from sms_milter.gateway import Gateway
+from sms_milter.session import PROTOCOL_FLAGS, MilterSession, ProtocolError
 from sms_milter.spool.base import AddResult
 
 

@@ -89,11 +89,11 @@ class DispatchSide(Store):
                 return []
             by_id = {r["id"]: r for r in jobs}
             rows = db.execute(
-                "SELECT job_id, seq, coalesce(wire_ref, ref) AS ref FROM parts WHERE job_id IN"
+                "SELECT job_id, seq, coalesce(wire_ref, ref) AS ref, provider FROM parts WHERE job_id IN"
                 " (SELECT value FROM json_each(?)) AND state NOT IN ('delivered','failed','expired')"
                 " ORDER BY job_id, seq", (json.dumps(list(by_id)),)).fetchall()
             return [OverduePart(r["job_id"], r["seq"], r["ref"], by_id[r["job_id"]]["recipient"],
-                                by_id[r["job_id"]]["originator"]) for r in rows]
+                                by_id[r["job_id"]]["originator"], r["provider"]) for r in rows]
 
         return self._run(fn)
 

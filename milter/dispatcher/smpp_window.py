@@ -1,0 +1,263 @@
+"""The send window of one SMPP bind: which parts go out next, what is in flight, what the
+answers mean. No sockets, no threads: the bind calls it under its own lock.
+
+A job is held as a `JobState` (its parts encoded once); its parts are queued in order and
+numbered only when they are written (`take`). A throttled part (ESME_RTHROTTLED,
+ESME_RMSGQFUL) waits in `retry` (in job/part order) and goes before new parts after a
+pause; the bind's rate is cut (`ratelimit.Rate`). Every job ends in exactly one
+`SubmitResult`: all parts accepted, or the first reason it was not (temporary or not,
+counting an attempt or not, and whether the SMSC may have it: `maybe_sent`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..model import SmppConfig
+from ..spool.base import Job
+from .pdus import (
+    HEADER,
+    SUBMIT_SM,
+    TEMPORARY_STATUSES,
+    THROTTLE_STATUSES,
+    Part,
+    job_parts,
+    status_text,
+    submit_sm_body,
+)
+from .provider import ResultCallback, SubmitResult
+from .quietlog import QuietLog
+from .ratelimit import Rate
+
+log = logging.getLogger("sms_milter.dispatcher.smpp")
+
+TIMEOUTS_BEFORE_RECONNECT = 3  # submit_sm in a row without an answer: the bind is dropped and made again
+
+
+@dataclass(eq=False)
+class JobState:
+    job: Job
+    parts: list[Part]
+    bodies: list[bytes]  # each part's submit_sm without the header
+    refs: list[str | None]
+    outstanding: int  # parts without a final answer (sent or not)
+    error: str = ""
+    temporary: bool = False
+    count_attempt: bool = True
+    maybe_sent: bool = False  # a part was accepted, or written and never answered
+
+
+@dataclass(order=True)
+class _Retry:
+    job_id: int
+    index: int
+    js: JobState = field(compare=False)
+
+
+def encode_jobs(jobs: list[Job], on_result: ResultCallback) -> list[JobState]:
+    """Each job's submit_sm bodies; a job that cannot be encoded fails at once."""
+    ready: list[JobState] = []
+    for job in jobs:
+        try:
+            parts = job_parts(job)
+            bodies = [submit_sm_body(p) for p in parts]
+        except Exception as e:  # noqa: BLE001 (a job we cannot encode must not stop the bind)
+            on_result(SubmitResult(job.id, error=f"cannot encode the text: {e}"))
+            continue
+        if len(parts) != job.parts:
+            log.warning("job %d: text encodes to %d part(s), spool says %d", job.id, len(parts), job.parts)
+        ready.append(JobState(job, parts, bodies, [None] * len(parts), len(parts)))
+    return ready
+
+
+class Window:
+    def __init__(self, cfg: SmppConfig, on_result: ResultCallback, quiet: QuietLog, label: str = ""):
+        self.cfg = cfg
+        self.size = cfg.window
+        self.max_jobs = max(2 * cfg.window, cfg.window + 64)
+        self.on_result = on_result
+        self.quiet = quiet
+        self.label = label  # "" or " (provider x, bind 2 of 3)" for log lines
+        self.where = f"SMSC {cfg.host}:{cfg.port}{label}"
+        self.jobs: dict[int, JobState] = {}
+        self.queue: deque[tuple[JobState, int]] = deque()
+        self.retry: list[_Retry] = []
+        self.inflight: dict[int, tuple[JobState, int]] = {}
+        self.sent: deque[tuple[float, int]] = deque()  # (sent at, seq) of submits, oldest first
+        self.seq = 0
+        self.timeouts = 0  # submit_sm in a row that got no answer within submit_timeout
+        self.pause_until = 0.0
+        self.pause = 0.05
+        self.rate = Rate(cfg.rate)
+        self.stopping = False
+
+    def next_seq(self) -> int:
+        self.seq = self.seq % 0x7FFFFFFF + 1
+        return self.seq
+
+    def capacity(self) -> int:
+        limit = self.max_jobs
+        if self.rate.cap is not None:
+            limit = min(limit, max(self.size, int(self.rate.cap)))
+        return max(0, limit - len(self.jobs))
+
+    def add(self, js: JobState) -> None:
+        self.jobs[js.job.id] = js
+        self.queue.extend((js, i) for i in range(len(js.parts)))
+
+    def waiting(self) -> bool:
+        """Parts that could go as soon as the pause or the rate allows."""
+        return bool(self.retry or self.queue) and len(self.inflight) < self.size
+
+    def take(self, now: float) -> tuple[list[bytes], float]:
+        """The submit_sm PDUs that may be written now (numbered, in order), and how long to
+        wait when something is held back (a pause, the rate)."""
+        out: list[bytes] = []
+        wait = 1.0
+        if now < self.pause_until:
+            return out, self.pause_until - now
+        while len(self.inflight) < self.size and (self.retry or self.queue):
+            if self.retry:
+                r = self.retry[0]
+                js, idx = r.js, r.index
+            else:
+                js, idx = self.queue[0]
+            if js.error:  # the job failed meanwhile: do not send its other parts
+                (heapq.heappop(self.retry) if self.retry else self.queue.popleft())
+                self._part_done(js)
+                continue
+            w = self.rate.wait_time(now)
+            if w > 0:
+                wait = w
+                break
+            if self.retry:
+                heapq.heappop(self.retry)
+            else:
+                self.queue.popleft()
+            seq = self.next_seq()
+            self.inflight[seq] = (js, idx)
+            self.sent.append((now, seq))
+            body = js.bodies[idx]
+            out.append(HEADER.pack(16 + len(body), SUBMIT_SM, 0, seq) + body)
+        return out, wait
+
+    def expire(self, now: float) -> tuple[bool, float]:
+        """Give up on submits unanswered for submit_timeout: their jobs go back to the queue
+        with last_error saying so. Returns (drop the bind: TIMEOUTS_BEFORE_RECONNECT in a row,
+        seconds until the oldest open submit times out)."""
+        limit = self.cfg.submit_timeout
+        sent = self.sent
+        while sent and sent[0][1] not in self.inflight:
+            sent.popleft()
+        expired: list[int] = []
+        while sent and now - sent[0][0] >= limit:
+            seq = sent.popleft()[1]
+            if seq in self.inflight:
+                expired.append(seq)
+            while sent and sent[0][1] not in self.inflight:
+                sent.popleft()
+        if expired:
+            self.timeouts += len(expired)
+            self.quiet.log(logging.WARNING, "submit-timeout",
+                           "%s did not answer %d submit_sm within %.1fs (%d in a row): their job(s) go back "
+                           "to the queue", self.where, len(expired), limit, self.timeouts)
+            for seq in expired:
+                js, _ = self.inflight.pop(seq)
+                js.maybe_sent = True
+                self.abort(js, f"no answer from the SMSC to submit_sm within {limit:g}s", temporary=True,
+                           count_attempt=True)
+                self._part_done(js)
+            self.drop_unsent()
+            if self.timeouts >= TIMEOUTS_BEFORE_RECONNECT:
+                return True, 0.0
+        return False, (limit - (now - sent[0][0]) if sent else limit)
+
+    def answer(self, seq: int, status: int, message_id: str, now: float) -> None:
+        """One submit_sm_resp (or generic_nack to a submit)."""
+        entry = self.inflight.pop(seq, None)
+        if entry is None:
+            log.warning("submit_sm_resp for unknown sequence %d (status 0x%X)", seq, status)
+            return
+        js, idx = entry
+        self.timeouts = 0  # the SMSC answers
+        if status == 0 and message_id:
+            js.refs[idx] = message_id
+            js.maybe_sent = True
+            self.pause = 0.05
+            self._part_done(js)
+            return
+        if status in THROTTLE_STATUSES and not js.error and not self.stopping:
+            if self.rate.throttled(now):
+                self.pause = min(self.pause * 2, 2.0)
+                log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s%s", status_text(status),
+                            self.pause, self.rate.cap or 0, self.label)
+            self.pause_until = max(self.pause_until, now + self.pause)
+            heapq.heappush(self.retry, _Retry(js.job.id, idx, js))
+            return
+        if status == 0:
+            status = 0xFF  # ROK without a message id: cannot be tracked
+        throttled = status in THROTTLE_STATUSES
+        self.abort(js, status_text(status), temporary=status in TEMPORARY_STATUSES or throttled,
+                   count_attempt=not throttled)
+        self._part_done(js)
+
+    def stop(self, reason: str) -> None:
+        """Send nothing more: parts not written yet are given up (temporary, no attempt)."""
+        self.stopping = True
+        for js, _ in self.queue:
+            self.abort(js, reason)
+        for r in self.retry:
+            self.abort(r.js, reason)
+        self.drop_unsent()
+
+    def lose(self, reason: str) -> int:
+        """The connection is gone: every open job goes back (temporary, no attempt counted);
+        those with a part on the wire may have reached the SMSC. Returns how many jobs."""
+        open_jobs = len(self.jobs)
+        for js, _ in self.inflight.values():
+            js.maybe_sent = True
+        for js in list(self.jobs.values()):
+            self.abort(js, f"connection lost: {reason}")
+        for js, _ in list(self.inflight.values()):
+            self._part_done(js)
+        self.inflight.clear()
+        self.sent.clear()
+        self.drop_unsent()
+        return open_jobs
+
+    def abort(self, js: JobState, error: str, temporary: bool = True, count_attempt: bool = False) -> None:
+        if not js.error:
+            js.error, js.temporary, js.count_attempt = error, temporary, count_attempt
+
+    def drop_unsent(self) -> None:
+        """Forget queued/retry parts of aborted jobs."""
+        keep: deque[tuple[JobState, int]] = deque()
+        for js, i in self.queue:
+            if js.error:
+                self._part_done(js)
+            else:
+                keep.append((js, i))
+        self.queue = keep
+        retry = []
+        for r in self.retry:
+            if r.js.error:
+                self._part_done(r.js)
+            else:
+                retry.append(r)
+        heapq.heapify(retry)
+        self.retry = retry
+
+    def _part_done(self, js: JobState) -> None:
+        js.outstanding -= 1
+        if js.outstanding > 0:
+            return
+        self.jobs.pop(js.job.id, None)
+        if js.error:
+            self.on_result(SubmitResult(js.job.id, error=js.error, temporary=js.temporary,
+                                        count_attempt=js.count_attempt, maybe_sent=js.maybe_sent))
+        else:
+            self.on_result(SubmitResult(js.job.id, refs=tuple(r or "" for r in js.refs)))
+

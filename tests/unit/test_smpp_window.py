@@ -1,0 +1,103 @@
+"""The send window of one SMPP bind (dispatcher/smpp_window.py) is pure state: PDUs out,
+answers in, one SubmitResult per job. Table by table, without a socket."""
+
+from __future__ import annotations
+
+import time
+
+from sms_milter.dispatcher import pdus
+from sms_milter.dispatcher.provider import SubmitResult
+from sms_milter.dispatcher.quietlog import QuietLog
+from sms_milter.dispatcher.smpp_window import TIMEOUTS_BEFORE_RECONNECT, Window, encode_jobs
+from sms_milter.model import SmppConfig
+from sms_milter.spool.base import Job
+
+
+def _window(**cfg: object) -> tuple[Window, list[SubmitResult]]:
+    out: list[SubmitResult] = []
+    return Window(SmppConfig(**cfg), out.append, QuietLog()), out  # type: ignore[arg-type]
+
+
+def _add(w: Window, jid: int, text: str = "hi") -> None:
+    job = Job(recipient=f"+4179123{jid:04d}", originator="SMS", text=text, parts=1 if len(text) <= 160 else 2,
+              account="a", id=jid)
+    for js in encode_jobs([job], w.on_result):
+        w.add(js)
+
+
+def _seqs(batch: list[bytes]) -> list[int]:
+    return [pdus.HEADER.unpack_from(b)[3] for b in batch]
+
+
+def test_window_bounds_what_is_in_flight_and_answers_finish_jobs():
+    w, out = _window(window=2)
+    for jid in (1, 2, 3):
+        _add(w, jid)
+    batch, _ = w.take(0.0)
+    assert len(batch) == 2 and w.take(0.0)[0] == []  # the window is full
+    s1, s2 = _seqs(batch)
+    w.answer(s1, 0, "abc", 0.0)
+    w.answer(s2, 0x0B, "", 0.0)  # ESME_RINVDSTADR: permanent
+    assert out[0] == SubmitResult(1, refs=("abc",))
+    assert out[1].job_id == 2 and not out[1].temporary and "ESME_RINVDSTADR" in out[1].error
+    assert not out[1].maybe_sent
+    (b3,) = w.take(0.0)[0]
+    w.answer(_seqs([b3])[0], 0x08, "", 0.0)  # ESME_RSYSERR: temporary, counts an attempt
+    assert out[2].temporary and out[2].count_attempt and not out[2].maybe_sent
+
+
+def test_throttled_part_is_sent_again_after_a_pause_not_failed():
+    w, out = _window(window=10)
+    _add(w, 1)
+    t = time.monotonic()  # the rate limiter keeps its own clock: real times
+    (b,) = w.take(t)[0]
+    w.answer(_seqs([b])[0], pdus.ESME_RTHROTTLED, "", t)
+    assert out == [] and w.take(t)[0] == []  # paused
+    batch, _ = w.take(t + 5.0)
+    assert len(batch) == 1
+    w.answer(_seqs(batch)[0], 0, "x1", t + 5.0)
+    assert out == [SubmitResult(1, refs=("x1",))]
+
+
+def test_a_lost_connection_marks_what_was_on_the_wire_as_maybe_sent():
+    w, out = _window(window=1)
+    _add(w, 1)
+    _add(w, 2)
+    w.take(0.0)  # job 1 on the wire, job 2 queued
+    assert w.lose("read failed") == 2
+    by = {r.job_id: r for r in out}
+    assert by[1].maybe_sent and by[1].temporary and not by[1].count_attempt
+    assert not by[2].maybe_sent and by[2].temporary  # never written: free to go elsewhere
+    assert not w.jobs and not w.inflight
+
+
+def test_an_accepted_part_makes_a_later_failure_maybe_sent():
+    w, out = _window(window=10)
+    _add(w, 1, "x" * 200)  # two parts
+    s1, s2 = _seqs(w.take(0.0)[0])
+    w.answer(s1, 0, "p1", 0.0)
+    w.answer(s2, 0x08, "", 0.0)
+    assert out[0].job_id == 1 and out[0].temporary and out[0].maybe_sent
+
+
+def test_unanswered_submits_time_out_and_drop_the_bind_after_three():
+    w, out = _window(window=5, submit_timeout=1.0)
+    for jid in range(1, 4):
+        _add(w, jid)
+    w.take(0.0)
+    drop, _ = w.expire(0.5)
+    assert not drop and out == []
+    drop, _ = w.expire(1.5)
+    assert drop and w.timeouts == TIMEOUTS_BEFORE_RECONNECT
+    assert all(r.temporary and r.count_attempt and r.maybe_sent for r in out) and len(out) == 3
+
+
+def test_stop_gives_up_only_what_was_not_written():
+    w, out = _window(window=1)
+    _add(w, 1)
+    _add(w, 2)
+    (b,) = w.take(0.0)[0]
+    w.stop("dispatcher stopping")
+    assert [r.job_id for r in out] == [2] and not out[0].maybe_sent
+    w.answer(_seqs([b])[0], 0, "m", 0.0)
+    assert out[1] == SubmitResult(1, refs=("m",))
