@@ -9,11 +9,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-STYLES = ("aspsms", "telemessage")
 NOTIFY_POLICIES = ("", "ALWAYS", "NONE", "FAILED")
-# Devices of the telemessage style; only those with a delivery channel are accepted.
-DEVICES = ("sms", "business", "mobile", "home", "fax")
-CHANNEL_DEVICES = ("sms",)  # devices this build can deliver to
+# Address styles: policy/styles/ (the registry the config checks `style:` against); devices and
+# which of them have a delivery channel: policy/devices.py.
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -99,7 +97,7 @@ class Account:
 @dataclass(frozen=True)
 class Domain:
     name: str  # lowercased
-    style: str  # "aspsms" | "telemessage"
+    style: str  # a name in policy.styles.STYLES: "aspsms" | "telemessage"
 
 
 @dataclass(frozen=True)
