@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("milter_path", "dispatcher_drain", "end_to_end", "footprint", "claim_cost")
+BENCHES = ("milter_path", "dispatcher_drain", "end_to_end", "footprint", "claim_cost", "http_kannel")
 
 
 def run(name: str, quick: bool) -> tuple[int, list[dict], float]:

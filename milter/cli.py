@@ -195,11 +195,13 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     the one-line reason on stderr goes into the bounce, 75 (EX_TEMPFAIL) try later.
     """
     from .gateway import Gateway, Message, split_message
+    from .policy import catalogue as replies
 
     try:
         spool = _open_spool(cfg)
     except Fatal as e:
-        print(f"4.3.0 {e}", file=sys.stderr)
+        no_spool = replies.SUBMIT_NO_SPOOL(error=e)
+        print(f"{no_spool.xcode} {no_spool.text}", file=sys.stderr)
         return 75
     try:
         gateway = Gateway(cfg, spool)
@@ -212,9 +214,8 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
                 break
         else:
             if msg.others:
-                refusal = None
-                print("5.1.1 sms-milter submit only takes SMS addresses; check transport_maps",
-                      file=sys.stderr)
+                wrong = replies.SUBMIT_NOT_SMS()
+                print(f"{wrong.xcode} {wrong.text}", file=sys.stderr)
                 return 65
             refusal = gateway.end_of_message(msg).refusal
     finally:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-STYLES = ("aspsms", "telemessage")
 NOTIFY_POLICIES = ("", "ALWAYS", "NONE", "FAILED")
-# Devices of the telemessage style; only those with a delivery channel are accepted.
-DEVICES = ("sms", "business", "mobile", "home", "fax")
-CHANNEL_DEVICES = ("sms",)  # devices this build can deliver to
+# Address styles: policy/styles/ (the registry the config checks `style:` against); devices and
+# which of them have a delivery channel: policy/devices.py.
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -99,7 +97,7 @@ class Account:
 @dataclass(frozen=True)
 class Domain:
     name: str  # lowercased
-    style: str  # "aspsms" | "telemessage"
+    style: str  # a name in policy.styles.STYLES: "aspsms" | "telemessage"
 
 
 @dataclass(frozen=True)
@@ -233,6 +231,71 @@ class Config:
             f"{self.source}: OK: {len(self.domains)} domain(s), {len(self.accounts)} account(s), "
             f"milter on {self.milter.socket}, spool {self.spool.where}"
         )
+
+
+# -- HTTP SMS providers (`providers.NAME.http`): see dispatcher/http.py and README "HTTP providers"
+HTTP_PART_STATES = ("delivered", "buffered", "failed", "expired", "ignore")  # "ignore": acknowledged only
+
+
+@dataclass(frozen=True)
+class HttpCallback:
+    """Delivery reports pushed by the provider to the dispatcher's callback listener."""
+
+    listen: str  # "host:port" the dispatcher listens on (several providers may share one)
+    url: str  # base URL the provider calls (default http://<listen>)
+    token: str  # unguessable, in the callback path: /dlr/<token>/<reference>/<parts>
+    suffix: str = ""  # appended to each job's callback URL as is (Kannel: "?type=%d&to=%p")
+    state_field: str = "status"  # field (query, form or JSON path) holding the state
+    states: tuple[tuple[str, str], ...] = ()  # field value -> one of HTTP_PART_STATES
+    ref_field: str = ""  # field with the provider's message id; "" = our reference from the path
+    number_field: str = ""  # field with the handset number (matched like SMPP's source_addr)
+    error_field: str = ""  # field with the provider's error code/text, for last_error
+    max_body: int = 16384  # bytes; larger bodies are refused 413
+    timeout: float = 10.0  # seconds for a client to send its request / for the receipt to be stored
+
+
+@dataclass(frozen=True)
+class HttpPoll:
+    """Delivery state asked for by the dispatcher (providers without callbacks)."""
+
+    url: str  # template: {message_id}, {reference}, {recipient...}
+    interval: float = 300.0  # seconds between asks for a job still waiting for its state
+    state_json: str = ""  # JSON path of the state in the answer ...
+    state_regex: str = ""  # ... or a regex whose group 1 is the state
+    states: tuple[tuple[str, str], ...] = ()  # value -> one of HTTP_PART_STATES
+
+
+# Status code ranges (lo, hi) inclusive.
+StatusRanges = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    url: str  # template (placeholders are URL-encoded)
+    method: str = "POST"  # GET | POST
+    query: tuple[tuple[str, str], ...] = ()  # query parameters: name -> template
+    headers: tuple[tuple[str, str], ...] = ()  # literal (secrets allowed: never logged)
+    auth: tuple[str, str] | None = None  # HTTP basic (user, password)
+    body: str = "form"  # form | json | none
+    fields: object = None  # the body template: a mapping (form), any JSON value (json)
+    success_status: StatusRanges = ((200, 299),)
+    success_regex: str = ""  # the body must also match this (search)
+    success_json: str = ""  # JSON path that must hold one of success_values
+    success_values: tuple[str, ...] = ()
+    message_id_json: str = ""  # JSON path of the provider's message id ("" with the regex: our reference)
+    message_id_regex: str = ""  # or a regex whose group 1 is the message id
+    temporary_status: StatusRanges = ((408, 408), (429, 429), (500, 599))  # other failures are permanent
+    temporary_regex: str = ""  # a failed answer whose body matches this is temporary too
+    timeout: float = 10.0  # seconds for the whole request
+    concurrency: int = 4  # requests at once (pooled connections)
+    callback: HttpCallback | None = None
+    poll: HttpPoll | None = None
+
+
+# Placeholders of HTTP templates ({name}; {{ and }} are literal braces).
+HTTP_FIELDS = ("recipient", "recipient_00", "recipient_digits", "text", "originator", "originator_digits",
+               "reference", "callback_url", "parts", "coding", "unicode", "flash", "job_id")
+HTTP_POLL_FIELDS = (*HTTP_FIELDS, "message_id")
 
 
 # -- TeleMessage voice and fax channels (issue 15): see milter/channels/ ------------------------------

@@ -28,6 +28,7 @@ import libmilter as lm
 from . import codec, metrics
 from .codec import ACCEPT, CONTINUE, DISCARD, PROTOCOL_FLAGS, TEMPFAIL, ProtocolError
 from .gateway import Commit, Gateway, Message, Outcome
+from .policy import catalogue as replies
 from .policy.refusal import INTERNAL_ERROR, Refusal
 from .spool.base import AddRequest
 
@@ -35,8 +36,7 @@ __all__ = ["PROTOCOL_FLAGS", "TOO_SLOW", "CommitHost", "MilterSession", "Protoco
 
 log = logging.getLogger("sms_milter.adapter")
 
-TOO_SLOW = Refusal("451", "4.3.0", "The SMS gateway could not decide this message in time; please try "
-                                   "again later.")
+TOO_SLOW = replies.TOO_SLOW()
 
 
 def reply_packet(r: Refusal) -> bytes:

@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 from ..model import (
-    STYLES,
     Config,
     Domain,
     Limits,
@@ -24,6 +23,7 @@ from ..model import (
     SpoolConfig,
     XmlConfig,
 )
+from ..policy.styles import STYLES
 from .accounts import parse_account
 from .channels import parse_fax, parse_voice
 from .limits import parse_breaker, parse_limits

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..model import LEGACY_PROVIDER, PROVIDER_KINDS, ProviderSpec, Route, SmppConfig
+from . import http
 from .reader import Reader, host_ok
 
 SMPP_KEYS = ("host", "port", "system_id", "password", "system_type", "window", "rate", "enquire_link",
@@ -24,14 +25,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 _PREFIX = re.compile(r"\+[0-9]{1,15}")
 
 
-def _no_http(r: Reader, node: Any, path: str) -> object | None:
-    r.bad(path, "HTTP providers are not supported by this version")
-    return None
-
-
 # The reader of an `http:` provider's settings: (reader, node, YAML path) -> settings or None.
-# The HTTP provider's module replaces it (config/http.py).
-parse_http: Callable[[Reader, Any, str], object | None] = _no_http
+parse_http: Callable[[Reader, Any, str], object | None] = http.parse_http
 
 
 def parse_smpp(r: Reader, node: Any, p: str) -> SmppConfig:

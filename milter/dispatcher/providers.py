@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..model import Config, ProviderSpec
+from ..model import Config, HttpConfig, ProviderSpec
+from .http import HttpProvider
 from .provider import Provider
 from .router import Router
 from .smpp import SmppProvider
@@ -21,8 +22,13 @@ def _smpp(spec: ProviderSpec) -> Provider:
     return SmppProvider(spec.smpp, name=spec.name)
 
 
+def _http(spec: ProviderSpec) -> Provider:
+    assert isinstance(spec.http, HttpConfig)  # the parser sets it for kind http
+    return HttpProvider(spec.http, name=spec.name)
+
+
 # kind -> constructor; a new kind of provider is one entry here (and its config reader).
-KINDS: dict[str, Callable[[ProviderSpec], Provider]] = {"smpp": _smpp}
+KINDS: dict[str, Callable[[ProviderSpec], Provider]] = {"smpp": _smpp, "http": _http}
 
 
 class UnknownKind(ValueError):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 
 from ..model import Account, SenderRule
+from . import catalogue as replies
 from .refusal import Refusal
 
 _N, _R, _P = 16384, 8, 1
@@ -140,8 +141,7 @@ def network_allowed(account: Account, ip: str | None) -> bool:
 
 
 def _network_refusal(ip: str | None) -> Refusal:
-    return Refusal("550", "5.7.1",
-                   f"Client address {ip or '(unknown)'} is not allowed to send SMS for this sender.")
+    return replies.CLIENT_NOT_ALLOWED(ip=ip or "(unknown)")
 
 
 def authorize_sender(sender: str, ip: str | None, accounts: Mapping[str, Account],
@@ -151,8 +151,7 @@ def authorize_sender(sender: str, ip: str | None, accounts: Mapping[str, Account
     if s.startswith("<") and s.endswith(">"):
         s = s[1:-1].strip()
     if not s:
-        return Refusal("550", "5.7.1", "Mail from the null sender <> cannot send SMS; use an authorized "
-                                       "sender address.")
+        return replies.NULL_SENDER()
     s = s.lower()
     match: tuple[Account, SenderRule] | None = None
     for acc in accounts.values():
@@ -172,8 +171,7 @@ def authorize_sender(sender: str, ip: str | None, accounts: Mapping[str, Account
             if match:
                 break
     if match is None:
-        return Refusal("550", "5.7.1",
-                       "This sender address is not authorized to send SMS through this gateway.")
+        return replies.SENDER_NOT_AUTHORIZED()
     if not network_allowed(match[0], ip):
         return _network_refusal(ip)
     return match
@@ -184,7 +182,7 @@ def authorize_userkey(userkey: str, password: str, ip: str | None,
     """The account for textsms@/xml@ credentials from `ip`, or a Refusal (never saying which was wrong)."""
     acc = find_userkey_account(userkey, password, accounts)
     if acc is None:
-        return Refusal("550", "5.7.8", "Userkey or Password in the Subject is wrong.")
+        return replies.WRONG_CREDENTIALS()
     if not network_allowed(acc, ip):
         return _network_refusal(ip)
     return acc

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
 import email.policy
 import email.utils
 import re
@@ -14,7 +11,12 @@ from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
 
+from . import catalogue as replies
+from .charsets import charset_codec, decode, decode_header, safe_text, unfold
 from .refusal import Refusal
+
+__all__ = ["MessageText", "XmlMail", "charset_codec", "extract_text", "extract_xml", "latin1_problem",
+           "render_template", "safe_text"]
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,6 @@ _MARKUP = re.compile(
     r"|<!doctype\b|<!--",
     re.IGNORECASE,
 )
-_ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
-
-
-def _fail(text: str, xcode: str = "5.6.1") -> Refusal:
-    return Refusal("550", xcode, text)
-
 
 def _raw_header(msg: Message, name: str) -> str | None:
     for key, value in msg.raw_items():
@@ -50,154 +46,14 @@ def _raw_header(msg: Message, name: str) -> str | None:
     return None
 
 
-def _unfold(value: str) -> str:
-    return re.sub(r"\r?\n(?=[ \t])", "", value).replace("\r", "").replace("\n", "")
-
-
-# Codecs Python calls text encodings that are no mail charset: they transform text
-# (punycode, idna, the escape codecs) or refuse everything (undefined).
-_NOT_CHARSETS = frozenset({"punycode", "idna", "undefined", "unicode-escape", "raw-unicode-escape",
-                           "charmap", "mbcs", "oem", "unicode-internal"})
-
-
-_CHARSET_NAME = re.compile(r"[A-Za-z0-9!#$%&'+^_`{}~.:-]+")  # RFC 2978 mime-charset-chars
-
-
-def _codec(charset: str) -> codecs.CodecInfo | None:
-    """The codec of a real text charset named in mail, else None (rot13, base64, zlib, punycode...)."""
-    if len(charset) > 64 or not _CHARSET_NAME.fullmatch(charset):
-        return None
-    try:
-        info = codecs.lookup(charset)
-    except (LookupError, ValueError, TypeError):
-        return None
-    if not getattr(info, "_is_text_encoding", False) or info.name in _NOT_CHARSETS:
-        return None
-    return info
-
-
-def charset_codec(charset: str) -> str | None:
-    """The Python codec name for a MIME charset, or None if it is not a real text charset."""
-    info = _codec(charset)
-    return info.name if info is not None else None
-
-
-def safe_text(s: str) -> str:
-    """`s` as text any store can hold: 8-bit bytes kept as surrogate escapes by the email
-    package become their characters (UTF-8, else ISO-8859-1); any other lone surrogate
-    (say, from UTF-7) and NUL become U+FFFD."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            raw = s.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            raw = None
-        if raw is not None:
-            try:
-                s = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                s = raw.decode("latin-1")
-        else:
-            s = "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in s)
-    return s.replace("\0", "\ufffd")
-
-
-def _line_of(data: bytes, index: int) -> int:
-    return data.count(b"\n", 0, index) + 1
-
-
-def _decode(data: bytes, charset: str | None, where: str) -> str | Refusal:
-    """Bytes to text; `charset` None means undeclared (ASCII, else UTF-8, else ISO-8859-1)."""
-    if charset is None:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return data.decode("latin-1")
-    info = _codec(charset)
-    if info is None:
-        name = safe_text(charset)
-        name = name if len(name) <= 40 else name[:37] + "..."
-        return _fail(f"Unknown charset '{name}' in the {where}; use ISO-8859-1 or UTF-8.", "5.6.0")
-    try:
-        return data.decode(info.name)
-    except UnicodeDecodeError as e:
-        at = min(e.start, len(data) - 1) if data else 0
-        byte = f"byte 0x{data[at]:02X} at line {_line_of(data, at)}" if data else "no data"
-        return _fail(f"The {where} is not valid {safe_text(charset)} ({byte}); declare the right charset "
-                     "or fix the text.", "5.6.0")
-    except (UnicodeError, ValueError, LookupError):  # a codec's own complaint: still bad text
-        return _fail(f"The {where} is not valid {safe_text(charset)}; declare the right charset or fix "
-                     "the text.",
-                     "5.6.0")
-
-
-def _surrogate_bytes(s: str) -> bytes:
-    """A str from BytesParser (8-bit bytes as surrogate escapes) back to its bytes."""
-    return s.encode("utf-8", "surrogateescape")
-
-
-def _decode_header(value: str) -> str | Refusal:
-    """RFC 2047 decoding; unencoded text follows the undeclared-charset rule."""
-    out: list[str] = []
-    pos = 0
-    pending: tuple[str, bytearray] | None = None  # adjacent encoded words in one charset, joined as bytes
-
-    def flush() -> Refusal | None:
-        nonlocal pending
-        if pending is not None:
-            text = _decode(bytes(pending[1]), pending[0], "Subject")
-            pending = None
-            if isinstance(text, Refusal):
-                return text
-            out.append(text)
-        return None
-
-    for m in _ENCODED_WORD.finditer(value):
-        between = value[pos:m.start()]
-        if between and not (pending is not None and between.isspace()):
-            problem = flush()
-            if problem:
-                return problem
-            text = _decode(_surrogate_bytes(between), None, "Subject")
-            assert isinstance(text, str)
-            out.append(text)
-        charset = m.group(1).split("*", 1)[0]
-        data = m.group(3).encode("ascii", "surrogateescape")
-        try:
-            if m.group(2) in "qQ":
-                raw = binascii.a2b_qp(data, header=True)
-            else:
-                raw = base64.b64decode(data + b"=" * (-len(data) % 4))
-        except (binascii.Error, ValueError):
-            return _fail("The Subject holds a damaged encoded word; send it again from a standard mail "
-                         "client.", "5.6.0")
-        if pending is not None and pending[0].lower() != charset.lower():
-            problem = flush()
-            if problem:
-                return problem
-        if pending is None:
-            pending = (charset, bytearray())
-        pending[1].extend(raw)
-        pos = m.end()
-    problem = flush()
-    if problem:
-        return problem
-    rest = _decode(_surrogate_bytes(value[pos:]), None, "Subject")
-    assert isinstance(rest, str)
-    out.append(rest)
-    return "".join(out)
-
-
 def _leaves(part: Message) -> Iterator[Message | Refusal]:
     ctype = part.get_content_type()
     if ctype.startswith("multipart/"):
         if not part.is_multipart():
-            yield _fail(f"The message is declared {ctype} but has no valid MIME parts; send the SMS text as "
-                        "plain text only (text/plain).")
+            yield replies.MULTIPART_EMPTY(ctype=ctype)
             return
         if ctype not in ("multipart/mixed", "multipart/alternative"):
-            yield _fail(f"The message is {ctype}; SMS mail must be plain text only (one text/plain part).")
+            yield replies.MULTIPART_OTHER(ctype=ctype)
             return
         for sub in part.get_payload():
             if isinstance(sub, Message):  # is_multipart(): always a Message
@@ -209,11 +65,10 @@ def _leaves(part: Message) -> Iterator[Message | Refusal]:
 def _transfer_decode(part: Message) -> bytes | Refusal:
     cte = (_raw_header(part, "content-transfer-encoding") or "7bit").strip().lower()
     if cte not in ("7bit", "8bit", "binary", "quoted-printable", "base64", ""):
-        return _fail(f"Unknown Content-Transfer-Encoding '{cte}' in the text part; use 7bit, 8bit, "
-                     "quoted-printable or base64.", "5.6.0")
+        return replies.UNKNOWN_TRANSFER_ENCODING(cte=cte)
     data = part.get_payload(decode=True)  # raw bytes for 7bit/8bit, decoded for quoted-printable/base64
     if not isinstance(data, bytes):
-        return _fail("The text part could not be read; send the SMS text as plain text only (text/plain).")
+        return replies.PART_UNREADABLE()
     return data
 
 
@@ -227,7 +82,7 @@ def _markup_problem(body: str) -> Refusal | None:
     elif len(tag) > 40:
         tag = tag[:36] + "...>"
     line = body.count("\n", 0, m.start()) + 1
-    return _fail(f"The text contains HTML markup ({tag} at line {line}); send plain text only.")
+    return replies.HTML_MARKUP(tag=tag, line=line)
 
 
 # The common shape of SMS mail: one text/plain part, no transfer encoding, an ASCII header.
@@ -286,17 +141,16 @@ def _extract_full(raw: bytes) -> MessageText | Refusal:
         msg = BytesParser(policy=email.policy.default).parsebytes(raw)
         return _extract(msg)
     except Exception:  # a parser bug on hostile input must become an answer, not a crash
-        return _fail("The message could not be parsed as MIME; send the SMS text as plain text only "
-                     "(text/plain).", "5.6.0")
+        return replies.MIME_UNPARSABLE()
 
 
 def _extract(msg: Message) -> MessageText | Refusal:
     subject_raw = _raw_header(msg, "subject")
-    subject = _decode_header(_unfold(subject_raw)) if subject_raw is not None else ""
+    subject = decode_header(unfold(subject_raw)) if subject_raw is not None else ""
     if isinstance(subject, Refusal):
         return subject
     mid = _raw_header(msg, "message-id")
-    message_id = _unfold(mid).strip() or None if mid is not None else None
+    message_id = unfold(mid).strip() or None if mid is not None else None
     found = _the_part(msg, ("text/plain",), _SMS_TEXT)
     if isinstance(found, Refusal):
         return found
@@ -328,20 +182,20 @@ def _the_part(msg: Message, types: tuple[str, ...], what: str
             return leaf
         ctype = leaf.get_content_type()
         if ctype == "text/html":
-            return _fail(f"The message contains an HTML part; send {what} as plain text only (text/plain).")
+            return replies.HTML_PART(what=what)
         if ctype in types:
             texts.append(leaf)
         else:
             others.append(ctype)
     if others:
-        only = ("SMS mail must be plain text only." if what == _SMS_TEXT
-                else f"mail to xml@ must carry {what} as its only part.")
-        return _fail(f"The message contains an attachment ({safe_text(others[0])[:60]}); {only}")
+        ctype = safe_text(others[0])[:60]
+        if what == _SMS_TEXT:
+            return replies.SMS_ATTACHMENT(ctype=ctype)
+        return replies.XML_ATTACHMENT(ctype=ctype, what=what)
     if len(texts) != 1:
         if not texts:
-            return _fail(f"The message contains no text part; send {what} as plain text (text/plain).")
-        return _fail(f"The message contains {len(texts)} text parts; send {what} as one plain text "
-                     "part without attachments.")
+            return replies.NO_TEXT_PART(what=what)
+        return replies.MANY_TEXT_PARTS(count=len(texts), what=what)
     part = texts[0]
     data = _transfer_decode(part)
     if isinstance(data, Refusal):
@@ -385,8 +239,7 @@ class XmlMail:
 
 
 def _xml_refusal(what: str) -> Refusal:
-    return _fail(f"Mail to xml@ must carry the XML request as its only, plain-text part (text/plain or "
-                 f"text/xml); {what}.")
+    return replies.XML_NOT_REQUEST(what=what)
 
 
 def extract_xml(raw: bytes) -> XmlMail | Refusal:
@@ -395,8 +248,7 @@ def extract_xml(raw: bytes) -> XmlMail | Refusal:
         msg = BytesParser(policy=email.policy.default).parsebytes(raw)
         found = _the_part(msg, XML_TYPES, "the XML request")
     except Exception:  # a parser bug on hostile input must become an answer, not a crash
-        return _fail("The message could not be parsed as MIME; send the XML request as plain text only "
-                     "(text/plain or text/xml).", "5.6.0")
+        return replies.XML_MIME_UNPARSABLE()
     if isinstance(found, Refusal):
         return found
     part, body, charset = found
@@ -407,13 +259,12 @@ def extract_xml(raw: bytes) -> XmlMail | Refusal:
     if charset is not None:
         codec = charset_codec(charset)
         if codec is None:
-            return _fail(f"Unknown charset '{charset[:40]}' in the XML request; use ISO-8859-1 or UTF-8.",
-                         "5.6.0")
+            return replies.UNKNOWN_CHARSET(charset=charset[:40], where="XML request")
     if not body.strip():
         return _xml_refusal("this message has no body")
     if _HTML_START.match(body):
         return _xml_refusal("HTML is not accepted, send the XML as plain text")
-    mid = safe_text(_unfold(_raw_header(msg, "message-id") or "")).strip()
+    mid = safe_text(unfold(_raw_header(msg, "message-id") or "")).strip()
     m = _MSGID.search(mid)
     auto = safe_text(_raw_header(msg, "auto-submitted") or "").strip().lower().startswith("auto-replied")
     return XmlMail(body=body, charset=codec, message_id=m.group(0) if m else "", auto_replied=auto)
@@ -429,7 +280,7 @@ def _param_filename(part: Message) -> bool:
 def _plain_text(data: bytes, charset: str | None, subject: str, message_id: str | None
                 ) -> MessageText | Refusal:
     """The decoded text part, line ends normalised, refused if it holds markup."""
-    body = _decode(data, charset, "text part")
+    body = decode(data, charset, "text part")
     if isinstance(body, Refusal):
         return body
     body = safe_text(body.replace("\r\n", "\n").replace("\r", "\n").rstrip())
@@ -451,10 +302,7 @@ def latin1_problem(text: str, where: str) -> Refusal | None:
     lineno = text.count("\n", 0, at) + 1
     col = at - text.rfind("\n", 0, at)
     name = unicodedata.name(ch, "unnamed character")
-    return Refusal("550", "5.6.0",
-                   f"Character U+{ord(ch):04X} ({name}) in the {where} at line {lineno}, "
-                   f"column {col} cannot be written in ISO-8859-1; this SMS domain accepts "
-                   "ISO-8859-1 text only.")
+    return replies.NOT_LATIN1(code=ord(ch), name=name, where=where, line=lineno, column=col)
 
 
 _SUBJECT_FIELD = re.compile(r"(?<!\{)(\{subject(?:[!:][^{}]*)?\})[,;:\- \t]*")

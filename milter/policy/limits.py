@@ -22,6 +22,7 @@ import phonenumbers
 
 from ..model import NUMBER_TYPES, Account, BreakerConfig, Limits
 from ..spool.base import SLOT_LONG, SLOT_RCPT, SLOT_SHORT, AccountUsage, LimitUsage
+from . import catalogue as replies
 from .refusal import Refusal
 
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -66,28 +67,21 @@ def destination_hit(limits: Limits, number: str) -> Hit | None:
     """deny_prefixes, countries, number_types for one E.164 number."""
     for prefix in limits.deny_prefixes:
         if number.startswith(prefix):
-            return Hit("deny_prefixes", Refusal(
-                "550", "5.7.1", f"SMS to {number} is refused by rule deny_prefixes (prefix {prefix} is "
-                                "not served by this gateway)."))
+            return Hit("deny_prefixes", replies.DENIED_PREFIX(number=number, prefix=prefix))
     region, kind = number_facts(number)
     if limits.countries is not None and region not in limits.countries:
-        return Hit("countries", Refusal(
-            "550", "5.7.1", f"SMS to {number} is refused by rule countries: destination country {region} "
-                            f"is not allowed for this account (allowed: {', '.join(limits.countries)})."))
+        return Hit("countries", replies.DENIED_COUNTRY(number=number, region=region,
+                                                       allowed=", ".join(limits.countries)))
     allowed = {NUMBER_TYPES[t] for t in limits.number_types}
     if NUMBER_TYPES[kind] not in allowed:
-        return Hit("number_types", Refusal(
-            "550", "5.7.1", f"SMS to {number} is refused by rule number_types: it is a {kind} number, "
-                            "which this account may not send to."))
+        return Hit("number_types", replies.DENIED_NUMBER_TYPE(number=number, kind=kind))
     return None
 
 
 def recipients_hit(limits: Limits, count: int) -> Hit | None:
     """More distinct SMS recipients in one message than recipients_per_message."""
     if count > limits.recipients_per_message:
-        return Hit("recipients_per_message", Refusal(
-            "550", "5.5.3", f"Too many SMS recipients: limit recipients_per_message allows "
-                            f"{limits.recipients_per_message} per message; split the message."))
+        return Hit("recipients_per_message", replies.TOO_MANY_RECIPIENTS(limit=limits.recipients_per_message))
     return None
 
 
@@ -103,12 +97,9 @@ def smtp_auth_hit(account: Account, login: str | None) -> Hit | None:
     if account.smtp_auth is None:
         return None
     if not login:
-        return Hit("smtp_auth", Refusal(
-            "550", "5.7.1", "This SMS account requires SMTP authentication (rule smtp_auth): log in with "
-                            "a login bound to the account before sending."))
+        return Hit("smtp_auth", replies.AUTH_REQUIRED())
     if not login_bound(login, account.smtp_auth):
-        return Hit("smtp_auth", Refusal(
-            "550", "5.7.1", "The SMTP AUTH login used is not bound to this SMS account (rule smtp_auth)."))
+        return Hit("smtp_auth", replies.AUTH_NOT_BOUND())
     return None
 
 
@@ -130,8 +121,7 @@ def _window_hit(rule: str, what: str, cap: int | None, slots: Iterable[tuple[int
     if used + parts <= cap:
         return None
     if parts > cap:
-        return Hit(rule, Refusal("552", "5.2.2", f"The message needs {parts} SMS parts for {whom}; "
-                                                 f"limit {rule} allows {cap} {what}."))
+        return Hit(rule, replies.OVER_CAP(parts=parts, whom=whom, rule=rule, cap=cap, what=what))
     freed = 0
     frees_at = now + window
     for s, p in inside:
@@ -139,9 +129,7 @@ def _window_hit(rule: str, what: str, cap: int | None, slots: Iterable[tuple[int
         if used - freed + parts <= cap:
             frees_at = s + width + window
             break
-    return Hit(rule, Refusal("451", "4.7.1", f"Limit {rule} ({cap} SMS parts {what}) reached for {whom}; "
-                                             f"it frees up at {_when(frees_at, now)}; please try again "
-                                             "later."))
+    return Hit(rule, replies.WINDOW_FULL(rule=rule, cap=cap, what=what, whom=whom, when=_when(frees_at, now)))
 
 
 def next_month(now: float) -> float:
@@ -154,9 +142,8 @@ def usage_hit(limits: Limits, usage: LimitUsage, parts: int, by_recipient: Mappi
     """The caps for one account committing `parts` more (by destination: `by_recipient`)."""
     now = usage.now
     if limits.parts_per_month is not None and usage.month + parts > limits.parts_per_month:
-        return Hit("parts_per_month", Refusal(
-            "552", "5.2.2", f"Limit parts_per_month ({limits.parts_per_month} SMS parts per calendar month) "
-                            f"reached for this account; it resets at {_when(next_month(now), now)}."))
+        return Hit("parts_per_month", replies.MONTH_FULL(cap=limits.parts_per_month,
+                                                         when=_when(next_month(now), now)))
     for hit in (
         _window_hit("parts_per_minute", "per minute", limits.parts_per_minute, usage.short, SLOT_SHORT,
                     MINUTE, parts, now),
@@ -219,10 +206,8 @@ def breaker_update(cfg: BreakerConfig, state: BreakerState, stats: Mapping[str, 
 def breaker_hit(state: BreakerState, number: str, now: float) -> Hit | None:
     for prefix, (until, finished, failed) in state.open.items():
         if number.startswith(prefix) and until > now:
-            return Hit("breaker", Refusal(
-                "451", "4.7.1", f"SMS to {prefix}... is paused by the circuit breaker ({failed} of "
-                                f"{finished} recent SMS there failed); it reopens at {_when(until, now)}; "
-                                "please try again later."))
+            return Hit("breaker", replies.BREAKER_OPEN(prefix=prefix, failed=failed, finished=finished,
+                                                       when=_when(until, now)))
     return None
 
 

@@ -24,5 +24,11 @@ class Refusal:
         return f"{self.code} {self.xcode} {self.text}"
 
 
-SPOOL_UNAVAILABLE = Refusal("451", "4.3.0", "The SMS spool is unavailable right now; please try again later.")
-INTERNAL_ERROR = Refusal("451", "4.3.0", "The SMS gateway hit an internal error; please try again later.")
+def __getattr__(name: str) -> Refusal:
+    """The gateway's own 4xx under their old names here; every refusal is built in `catalogue`."""
+    if name in ("SPOOL_UNAVAILABLE", "INTERNAL_ERROR"):
+        from . import catalogue
+
+        entry: catalogue.Reply = getattr(catalogue, name)
+        return entry()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from ..model import NOTIFY_POLICIES
+from . import catalogue as replies
 from .refusal import Refusal
 
 _KEYWORDS = {
@@ -97,12 +98,7 @@ def _word(n: int) -> str:
     return f"word {n} of the Subject"
 
 
-def _bad(text: str) -> Refusal:
-    return Refusal("550", "5.5.4", text)
-
-
-_AFTER_PASSWORD = _bad("The Password value in the Subject is followed by text that is not a keyword=value "
-                       "pair; a value may not contain blanks, commas or semicolons.")
+_AFTER_PASSWORD = replies.AFTER_PASSWORD()
 
 
 # A textsms@ Subject longer than this is refused before it is parsed. Postfix passes a header
@@ -124,12 +120,8 @@ def textsms_length_problem(subject: str, max_recipients: int) -> Refusal | None:
         return None
     many = count_recipient_keys(subject)
     if many > max_recipients:
-        return Refusal("550", "5.5.3", f"Too many SMS recipients: the Subject gives at least {many} "
-                                       f"Recipient= values; limit recipients_per_message allows at most "
-                                       f"{max_recipients} per message; split the message.")
-    return _bad(f"The Subject is {len(subject)} characters long; textsms@ takes at most "
-                f"{MAX_TEXTSMS_SUBJECT} (mail systems may cut a longer header without saying so); "
-                "write fewer or shorter pairs, or split the message.")
+        return replies.SUBJECT_TOO_MANY_RECIPIENTS(count=many, limit=max_recipients)
+    return replies.SUBJECT_TOO_LONG(length=len(subject), limit=MAX_TEXTSMS_SUBJECT)
 
 
 def parse_subject(subject: str) -> SubjectFields | Refusal:
@@ -144,32 +136,27 @@ def parse_subject(subject: str) -> SubjectFields | Refusal:
             cred = _CREDENTIAL_WORD.match(tok.value)
             if cred:
                 label = _NAMES[_KEYWORDS[cred.group(1).lower()]]
-                return _bad(f"W{_word(n)[1:]} starts with {label} but is not a {label}=<value> pair; "
-                            f"write {label}=<value> with '=' and no blanks.")
-            return _bad(f"W{_word(n)[1:]} is not a keyword=value pair; write pairs such as "
-                        "Recipient=0041791234567 separated by blanks, commas or semicolons.")
+                return replies.CREDENTIAL_WORD(n=n, label=label)
+            return replies.NOT_A_PAIR(n=n)
         name = _KEYWORDS.get(tok.key.lower())
         if name is None:
             if after_password:
                 return _AFTER_PASSWORD
             where = f"'{tok.key}' in the Subject" if _ECHO_KEY.fullmatch(tok.key) else f"in {_word(n)}"
-            return _bad(f"Unknown keyword {where}; use Userkey, Password, Recipient, Originator or Notify.")
+            return replies.UNKNOWN_KEYWORD(where=where)
         after_password = name == "password"
         label = _NAMES[name]
         if name == "recipient":
             if not tok.value:
-                return _bad("The Subject has an empty Recipient= value; write "
-                            "Recipient=<international number> such as Recipient=0041791234567.")
+                return replies.EMPTY_RECIPIENT()
             recipients.append(tok.value)
             continue
         if name in seen:
-            return _bad(f"The Subject gives {label}= twice; give each keyword once "
-                        "(only Recipient may repeat).")
+            return replies.KEYWORD_TWICE(label=label)
         if name in ("userkey", "password") and not tok.value:
-            return _bad(f"The Subject has an empty {label}= value; write {label}=<value> without blanks.")
+            return replies.EMPTY_VALUE(label=label)
         if name == "notify" and tok.value.upper() not in NOTIFY_POLICIES:
-            return _bad(f"The Notify= value in {_word(n)} is not allowed; use Notify=ALWAYS, Notify=NONE, "
-                        "Notify=FAILED or an empty Notify=.")
+            return replies.BAD_NOTIFY(n=n)
         seen[name] = tok.value
     originator = seen.get("originator") or None
     notify = seen["notify"].upper() if "notify" in seen else None
@@ -187,8 +174,7 @@ def textsms_problem(f: SubjectFields) -> Refusal | None:
     for present, label, short in ((f.userkey, "Userkey", "U"), (f.password, "Password", "P"),
                                   (f.recipients, "Recipient", "R")):
         if not present:
-            return _bad(f"The Subject has no {label}= (or {short}=) keyword; textsms@ needs Userkey, "
-                        "Password and at least one Recipient.")
+            return replies.SUBJECT_MISSING(label=label, short=short)
     return None
 
 

@@ -4,13 +4,13 @@ import pytest
 from sms_milter.model import Domain
 from sms_milter.policy.addresses import (
     SmsTarget,
-    classify_recipient,
     normalize_originator,
     originator_problem,
     originator_wire,
     parse_number,
 )
 from sms_milter.policy.refusal import Refusal
+from sms_milter.policy.styles import classify_recipient
 
 ASP = Domain(name="sms.example.com", style="aspsms")
 TM = Domain(name="tm.example.com", style="telemessage")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sms_milter.dispatcher.receipts import interpret, parse_receipt_text
 from sms_milter.model import Domain
-from sms_milter.policy import addresses
+from sms_milter.policy import addresses, styles
 from sms_milter.policy.refusal import Refusal
 from sms_milter.policy.subject import (
     SubjectFields,
@@ -72,7 +72,7 @@ addr_domain = st.one_of(st.text(max_size=20), st.sampled_from(
 @given(addr_local, st.sampled_from(["@", "", "@@"]), addr_domain)
 def test_addresses(local: str, at: str, domain: str) -> None:
     address = local + at + domain
-    r = addresses.classify_recipient(address, DOMAINS)
+    r = styles.classify_recipient(address, DOMAINS)
     assert r is None or isinstance(r, (Refusal, addresses.SmsTarget))
     if isinstance(r, addresses.SmsTarget) and r.number is not None:
         assert r.number.startswith("+")

@@ -329,15 +329,15 @@ def _gateway(tmp_path: Path, **account_limits) -> Gateway:
 def test_xml_keeps_its_own_recipient_limit_textsms_does_not(tmp_path):
     gw = _gateway(tmp_path, recipients_per_message=2)
     jobs = [job(f"+4179123450{i}") for i in range(3)]
-    plan = gw._eom_limits(Message(), jobs, [0, 1, 2], xml_jobs=3)  # three xml@ recipients
+    plan = gw.limits.eom(Message(), jobs, [0, 1, 2], xml_jobs=3)  # three xml@ recipients
     assert isinstance(plan, LimitPlan)
-    refused = gw._eom_limits(Message(), jobs, [0, 1, 2], xml_jobs=0)  # three textsms@ R=
+    refused = gw.limits.eom(Message(), jobs, [0, 1, 2], xml_jobs=0)  # three textsms@ R=
     assert not isinstance(refused, LimitPlan) and refused is not None and refused.xcode == "5.5.3"
 
 
 def test_identical_seconds_zero_turns_the_identical_sms_rule_off(tmp_path):
-    on = _gateway(tmp_path / "on")._eom_limits(Message(), [job()], [0])
-    off = _gateway(tmp_path / "off", identical_seconds=0)._eom_limits(Message(), [job()], [0])
+    on = _gateway(tmp_path / "on").limits.eom(Message(), [job()], [0])
+    off = _gateway(tmp_path / "off", identical_seconds=0).limits.eom(Message(), [job()], [0])
     assert isinstance(on, LimitPlan) and isinstance(off, LimitPlan)
     assert on.dedupe_keys and on.dedupe_keys[0].startswith("600:")
     assert off.dedupe_keys == ()
@@ -381,9 +381,9 @@ def test_global_monitor_mode_applies_to_every_account_unless_overridden():
                         "accounts": {"a": {}, "b": {"limits": {"mode": "enforce"}}}})
     assert cfg.accounts["a"].limits.monitor and not cfg.accounts["b"].limits.monitor
     gw = Gateway(cfg, None)  # type: ignore[arg-type]  # RCPT rules need no spool
-    assert gw._limit_hit(Message(), cfg.accounts["a"], limits.destination_hit(cfg.accounts["a"].limits,
+    assert gw.limits.hit(Message(), cfg.accounts["a"], limits.destination_hit(cfg.accounts["a"].limits,
                                                                                "+33612345678")) is None
-    refusal = gw._limit_hit(Message(), cfg.accounts["b"], limits.destination_hit(cfg.accounts["b"].limits,
+    refusal = gw.limits.hit(Message(), cfg.accounts["b"], limits.destination_hit(cfg.accounts["b"].limits,
                                                                                   "+33612345678"))
     assert refusal is not None and refusal.code == "550"
 
@@ -402,5 +402,5 @@ def test_metrics_count_refusals_and_monitor_hits():
     before = value("countries", "monitor"), value("countries", "enforce")
     for name in ("m", "e"):
         acc = cfg.accounts[name]
-        gw._limit_hit(Message(), acc, limits.destination_hit(acc.limits, "+33612345678"))
+        gw.limits.hit(Message(), acc, limits.destination_hit(acc.limits, "+33612345678"))
     assert (value("countries", "monitor"), value("countries", "enforce")) == (before[0] + 1, before[1] + 1)
