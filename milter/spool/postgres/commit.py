@@ -28,6 +28,7 @@ from ..base import (
     SpoolDataError,
     SpoolError,
 )
+from ..unstorable import unstorable
 from .core import CHANNEL, log
 from .db import Conn, enc, enc_opt
 from .limits import LimitSide, Tally, Usage
@@ -186,7 +187,7 @@ class CommitSide(LimitSide):
                 c.execute("ROLLBACK TO SAVEPOINT msg")
                 c.execute("RELEASE SAVEPOINT msg")
                 self.tally_clear(tally)
-                out.append(SpoolDataError(_unstorable(r, e)))
+                out.append(SpoolDataError(unstorable(r, e)))
                 continue
             c.execute("RELEASE SAVEPOINT msg")
             if r.key is not None:
@@ -289,27 +290,3 @@ def _fail_all(batch: list[AddRequest], err: SpoolError) -> bool:
     for r in batch:
         r.error = err
     return True
-
-
-_FIELD_NAMES = {"message_id": "the Message-ID header", "subject": "the Subject header",
-                "sender": "the envelope sender", "text": "the SMS text", "originator": "the originator",
-                "queue_id": "the queue id", "recipient": "the recipient", "account": "the account name",
-                "trans_ref": "the TransRefNumber", "device": "the device"}
-
-
-def _unstorable(r: AddRequest, e: BaseException) -> str:
-    """Name the value of this request the database refused (never the value itself)."""
-    for j in r.jobs:
-        for name, label in _FIELD_NAMES.items():
-            value = getattr(j, name)
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeError:
-                    return f"{label} (it is not valid text)"
-    for m in r.mails:
-        try:
-            m.rcpt.encode("utf-8")
-        except UnicodeError:
-            return "the reply address (it is not valid text)"
-    return f"the message ({type(e).__name__})"

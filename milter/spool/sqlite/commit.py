@@ -18,6 +18,7 @@ from ..base import (
     SpoolDataError,
     SpoolError,
 )
+from ..unstorable import unstorable
 from .limits import LimitSide
 from .schema import SCHEMA, migrate
 from .store import _busy, log
@@ -26,32 +27,10 @@ from .store import _busy, log
 # out of range, a constraint): that message is refused, its neighbours in the batch commit.
 _DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError, TypeError,
                 OverflowError)
-_FIELD_NAMES = {"message_id": "the Message-ID header", "subject": "the Subject header",
-                "sender": "the envelope sender", "text": "the SMS text", "originator": "the originator",
-                "queue_id": "the queue id", "recipient": "the recipient", "account": "the account name",
-                "trans_ref": "the TransRefNumber", "device": "the device"}
 
 
 class _Isolate(Exception):
     """A message's values failed in a batch written without savepoints: write it again with them."""
-
-
-def _unstorable(r: AddRequest, e: BaseException) -> str:
-    """Name the value of this request that SQLite refused (never the value itself)."""
-    for j in r.jobs:
-        for name, label in _FIELD_NAMES.items():
-            value = getattr(j, name)
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeError:
-                    return f"{label} (it is not valid text)"
-    for m in r.mails:
-        try:
-            m.rcpt.encode("utf-8")
-        except UnicodeError:
-            return "the reply address (it is not valid text)"
-    return f"the message ({type(e).__name__})"
 
 
 class CommitSide(LimitSide):
@@ -233,7 +212,7 @@ class CommitSide(LimitSide):
                     raise _Isolate() from e
                 db.execute("ROLLBACK TO msg")
                 db.execute("RELEASE msg")
-                out.append(SpoolDataError(_unstorable(r, e)))
+                out.append(SpoolDataError(unstorable(r, e)))
                 continue
             if isolate:
                 db.execute("RELEASE msg")
