@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from ..base import (
     Job,
+    SpoolError,
 )
 
 SCHEMA = """
@@ -96,8 +97,8 @@ CREATE INDEX IF NOT EXISTS orphan_receipts_at ON orphan_receipts(at);
 """
 
 
-# Ordered schema migrations: MIGRATIONS[i] takes a spool from `PRAGMA user_version` i to i+1
-# (SCHEMA above is version 0 and stays as it is). Each runs in one BEGIN IMMEDIATE
+# Ordered schema migrations: MIGRATIONS[i] takes a spool from schema_version i to i+1 (SCHEMA
+# above is version 0 and stays as it is; see migrate()). Each runs in one BEGIN IMMEDIATE
 # transaction with the version bump, so processes opening the same spool at once migrate it
 # exactly once; an older spool is brought up to date when it is opened.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -180,16 +181,47 @@ JOB_COLUMNS = (
 )
 
 
+def _stored_version(db: sqlite3.Connection) -> int | None:
+    """The number in schema_version; None for a spool from before the table (its number is
+    `PRAGMA user_version`, read once by migrate())."""
+    there = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    if db.execute(there).fetchone() is None:
+        return None
+    row = db.execute("SELECT version FROM schema_version").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _refuse_newer(db: sqlite3.Connection, version: int) -> None:
+    if version > len(MIGRATIONS):
+        path = db.execute("PRAGMA database_list").fetchone()[2]
+        raise SpoolError(f"spool {path} has schema version {version}, newer than this sms-milter knows"
+                         f" ({len(MIGRATIONS)}): it was written by a later release; upgrade sms-milter")
+
+
 def migrate(db: sqlite3.Connection) -> None:
-    """Bring the schema to len(MIGRATIONS), one version per transaction, in order."""
-    while db.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
+    """Bring the schema to len(MIGRATIONS), one version per transaction, in order.
+    `schema_version` holds one row, the number of MIGRATIONS applied (as on PostgreSQL); a
+    spool from before that table counted them in `PRAGMA user_version`, which is copied into
+    the table once. A spool newer than this code is refused (SpoolError)."""
+    while True:
+        version = _stored_version(db)
+        if version is not None:
+            _refuse_newer(db, version)
+            if version == len(MIGRATIONS):
+                return
         db.execute("BEGIN IMMEDIATE")  # busy: raised as it is (the caller may retry later)
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have run it
+            version = _stored_version(db)  # another process may have run it
+            if version is None:
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version(version) VALUES (?)", (version,))
+            _refuse_newer(db, version)
             if version < len(MIGRATIONS):
                 for stmt in MIGRATIONS[version]:
                     db.execute(stmt)
-                db.execute(f"PRAGMA user_version={version + 1}")
+                db.execute("UPDATE schema_version SET version=?", (version + 1,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
