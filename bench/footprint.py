@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark 4: memory footprint (peak RSS, VmHWM) of the milter and of the dispatcher.
 
-    python bench/footprint.py [--quick] [--sessions 100] [--jobs 200000] [--seconds S]
+    python bench/footprint.py [--quick] [--sessions 100] [--jobs 200000] [--seconds S] [--postgres]
 
 - milter: 100 SMTP sessions held open at once through a private Postfix (smtpd process
   limit raised to 150), every one sending SMS mail for a while; the milter then has one
@@ -9,6 +9,9 @@
 - dispatcher: 200,000 jobs inserted directly into the spool (SqliteSpool.add_message, in
   batches of 10,000), then `sms-milter dispatcher` runs against the SMSC simulator for
   60 s or until the spool is drained.
+
+--postgres: both spools on a private PostgreSQL cluster (tests/pgbed.py); the server's
+own processes are not counted (they are the database's, as they would be on its own host).
 
 Peak RSS is VmHWM from /proc/PID/status. Target: < 100 MB each. Baseline: a bare
 `python -c 'import sms_milter.cli'`.
@@ -46,6 +49,7 @@ from _common import (  # noqa: E402
     spool_states,
     start_dispatcher,
     tail,
+    use_postgres,
     workdir,
 )
 
@@ -200,8 +204,8 @@ def dispatcher_footprint(stack: contextlib.ExitStack, njobs: int,
     work = workdir(stack, "footprint-disp")
     spool = work / "spool.sqlite3"
     parts, took = insert(spool, 0, njobs, batch=10_000)
-    say(f"dispatcher: {njobs} jobs ({parts} SMS parts) inserted in {took:.1f} s "
-        f"({os.path.getsize(spool) / 2**20:.0f} MB spool)")
+    size = f"{os.path.getsize(spool) / 2**20:.0f} MB spool" if spool.exists() else "PostgreSQL spool"
+    say(f"dispatcher: {njobs} jobs ({parts} SMS parts) inserted in {took:.1f} s ({size})")
     smsc = Smsc(stack, None)
     config = bed.write_config(work, bed.free_port(), bed.free_port(), smpp_port=smsc.port, spool_path=spool)
     logfile = work / "dispatcher.log"
@@ -243,6 +247,8 @@ def main() -> int:
     ap.add_argument("--send-seconds", type=float, help="how long the sessions send (default 20, --quick 5)")
     ap.add_argument("--jobs", type=int, help="jobs in the dispatcher's spool (default 200000, --quick 20000)")
     ap.add_argument("--seconds", type=float, help="dispatcher run time at most (default 60, --quick 8)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="the spools on a private PostgreSQL cluster (synchronous_commit=on)")
     a = ap.parse_args()
     send_s = a.send_seconds or (5.0 if a.quick else 20.0)
     njobs = a.jobs or (20_000 if a.quick else 200_000)
@@ -250,8 +256,11 @@ def main() -> int:
     banner("footprint: peak RSS (VmHWM) of the milter and the dispatcher")
     base = bare_import()
     say(f"baseline: bare `python -c 'import sms_milter.cli'`: {mb(base):.1f} MB")
-    figures: dict[str, object] = {"baseline_mb": round(mb(base), 1)}
+    figures: dict[str, object] = {"baseline_mb": round(mb(base), 1),
+                                  "spool": "postgres" if a.postgres else "sqlite"}
     with cleanup_on_exit() as stack:
+        if a.postgres:
+            say(f"spool: PostgreSQL {use_postgres(stack)} (private cluster, synchronous_commit=on)")
         hwm, threads, msgs = milter_footprint(stack, a.sessions, send_s)
         say(f"milter: VmHWM {mb(hwm):.1f} MB ({mb(hwm) / mb(base):.1f}x bare) with {a.sessions} sessions, "
             f"peak {threads} threads, {msgs} messages accepted and spooled; target < {TARGET_MB} MB "
@@ -264,6 +273,8 @@ def main() -> int:
         result("footprint", **figures)
         return 0
     with cleanup_on_exit() as stack:
+        if a.postgres:
+            use_postgres(stack)
         dhwm, states, ran = dispatcher_footprint(stack, njobs, disp_s)
         say(f"dispatcher: VmHWM {mb(dhwm):.1f} MB ({mb(dhwm) / mb(base):.1f}x bare) on a spool of "
             f"{njobs} jobs, "
