@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -808,6 +808,31 @@ def spool_sql(spool_path: Path | str, sql: str, *params: object) -> Any:
         cur = c.execute(sql.replace("?", "%s"), params)
         row = cur.fetchone() if cur.description else None
     return row[0] if row else None
+
+
+@contextlib.contextmanager
+def spool_locked(spool_path: Path | str) -> Iterator[None]:
+    """Another process holds the write lock of the spool at this path for the block, on either
+    backend (SQLite: BEGIN EXCLUSIVE; PostgreSQL: LOCK TABLE on the tables a commit writes)."""
+    url = spool_url_for(spool_path)
+    if url is None:
+        import sqlite3
+        db = sqlite3.connect(spool_path, timeout=10, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        return
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("LOCK TABLE jobs, messages IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            c.execute("ROLLBACK")
 
 
 def _deep_merge(base: dict, extra: dict) -> None:
