@@ -769,6 +769,11 @@ def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port:
     return path
 
 
+def on_postgres() -> bool:
+    """The suite runs with --spool=postgres: the spools the tests start are PostgreSQL databases."""
+    return SPOOL_URL_FACTORY is not None
+
+
 def spool_url_for(spool_path: Path | str) -> str | None:
     """The PostgreSQL database standing in for this spool path when the suite runs on
     PostgreSQL (the one write_config puts into configs with that path); None on SQLite."""
