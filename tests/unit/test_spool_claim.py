@@ -135,6 +135,7 @@ def test_spool_versioned_by_user_version_gets_the_schema_version_table(tmp_path)
         _spool_at_version(path, version)
         s = SqliteSpool(path)
         assert [tuple(r) for r in s._read("SELECT version FROM schema_version")] == [(len(MIGRATIONS),)]  # noqa: SLF001
+        assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS)  # noqa: SLF001 (older releases read it)
         assert [(j.text, j.state) for j in s.list_jobs()] == [("old", "queued")]
         assert [j.text for j in s.claim("o", 10, 60)] == ["old"]
         s.close()

@@ -222,6 +222,8 @@ def migrate(db: sqlite3.Connection) -> None:
                 for stmt in MIGRATIONS[version]:
                     db.execute(stmt)
                 db.execute("UPDATE schema_version SET version=?", (version + 1,))
+                # kept equal, for a release from before schema_version opening this spool
+                db.execute(f"PRAGMA user_version={version + 1}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
