@@ -98,6 +98,9 @@ class Account:
 class Domain:
     name: str  # lowercased
     style: str  # a name in policy.styles.STYLES: "aspsms" | "telemessage"
+    # Channels configured on this gateway (policy/devices.py): "sms", plus "voice"/"fax" when the
+    # `voice:`/`fax:` section is present; a device whose channel is not here is refused.
+    channels: frozenset[str] = frozenset({"sms"})
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ UNKNOWN_DEVICE = _R("550", "5.1.1", "rcpt",
 NO_CHANNEL = _R("550", "5.3.3", "rcpt",
                 "Recipient {address}: the {device} device has no delivery channel on this gateway; send "
                 "to {local}@SMS.{domain} instead.",
-                "a device without a delivery channel (`policy/devices.py` says which have one)",
+                "a device whose channel is not configured (Business, Mobile, Home need `voice:`, Fax needs "
+                "`fax:`; `policy/devices.py`)",
                 {"address": "...@Fax.tm.example.com", "device": "Fax", "local": "...",
                  "domain": "tm.example.com"})
 NOT_TELEMESSAGE_ADDRESS = _R("550", "5.1.3", "rcpt",
