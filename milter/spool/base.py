@@ -16,6 +16,7 @@ from .admin import JobDetail as JobDetail
 from .admin import Notification as Notification
 from .admin import Part as Part
 from .admin import SpoolStats as SpoolStats
+from .files import JobFile as JobFile
 from .lifecycle import FINAL_STATES as FINAL_STATES  # the states are the lifecycle's
 from .lifecycle import STATES as STATES
 from .lifecycle import normalize_ref as normalize_ref
@@ -69,6 +70,9 @@ class NewJob:
     trans_ref: str | None = None  # xml@ TransRefNumber
     flash: bool = False  # class-0 SMS
     urls: dict[str, str] = field(default_factory=dict)  # xml@: state -> callback URL
+    channel: str = "sms"  # sms | voice | fax (policy/devices.py: the device's channel)
+    language: str = ""  # voice: text-to-speech language ("" = the channel's default)
+    files: tuple[JobFile, ...] = ()  # voice recording / fax documents (spool/files.py)
 
 
 @dataclass(frozen=True)
