@@ -16,6 +16,7 @@ from .admin import JobDetail as JobDetail
 from .admin import Notification as Notification
 from .admin import Part as Part
 from .admin import SpoolStats as SpoolStats
+from .files import FileStore
 from .files import JobFile as JobFile
 from .lifecycle import FINAL_STATES as FINAL_STATES  # the states are the lifecycle's
 from .lifecycle import STATES as STATES
@@ -293,7 +294,7 @@ class MilterSpool(CommitSpool, ReadSpool, Protocol):
     """The milter's gateway: it commits, and xml@ reads (credits, TransRefNumber lookups)."""
 
 
-class DispatchSpool(Protocol):
+class DispatchSpool(FileStore, Protocol):
     """The dispatcher: claims, submits, receipts, leases, expiry, notifications, housekeeping."""
 
     validity: float

@@ -5,6 +5,8 @@ written and fsynced before the commit; PostgreSQL: bytea), referenced from the j
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +23,17 @@ class JobFile:
     @staticmethod
     def of(content_type: str, name: str, data: bytes) -> JobFile:
         return JobFile(hashlib.sha256(data).hexdigest(), content_type, name, len(data), data)
+
+
+def files_to_json(files: Iterable[JobFile]) -> str:
+    """A job's file references as stored with it (the content is stored apart, by hash)."""
+    return json.dumps([[f.sha256, f.content_type, f.name, f.size] for f in files]) if files else "[]"
+
+
+def files_from_json(text: str | None) -> tuple[JobFile, ...]:
+    if not text or text == "[]":
+        return ()
+    return tuple(JobFile(sha, ctype, name, size) for sha, ctype, name, size in json.loads(text))
 
 
 class FileStore(Protocol):

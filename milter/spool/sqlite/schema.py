@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from ..base import (
     Job,
 )
+from ..files import files_from_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -171,12 +172,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 3: the provider that took a job (routing over several providers): NULL until it is
     # submitted (and for jobs submitted before this).
     ("ALTER TABLE jobs ADD COLUMN provider TEXT",),
+    # 4: voice and fax (issue 15): the job's channel, its TTS language and its files (JSON list of
+    # {sha256, content_type, name, size}; the content is in `<spool>.files/`, sqlite/files.py).
+    ("ALTER TABLE jobs ADD COLUMN channel TEXT NOT NULL DEFAULT 'sms'",
+     "ALTER TABLE jobs ADD COLUMN language TEXT NOT NULL DEFAULT ''",
+     "ALTER TABLE jobs ADD COLUMN files TEXT NOT NULL DEFAULT '[]'"),
 )
 
 JOB_COLUMNS = (
     "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
     "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
-    "last_error, submitted_at, done_at, provider"
+    "last_error, submitted_at, done_at, provider, channel, language, files"
 )
 
 
@@ -207,4 +213,5 @@ def job_from_row(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
         not_before=row["not_before"], expires_at=row["expires_at"], attempts=row["attempts"],
         last_error=row["last_error"], submitted_at=row["submitted_at"], done_at=row["done_at"],
         provider_refs=tuple(refs), provider=row["provider"] or "",
+        channel=row["channel"], language=row["language"], files=files_from_json(row["files"]),
     )
