@@ -61,6 +61,12 @@ class ChannelRouter:
         room = sum(p.capacity() for p in self.providers.values() if p.ready())
         return max(0, room - waiting)
 
+    def capacity_by_channel(self) -> dict[str, int]:
+        """Room per channel (the engine claims each channel's jobs by it)."""
+        with self._lock:
+            waiting = {c: len(b) for c, b in self._backlog.items()}
+        return {c: max(0, p.capacity() - waiting[c]) if p.ready() else 0 for c, p in self.providers.items()}
+
     def submit(self, jobs: list[Job]) -> None:
         with self._lock:
             for job in jobs:

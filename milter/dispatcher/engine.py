@@ -191,8 +191,17 @@ class Engine:
         room = self.provider.capacity() if self.provider.ready() else 0
         if room <= 0:
             return
-        limit = min(room, CLAIM_MAX)
-        jobs = self.spool.claim(self.owner, limit, self.lease_seconds)
+        # Several channels (channels.router): each claims its own jobs as it has room, so a
+        # voice/fax backlog never holds up SMS (and the reverse).
+        by_channel = getattr(self.provider, "capacity_by_channel", None)
+        if by_channel is not None:
+            asks = {ch: min(n, CLAIM_MAX) for ch, n in by_channel().items() if n > 0}
+            limit = sum(asks.values())
+            jobs = [j for ch, n in asks.items() for j in self.spool.claim(self.owner, n, self.lease_seconds,
+                                                                          channel=ch)]
+        else:
+            limit = min(room, CLAIM_MAX)
+            jobs = self.spool.claim(self.owner, limit, self.lease_seconds)
         if not jobs:
             return
         now = time.time()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .. import metrics, sdnotify
+from ..channels.router import ChannelRouter
 from ..model import Config
 from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
 from ..spool import open_spool
@@ -43,7 +44,9 @@ class _Token:
 
 
 def members(p: Provider) -> dict[str, Provider]:
-    """The named providers behind `p`: a router's members, or `p` itself."""
+    """The named providers behind `p`: a router's members (each channel's), or `p` itself."""
+    if isinstance(p, ChannelRouter):
+        return {n: m for sub in p.providers.values() for n, m in members(sub).items()}
     return dict(p.providers()) if isinstance(p, Router) else {p.name: p}
 
 
@@ -157,6 +160,9 @@ class MeteredProvider:
 
 def link_status(cfg: Config, inner: Provider) -> str:
     """`bound to SMSC host:port` (one SMPP provider) or each provider's name and state."""
+    if isinstance(inner, ChannelRouter):
+        return "; ".join(link_status(cfg, p) if c == "sms" else f"{c} {'up' if p.ready() else 'down'}"
+                         for c, p in inner.providers.items())
     if not isinstance(inner, Router):
         s = cfg.smpp
         return f"{'bound to' if inner.ready() else 'connecting to'} SMSC {s.host}:{s.port}"
@@ -203,9 +209,10 @@ class Runtime(DaemonRuntime):
         self.engine.cfg = new
         self.notifier.cfg = new
         self.spool.validity = new.smpp.validity
-        rebind = new.providers != old.providers or new.routes != old.routes
+        rebind = ((new.providers, new.routes, new.voice, new.fax)
+                  != (old.providers, old.routes, old.voice, old.fax))
         if rebind:
-            self.provider.swap(build_dispatch(new))
+            self.provider.swap(build_dispatch(new, self.spool))
         return (f"{len(new.accounts)} account(s); provider "
                 + ("settings changed: re-binding" if rebind else "unchanged: binding kept"))
 
@@ -244,7 +251,7 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
             spool.close()
             return 1
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    provider = MeteredProvider(build_dispatch(cfg))
+    provider = MeteredProvider(build_dispatch(cfg, spool))
     notifier = Notifier(spool, cfg)
     try:
         lease = float(os.environ.get("SMS_MILTER_LEASE_SECONDS", "") or 45.0)

@@ -301,7 +301,8 @@ class DispatchSpool(FileStore, Protocol):
 
     def wait_for_work(self, timeout: float) -> None: ...
 
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, channel: str | None = None
+              ) -> list[Job]: ...
 
     def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         """Record jobs' parts as submitted with their message ids (and the provider that took

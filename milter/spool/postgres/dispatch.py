@@ -33,8 +33,9 @@ _LEASE = (" UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, attemp
 # The candidates in a MATERIALIZED CTE: a LIMIT ... SKIP LOCKED subquery under IN may be run
 # more than once by the plan and then yields more rows than LIMIT.
 # Candidates as an id array (= ANY(ARRAY(...))): the plan looks up just those rows by key.
+_CHANNEL = " AND (%(channel)s::text IS NULL OR j.channel = %(channel)s::text)"  # claim(channel=...)
 CLAIM_WALK = (f"WITH pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM jobs"
-              f" WHERE state='queued' ORDER BY id LIMIT {WALK})) AND {_READY}"
+              f" WHERE state='queued' ORDER BY id LIMIT {WALK})) AND {_READY}{_CHANNEL}"
               f" ORDER BY j.id LIMIT %(limit)s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 CLAIM_HEADS = (
     "WITH RECURSIVE heads(recipient, id) AS ("
@@ -44,15 +45,15 @@ CLAIM_HEADS = (
     " cand AS (SELECT id FROM heads UNION ALL SELECT id FROM jobs WHERE state='queued' AND deferred"
     "  AND not_before<=%(now)s AND (lease_until IS NULL OR lease_until<%(now)s)),"
     " pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM cand))"
-    f" AND {_READY}"
+    f" AND {_READY}{_CHANNEL}"
     f" ORDER BY j.id LIMIT %(limit)s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
 
 class DispatchSide(Core):
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, channel: str | None = None) -> list[Job]:
         """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient and
-        never one whose recipient has an older job still waiting.
+        never one whose recipient has an older job still waiting; with `channel`, of that channel only.
 
         First the oldest WALK (500) queued jobs are looked at (the usual case: enough ready ones
         among them); if that does not fill the claim, the candidates are the per-recipient heads
@@ -63,7 +64,8 @@ class DispatchSide(Core):
             now = time.time()
             # Plans that do not depend on table statistics (index walks, parametrised probes).
             c.execute(PLAN_BY_INDEX)
-            args = {"now": now, "limit": limit, "owner": owner, "until": now + lease_seconds}
+            args = {"now": now, "limit": limit, "owner": owner, "until": now + lease_seconds,
+                    "channel": channel}
             rows = c.execute(CLAIM_WALK, args).fetchall()
             if len(rows) < limit:
                 rows += c.execute(CLAIM_HEADS, {**args, "limit": limit - len(rows)}).fetchall()

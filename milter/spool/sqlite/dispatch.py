@@ -18,9 +18,10 @@ from .store import Store
 
 
 class DispatchSide(Store):
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, channel: str | None = None) -> list[Job]:
         """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient
-        and never one whose recipient has an older job still waiting (order per recipient)."""
+        and never one whose recipient has an older job still waiting (order per recipient);
+        with `channel`, jobs of that channel only (a voice/fax backlog must not hold up SMS)."""
 
         def fn(db: sqlite3.Connection) -> list[Job]:
             now = time.time()
@@ -29,9 +30,10 @@ class DispatchSide(Store):
             rows = db.execute(
                 f"UPDATE jobs SET lease_owner=?, lease_until=?, attempts=attempts+1 WHERE id IN ("
                 " SELECT id FROM jobs WHERE ready=1 AND state='queued' AND not_before<=?"
-                "  AND (lease_until IS NULL OR lease_until<?) ORDER BY id LIMIT ?)"
+                "  AND (lease_until IS NULL OR lease_until<?) AND (? IS NULL OR channel=?)"
+                " ORDER BY id LIMIT ?)"
                 f" RETURNING {JOB_COLUMNS}",
-                (owner, now + lease_seconds, now, now, limit),
+                (owner, now + lease_seconds, now, now, channel, channel, limit),
             ).fetchall()
             return sorted((job_from_row(r) for r in rows), key=lambda j: j.id)
 
