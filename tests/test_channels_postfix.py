@@ -25,9 +25,8 @@ from sms_milter.policy import catalogue
 SENDER = "ops@tm-client.example"
 TM = "tm.example.com"
 
-pytestmark = pytest.mark.skipif(not (shutil.which("sipp") and shutil.which("baresip") and shutil.which("faxq")
-                                     and shutil.which("gs") and shutil.which("espeak-ng")),
-                                reason="needs sipp, baresip, HylaFAX, Ghostscript and espeak-ng")
+TOOLS = ("sipp", "baresip", "faxq", "gs", "espeak-ng", "sox")
+pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in TOOLS), reason=f"needs {', '.join(TOOLS)}")
 
 
 class ChannelBed:
@@ -66,8 +65,10 @@ class ChannelBed:
         return j
 
     def wait_state(self, recipient: str, states: tuple[str, ...], timeout: float = 90) -> dict:
-        wait_until(lambda: self.job(recipient)["state"] in states, timeout, f"job to {recipient} in {states}",
-                   detail=lambda: f"job: {self.job(recipient)}\n--- dispatcher:\n{self.dispatcher.log_tail()}")
+        wait_until(lambda: self.job(recipient)["state"] in states, timeout,
+                   f"job to {recipient} in {states}",
+                   detail=lambda: f"job: {self.job(recipient)}\n--- dispatcher:\n"
+                   f"{self.dispatcher.log_tail()}")
         return self.job(recipient)
 
     def close(self) -> None:
@@ -113,7 +114,7 @@ def test_mail_to_mobile_rings_sipp_and_plays_the_speech(tmp_path):
     sipp = Sipp(tmp_path, "answer", rtp.port)
     bed = ChannelBed(tmp_path, _voice(tmp_path, sipp.port), _fax(tmp_path))
     try:
-        r = bed.send(f"41791234567@Mobile.{TM}", "Your table is ready. We look forward to seeing you tonight.")
+        r = bed.send(f"41791234567@Mobile.{TM}", "Your table is ready. We look forward to seeing you.")
         assert r["data"][0] == 250, r
         job = bed.job("+41791234567")
         assert (job["device"], job["channel"], job["language"]) == ("mobile", "voice", "en")
@@ -149,7 +150,7 @@ def test_busy_mobile_is_retried_then_failed_with_a_failed_mail(tmp_path):
         assert sipp.wait(15) == 0, sipp.errors()  # two INVITEs, two 486
         (mail,) = bed.notify.wait_for(lambda m: "+41791234568" in m.subject, timeout=30)
         assert mail.subject == "Voice call to +41791234568: Failed"
-        assert "486 Busy Here" in mail.text
+        assert "486 Busy Here" in mail.text()
     finally:
         bed.close()
         sipp.stop()
@@ -189,13 +190,14 @@ def test_refusals_at_smtp_carry_the_catalogue_reply(tmp_path):
     try:
         r = bed.send(f"41791234567@Mobile.{TM}", "word " * 40)
         assert r["data"][0] == 552, r
-        want = catalogue.VOICE_TOO_LONG(chars=len("word " * 40) - 1, seconds=15, max_seconds="5", max_chars=80)
+        want = catalogue.VOICE_TOO_LONG(chars=199, seconds=15, max_seconds="5", max_chars=80)
         assert r["data"][1] == f"{want.xcode} {want.text}", r
         r = bed.send(f"41791234567@Mobile.{TM}", "hi", attach=((b"%PDF-1.4", "application/pdf", "a.pdf"),))
         assert r["data"][0] == 550 and "attachment (application/pdf); a voice call" in r["data"][1], r
         r = bed.send(f"41441234567@Fax.{TM}", "", attach=((b"PK\x03\x04", "application/zip", "a.zip"),))
         assert r["data"][0] == 550 and "(application/zip) that cannot be faxed" in r["data"][1], r
-        r = bed.send(f"41441234567@Fax.{TM}", "", attach=((b"%PDF" + b"0" * 20000, "application/pdf", "b.pdf"),))
+        big = (b"%PDF" + b"0" * 20000, "application/pdf", "b.pdf")
+        r = bed.send(f"41441234567@Fax.{TM}", "", attach=(big,))
         want = catalogue.FAX_TOO_BIG(size=20004, limit=10000)
         assert r["data"] == (552, f"{want.xcode} {want.text}"), r
         # SMS still refuses any attachment
