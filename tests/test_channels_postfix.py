@@ -10,6 +10,7 @@ HylaFAX (tests/fax_bed.py), Ghostscript for the PDF.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from bed import MailSink, Milter, Postfix, free_port, queue_list, wait_until
+from bed import MailSink, Milter, Postfix, free_port, queue_list, run_cli, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, node_ready
 from sms_milter.policy import catalogue
 
@@ -181,6 +182,11 @@ def test_pdf_to_fax_is_a_hylafax_job_with_two_pages_then_delivered(tmp_path, hyl
         assert (q["state"], q["npages"]) == ("7", "2")
         (mail,) = bed.notify.wait_for(lambda m: "+41441234567" in m.subject, timeout=30)
         assert mail.subject == "Fax to +41441234567: Delivered"
+        show = run_cli(bed.config, "queue", "show", str(job["id"]))
+        assert re.search(r"channel:\s+fax", show.stdout) and "file:         order.pdf (application/pdf, " \
+            f"{len(pdf)} bytes" in show.stdout, show.stdout + show.stderr
+        stats = json.loads(run_cli(bed.config, "stats", "--json").stdout)
+        assert stats["channels"] == {"fax": {"delivered": 1}}, stats
     finally:
         bed.close()
 

@@ -92,6 +92,7 @@ class Job(NewJob):
         """The fields `queue list --json` promises (and a few more)."""
         d = asdict(self)
         d["provider_refs"] = list(self.provider_refs)
+        d["files"] = [{k: v for k, v in f.items() if k != "data"} for f in d["files"]]
         return d
 
 

@@ -234,3 +234,16 @@ def test_jobs_keep_channel_language_and_files(spool):
         other.file_data("0" * 64)
     (sms,) = [j for j in (spool.get(i) for i in add_jobs(spool, [_job("+41790000000")]))]
     assert (sms.channel, sms.files) == ("sms", ())
+
+
+def test_claim_by_channel_lets_sms_pass_a_voice_backlog(spool):
+    """A backlog of older voice jobs (other numbers) does not hold up an SMS: the engine claims
+    each channel's jobs as that channel has room (claim(..., channel=))."""
+    voice = [_job(f"+4179123{i:04d}", "call", device="mobile", channel="voice") for i in range(30)]
+    add_jobs(spool, voice)
+    (sms_id,) = add_jobs(spool, [_job("+41790000001", "sms")])
+    assert [j.id for j in spool.claim("o", 1, 60, channel="sms")] == [sms_id]
+    got = spool.claim("o", 2, 60, channel="voice")
+    assert len(got) == 2 and {j.channel for j in got} == {"voice"}
+    assert spool.claim("o", 5, 60, channel="fax") == []
+    assert len(spool.claim("o", 100, 60)) == 28  # no channel: every due job, as before
