@@ -167,7 +167,7 @@ def test_pdf_to_fax_is_a_hylafax_job_with_two_pages_then_delivered(tmp_path, hyl
         assert r["data"][0] == 250, r
         job = bed.job("+41441234567")
         assert (job["channel"], [f["name"] for f in job["files"]]) == ("fax", ["order.pdf"])
-        job = bed.wait_state("+41441234567", ("submitted", "failed"))
+        job = bed.wait_state("+41441234567", ("submitted", "failed"), timeout=180)  # slow sendfax under load
         assert job["state"] == "submitted", job
         hf_id = job["provider_refs"][0].removeprefix("hylafax:")
         q = hylafax.qfile(hf_id)
