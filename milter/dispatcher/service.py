@@ -224,6 +224,10 @@ def describe(cfg: Config) -> str:
         what = f"SMSC {s.host}:{s.port}, window {s.window}, rate {s.rate or 'unlimited'}" + (
             f", {s.binds} binds" if s.binds > 1 else "") if s else spec.kind
         parts.append(what if len(cfg.providers) == 1 else f"provider {spec.name} ({what})")
+    if cfg.voice is not None:
+        parts.append(f"voice calls through SIP trunk {cfg.voice.trunk}")
+    if cfg.fax is not None:
+        parts.append(f"faxes through HylaFAX {cfg.fax.server}")
     return "; ".join(parts)
 
 
