@@ -113,3 +113,20 @@ def test_smsc_dropping_every_connection_after_bind_gets_a_growing_pause(pb):
     assert metric(text, "sms_milter_binds_total", provider="a", result="ok") >= 7
     lines = [ln for ln in d.log().splitlines() if re.search(r"SMSC connection closed|bound to SMSC", ln)]
     assert len(lines) <= 4, lines  # one of each a minute (quietlog), not one per connection
+
+
+def test_the_pin_is_stored_and_kept_by_both_spool_backends(spool_factory):
+    """release(pin=...) keeps the provider that may have the job in its row (on the SQLite file
+    and on PostgreSQL); a release without a pin keeps it; a new claim shows it."""
+    s = spool_factory()
+    (jid,) = add(s, [job("+41795570001", "pin")])
+    (j,) = s.claim("o", 10, 60)
+    assert j.provider == ""
+    s.release([jid], "o", 0.0, "connection lost before the SMSC answered, may have been sent: x",
+              count_attempt=True, pin="a")
+    (j,) = s.claim("o", 10, 60)
+    assert (j.provider, j.attempts) == ("a", 2) and "may have been sent" in j.last_error
+    s.release([jid], "o", 0.0, "waiting for provider a", pin="")
+    (j,) = s.claim("o", 10, 60)
+    assert (j.provider, j.attempts) == ("a", 2)
+    s.close()
