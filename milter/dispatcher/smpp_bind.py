@@ -56,7 +56,7 @@ class Bind:
         self._last_tx = 0.0
         self._sender: threading.Thread | None = None
         self._readers: list[threading.Thread] = []
-        self._backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
+        self._backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, quiet, self.where)
         self._last_life: float | None = None  # how long the last connection lasted (0: connect failed)
         self._queries = Queries()
 
