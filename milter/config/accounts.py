@@ -72,18 +72,16 @@ def _check_originator(r: Reader, value: str, path: str) -> None:
 
 
 def _logins(r: Reader, node: Any, path: str) -> list[str] | None:
-    """`smtp_auth`: SMTP AUTH login names, each a string as written (a login is a secret)."""
+    """`smtp_auth`: SMTP AUTH login names, each a string as written (a login is a secret). None:
+    absent, or an item already refused; []: not a non-empty list of non-empty names."""
     if node is None:
         return None
     if not isinstance(node, list) or not node:
-        r.bad(path, "must be a non-empty list of SMTP AUTH login names")
-        return None
+        return []
     out = [r.secret_value(x, f"{path}[{i}]", "login") for i, x in enumerate(node)]
-    if not all(out):
-        if all(isinstance(x, str) or x is None for x in node):
-            r.bad(path, "must be a non-empty list of SMTP AUTH login names (one is empty)")
-        return None
-    return [x for x in out if x]
+    if any(x is None and node[i] is not None for i, x in enumerate(out)):
+        return None  # its item said why
+    return [x for x in out if x] if all(out) else []
 
 
 def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None) -> Account:
@@ -145,6 +143,9 @@ def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None)
         r.bad(f"{path}.credits", f"must be a whole number >= 0, got {r.got(credits, f'{path}.credits')}")
         credits = None
     smtp_auth = _logins(r, d.get("smtp_auth"), f"{path}.smtp_auth")
+    if smtp_auth == []:
+        r.bad(f"{path}.smtp_auth", "must be a non-empty list of SMTP AUTH login names")
+        smtp_auth = None
     return Account(
         name=name, userkey=userkey, password=password, password_hash=password_hash,
         senders=tuple(senders), networks=tuple(networks), originator=originator, template=template,
