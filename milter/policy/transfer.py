@@ -24,9 +24,21 @@ def show_byte(b: int) -> str:
     return f"'{chr(b)}'" if 0x21 <= b <= 0x7E else f"byte 0x{b:02X}"
 
 
+_B64_CLEAN = re.compile(rb"[A-Za-z0-9+/]*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
 def base64_decode(data: bytes) -> bytes | Damage:
     """RFC 2045 base64: line breaks and blanks ignored; any other character outside the alphabet,
     '=' before the end, or data ending inside a character is damage. Missing padding is tolerated."""
+    packed = data.translate(None, b" \t\r\n")
+    size = len(packed) % 4
+    if _B64_CLEAN.fullmatch(packed) and (size == 0 or (size != 1 and not packed.endswith(b"="))):  # C speed
+        return base64.b64decode(packed + b"=" * (-len(packed) % 4))
+    return _base64_damage(data)
+
+
+def _base64_damage(data: bytes) -> bytes | Damage:
+    """The byte-by-byte walk that names the damage and its line."""
     chars = bytearray()
     pad = 0
     for lineno, line in enumerate(data.split(b"\n"), 1):

@@ -89,6 +89,12 @@ def test_strict_base64_agrees_with_the_standard_decoder_on_valid_data(data: byte
     assert qp_decode(b"=" + encoded[:1].hex().upper().encode()) == encoded[:1]
 
 
+@given(st.text(alphabet="aGVsbG8=+/ \r\n#", max_size=24).map(str.encode))
+def test_base64_fast_path_agrees_with_the_walk(data: bytes) -> None:
+    from sms_milter.policy.transfer import _base64_damage
+    assert base64_decode(data) == _base64_damage(data)
+
+
 @given(st.binary(max_size=80))
 def test_strict_decoders_never_raise(data: bytes) -> None:
     assert isinstance(base64_decode(data), (bytes, Damage))
