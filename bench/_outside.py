@@ -65,6 +65,8 @@ def outside(a: argparse.Namespace) -> int:
         extra: dict = {"milter": {"spool_timeout": 5.0}}  # the shipped default (the bed's is 1 s)
         if not a.dedupe:
             extra["limits"] = {"identical_seconds": 0}
+        if size > 900:  # --size 1024 as the default mode: 7 SMS parts, over the shipped cap of 6
+            extra["accounts"] = {"acme": {"max_parts": 10}}
         metrics_port = bed.free_port()
         config = bed.write_config(work, milter_port, bed.free_port(), spool_path=spool,
                                   extra={**extra, "metrics": {"milter": f"127.0.0.1:{metrics_port}"}})
