@@ -39,10 +39,7 @@ log = logging.getLogger("sms_milter.adapter")
 
 # The longest a finished message's commit waits for messages still open on other
 # connections to share its transaction (group commit, as PostgreSQL's commit_delay).
-# 2 ms, not 5: every ms of it is added to each SMTP session's cycle; A/B in one run
-# (issue 16, `bench/milter_path.py --outside`): msg/s 1.00-2.57x (median 1.10x) of 5 ms in
-# 8 of 8 rounds, end of message -> commit 2.3-3.0 ms instead of 4.3-8.1 ms.
-COMMIT_DELAY = 0.002
+COMMIT_DELAY = 0.005
 READ_SIZE = 65536
 # Decisions that may take long (textsms@/xml@: password hashes, many R=; many recipients;
 # a large body) run on these threads so that the event loop answers every other session.
@@ -88,8 +85,7 @@ class Server:
     transaction (one fsync) serves them all, then the replies go out. A lone message is
     committed at once. Measured on the milter_path benchmark (20 sessions, A/B in one
     run): no delay 0.53 ms CPU a message and 1-2 messages a commit; 2 ms 0.48; 5 ms
-    0.43, about 7 messages a commit. 2 ms ships: the wait is latency every session pays
-    (docs/decisions/0002), and a little more CPU buys more mail through Postfix.
+    0.43, about 7 messages a commit.
     """
 
     def __init__(self, spec: str, gateway: Gateway, idle_timeout: float = 1800.0,
