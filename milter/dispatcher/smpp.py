@@ -39,7 +39,7 @@ class SmppProvider:
         n = cfg.binds
         labels = [f" (provider {name}, bind {i + 1} of {n})" if n > 1 else
                   (f" (provider {name})" if name != "smpp" else "") for i in range(n)]
-        self.binds = [Bind(cfg, i, labels[i], self.quiet, connect_timeout) for i in range(n)]
+        self.binds = [Bind(cfg, i, labels[i], self.quiet, connect_timeout, name) for i in range(n)]
         self._on_result: ResultCallback = lambda r: None
         self._next_query = 0
 

@@ -172,12 +172,15 @@ UNKNOWN_TRANSFER_ENCODING = _R("550", "5.6.0", "eom",
                                "an unknown transfer encoding",
                                {"cte": "x-uuencode"})
 DAMAGED_ENCODED_WORD = _R("550", "5.6.0", "eom",
-                          "The Subject holds a damaged encoded word; send it again from a standard mail "
-                          "client.",
-                          "an RFC 2047 word that does not decode")
+                          "The Subject holds a damaged {encoding} encoded word (word {index}: {problem}); "
+                          "send it again from a standard mail client.",
+                          "an RFC 2047 word that does not decode",
+                          {"encoding": "base64 (B)", "index": 1, "problem": "'#' is not a base64 character"})
 NO_TEXT = _R("550", "5.6.0", "eom",
              "The message has no text to send as SMS.",
              "empty body (and empty template result)")
+# Damaged transfer encodings, control characters, binary data (split out for length)
+from .catalogue_text import CONTROL_CHARACTER, DAMAGED_TRANSFER_ENCODING, NOT_TEXT  # noqa: E402, F401, I001
 TOO_MANY_PARTS = _R("552", "5.3.4", "eom",
                     "The text needs {parts} SMS parts but this account allows at most {max_parts}; "
                     "shorten the text.",

@@ -78,7 +78,7 @@ def _split(msg: Message) -> ChannelMail | Refusal:
         ctype = leaf.get_content_type()
         if ctype == "text/html":
             return replies.HTML_PART(what="the text")
-        data = _transfer_decode(leaf)
+        data = _transfer_decode(leaf, "attachment" if _filename(leaf) else "text part")
         if isinstance(data, Refusal):
             return data
         disposition = (_raw_header(leaf, "content-disposition") or "").strip().lower()

@@ -74,7 +74,7 @@ class DispatchSide(Core):
         return list(self._run(fn))
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
-                count_attempt: bool = False) -> None:
+                count_attempt: bool = False, pin: str = "") -> None:
         if not job_ids:
             return
 
@@ -82,8 +82,10 @@ class DispatchSide(Core):
             c.execute(
                 "UPDATE jobs SET lease_owner=NULL, lease_until=NULL, not_before=%s,"
                 " last_error=CASE WHEN %s='' THEN last_error ELSE %s END,"
+                " provider=CASE WHEN %s='' THEN provider ELSE %s END,"
                 " attempts=attempts-%s WHERE id = ANY(%s) AND state='queued'",
-                (time.time() + delay, error, enc(error), 0 if count_attempt else 1, sorted(job_ids)))
+                (time.time() + delay, error, enc(error), pin, pin, 0 if count_attempt else 1,
+                 sorted(job_ids)))
             c.execute("SELECT pg_notify('sms_milter_work', '')")
 
         self._run(fn)
