@@ -136,7 +136,8 @@ class SmppConfig:
     system_id: str = ""
     password: str = ""
     system_type: str = ""
-    window: int = 10  # unacknowledged submit_sm at most
+    window: int = 10  # unacknowledged submit_sm at first (the window grows from here, AIMD)
+    window_max: int = 100  # the adaptive window's cap (halved on ESME_RTHROTTLED / ESME_RMSGQFUL)
     rate: float = 0.0  # submits per second at most; 0 = no cap
     enquire_link: float = 30.0  # seconds between keep-alives
     reconnect_min: float = 1.0

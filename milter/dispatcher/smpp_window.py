@@ -4,7 +4,10 @@ answers mean. No sockets, no threads: the bind calls it under its own lock.
 A job is held as a `JobState` (its parts encoded once); its parts are queued in order and
 numbered only when they are written (`take`). A throttled part (ESME_RTHROTTLED,
 ESME_RMSGQFUL) waits in `retry` (in job/part order) and goes before new parts after a
-pause; the bind's rate is cut (`ratelimit.Rate`). Every job ends in exactly one
+pause; the bind's rate is cut (`ratelimit.Rate`). The window is adaptive (AIMD, as TCP's
+congestion window): it starts at `window`, grows by `window` for every window's worth of
+accepted submits up to `window_max`, and is halved (not below 1) by ESME_RTHROTTLED /
+ESME_RMSGQFUL. Every job ends in exactly one
 `SubmitResult`: all parts accepted, or the first reason it was not (temporary or not,
 counting an attempt or not, and whether the SMSC may have it: `maybe_sent`).
 """
@@ -76,8 +79,9 @@ def encode_jobs(jobs: list[Job], on_result: ResultCallback) -> list[JobState]:
 class Window:
     def __init__(self, cfg: SmppConfig, on_result: ResultCallback, quiet: QuietLog, label: str = ""):
         self.cfg = cfg
-        self.size = cfg.window
-        self.max_jobs = max(2 * cfg.window, cfg.window + 64)
+        self.size = cfg.window  # submits in flight at most now (AIMD between 1 and size_max)
+        self.size_max = max(cfg.window, cfg.window_max)
+        self.acked = 0  # submits accepted since the window last grew
         self.on_result = on_result
         self.quiet = quiet
         self.label = label  # "" or " (provider x, bind 2 of 3)" for log lines
@@ -97,6 +101,23 @@ class Window:
     def next_seq(self) -> int:
         self.seq = self.seq % 0x7FFFFFFF + 1
         return self.seq
+
+    @property
+    def max_jobs(self) -> int:
+        """Jobs held at most (in flight or queued): enough to keep the window full."""
+        return max(2 * self.size, self.size + 64)
+
+    def grow(self) -> None:
+        """Additive increase: one accepted submit; a whole window accepted adds `window`."""
+        self.acked += 1
+        if self.acked >= self.size and self.size < self.size_max:
+            self.acked = 0
+            self.size = min(self.size_max, self.size + self.cfg.window)
+
+    def shrink(self) -> None:
+        """Multiplicative decrease on throttling: the window is halved (not below 1)."""
+        self.acked = 0
+        self.size = max(1, self.size // 2)
 
     def capacity(self) -> int:
         limit = self.max_jobs
@@ -187,13 +208,15 @@ class Window:
             js.refs[idx] = message_id
             js.maybe_sent = True
             self.pause = 0.05
+            self.grow()
             self._part_done(js)
             return
         if status in THROTTLE_STATUSES and not js.error and not self.stopping:
             if self.rate.throttled(now):
+                self.shrink()
                 self.pause = min(self.pause * 2, 2.0)
-                log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s%s", status_text(status),
-                            self.pause, self.rate.cap or 0, self.label)
+                log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s, window %d%s",
+                            status_text(status), self.pause, self.rate.cap or 0, self.size, self.label)
             self.pause_until = max(self.pause_until, now + self.pause)
             heapq.heappush(self.retry, _Retry(js.job.id, idx, js))
             return

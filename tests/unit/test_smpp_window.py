@@ -101,3 +101,54 @@ def test_stop_gives_up_only_what_was_not_written():
     assert [r.job_id for r in out] == [2] and not out[0].maybe_sent
     w.answer(_seqs([b])[0], 0, "m", 0.0)
     assert out[1] == SubmitResult(1, refs=("m",))
+
+
+def _answer_all(w: Window, batch: list[bytes], status: int, now: float) -> None:
+    for i, seq in enumerate(_seqs(batch)):
+        w.answer(seq, status, f"m{seq}-{i}" if status == 0 else "", now)
+
+
+def test_window_grows_additively_per_acknowledged_window_up_to_window_max():
+    w, out = _window(window=4, window_max=10)
+    for jid in range(1, 60):
+        _add(w, jid)
+    t = time.monotonic()
+    sizes = []
+    for _ in range(6):
+        batch, _ = w.take(t)
+        sizes.append(len(batch))  # what went out while nothing was answered: the window
+        _answer_all(w, batch, 0, t)
+    assert sizes == [4, 8, 10, 10, 10, 10]  # +window per full window accepted, capped at window_max
+    assert all(r.ok for r in out) and len(out) == sum(sizes)
+
+
+def test_throttling_halves_the_window_and_it_grows_back():
+    w, out = _window(window=8, window_max=32)
+    for jid in range(1, 200):
+        _add(w, jid)
+    t = time.monotonic()
+    for _ in range(4):  # 8, 16, 24, 32
+        _answer_all(w, w.take(t)[0], 0, t)
+    assert w.size == 32
+    batch, _ = w.take(t)
+    assert len(batch) == 32
+    _answer_all(w, batch, pdus.ESME_RTHROTTLED, t)  # the whole window throttled: one episode
+    assert w.size == 16  # halved once, not once per throttled submit
+    assert not out[-1:] or out[-1].ok  # throttled parts are not job failures
+    later = t + 10.0
+    batch, _ = w.take(later)
+    assert len(batch) == 16
+    _answer_all(w, batch, 0, later)
+    assert w.size == 24  # additive again
+
+
+def test_window_max_below_window_means_a_fixed_window():
+    w, _ = _window(window=5, window_max=1)
+    for jid in range(1, 30):
+        _add(w, jid)
+    t = time.monotonic()
+    for _ in range(3):
+        batch, _ = w.take(t)
+        assert len(batch) == 5
+        _answer_all(w, batch, 0, t)
+    assert w.size == 5
