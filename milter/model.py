@@ -146,6 +146,7 @@ class SmppConfig:
     submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
     receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
     binds: int = 1  # bind_transceiver sessions to this SMSC, each its own connection and window
+    pipeline_per_number: int = 200  # one number's jobs sent in order on one bind at most (1 = one at a time)
 
 
 PROVIDER_KINDS = ("smpp", "http")

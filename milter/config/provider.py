@@ -19,7 +19,7 @@ from .reader import Reader, host_ok
 
 SMPP_KEYS = ("host", "port", "system_id", "password", "system_type", "window", "window_max", "rate",
              "enquire_link", "reconnect_min", "reconnect_max", "validity", "submit_timeout",
-             "receipt_timeout", "binds")
+             "receipt_timeout", "binds", "pipeline_per_number")
 PROVIDER_KEYS = (*PROVIDER_KINDS, "down_after", "cooldown")
 ROUTE_KEYS = ("prefixes", "accounts", "providers")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -53,6 +53,7 @@ def parse_smpp(r: Reader, node: Any, p: str) -> SmppConfig:
         submit_timeout=r.number(s, "submit_timeout", p, b.submit_timeout, 0.1, 3600, integer=False),
         receipt_timeout=r.number(s, "receipt_timeout", p, b.receipt_timeout, 1, 30 * 86400, integer=False),
         binds=r.number(s, "binds", p, b.binds, 1, 64),
+        pipeline_per_number=r.number(s, "pipeline_per_number", p, b.pipeline_per_number, 1, 10000),
     )
 
 

@@ -190,6 +190,7 @@ class Window:
                 js.maybe_sent = True
                 self.abort(js, f"no answer from the SMSC to submit_sm within {limit:g}s", temporary=True,
                            count_attempt=True)
+                self.hold_train(js)
                 self._part_done(js)
             self.drop_unsent()
             if self.timeouts >= TIMEOUTS_BEFORE_RECONNECT:
@@ -225,7 +226,24 @@ class Window:
         throttled = status in THROTTLE_STATUSES
         self.abort(js, status_text(status), temporary=status in TEMPORARY_STATUSES or throttled,
                    count_attempt=not throttled)
+        self.hold_train(js)
         self._part_done(js)
+
+    def hold_train(self, js: JobState) -> None:
+        """A job that goes back to the queue keeps its place: the younger jobs of its number
+        that are not on the wire (queued, or waiting after a throttle) go back too, unsent, and
+        the claim hands them out again only behind it (ADR 0003, trains)."""
+        if not js.temporary:
+            return  # a final failure: the next jobs of the number may go
+        rcpt, jid = js.job.recipient, js.job.id
+        behind = [o for o, _ in self.queue if o.job.id > jid and not o.error and o.job.recipient == rcpt]
+        behind += [r.js for r in self.retry
+                   if r.job_id > jid and not r.js.error and r.js.job.recipient == rcpt]
+        if not behind:
+            return
+        for o in behind:
+            self.abort(o, f"job {jid} to this number goes back to the queue: this one waits behind it")
+        self.drop_unsent()
 
     def stop(self, reason: str) -> None:
         """Send nothing more: parts not written yet are given up (temporary, no attempt)."""

@@ -152,3 +152,49 @@ def test_window_max_below_window_means_a_fixed_window():
         assert len(batch) == 5
         _answer_all(w, batch, 0, t)
     assert w.size == 5
+
+
+def _add_to(w: Window, jid: int, recipient: str) -> None:
+    job = Job(recipient=recipient, originator="SMS", text=f"t{jid}", parts=1, account="a", id=jid)
+    for js in encode_jobs([job], w.on_result):
+        w.add(js)
+
+
+def test_a_train_job_that_goes_back_takes_the_unsent_ones_behind_it_along():
+    w, out = _window(window=2, window_max=2)
+    for jid in range(1, 6):
+        _add_to(w, jid, "+41790000001")
+    _add_to(w, 6, "+41790000002")
+    t = time.monotonic()
+    s1, s2 = _seqs(w.take(t)[0])
+    w.answer(s1, 0x08, "", t)  # ESME_RSYSERR on job 1: temporary, back to the queue
+    by_id = {r.job_id: r for r in out}
+    assert by_id[1].temporary and by_id[1].count_attempt
+    # 3, 4, 5 (same number, not written yet) go back unsent, no attempt counted; 6 is another number
+    assert {3, 4, 5} <= set(by_id)
+    assert all(by_id[j].temporary and not by_id[j].count_attempt for j in (3, 4, 5))
+    assert "job 1" in by_id[3].error
+    w.answer(s2, 0, "m2", t)  # 2 was on the wire already: accepted (the trade, ADR 0003)
+    (b,) = w.take(t)[0]
+    assert _seqs([b]) and 6 not in {r.job_id for r in out}
+    w.answer(_seqs([b])[0], 0, "m6", t)
+    assert [r.job_id for r in out if r.ok] == [2, 6]
+
+
+def test_throttled_train_parts_are_resent_in_order_before_the_rest():
+    w, out = _window(window=3, window_max=3)
+    for jid in range(1, 7):
+        _add_to(w, jid, "+41790000001")
+    t = time.monotonic()
+    seqs = _seqs(w.take(t)[0])  # jobs 1, 2, 3 on the wire
+    for s in seqs:  # an SMSC throttling episode: every submit in it refused
+        w.answer(s, pdus.ESME_RTHROTTLED, "", t)
+    order: list[int] = []
+    later = t + 10.0
+    while len(order) < 6:
+        batch, _ = w.take(later)
+        for seq in _seqs(batch):
+            order.append(w.inflight[seq][0].job.id)
+            w.answer(seq, 0, f"m{seq}", later)
+    assert order == [1, 2, 3, 4, 5, 6]
+    assert [r.job_id for r in out] == [1, 2, 3, 4, 5, 6] and all(r.ok for r in out)
