@@ -290,7 +290,7 @@ def test_kill9_mid_batch_then_restart_loses_nothing(tb, monkeypatch):
     smsc = tb.start_smsc("--receipt-delay", "5")
     n = 1000
     ids = add_jobs(tb.spool, [job(f"+4179140{i:04d}", f"kill {i}") for i in range(n)])
-    cfg = tb.config(window=10)
+    cfg = tb.config(window=10, window_max=10)  # a fixed window of 10 (the bound below is made of it)
     d1 = tb.dispatcher(cfg, "d1")
     wait_until(lambda: len(smsc.submits()) >= 300, 20, "300 submits before the kill", detail=tb.detail)
     d1.kill9()

@@ -7,7 +7,14 @@ ESME_RMSGQFUL) waits in `retry` (in job/part order) and goes before new parts af
 pause; the bind's rate is cut (`ratelimit.Rate`). The window is adaptive (AIMD, as TCP's
 congestion window): it starts at `window`, grows by `window` for every window's worth of
 accepted submits up to `window_max`, and is halved (not below 1) by ESME_RTHROTTLED /
-ESME_RMSGQFUL. Every job ends in exactly one
+ESME_RMSGQFUL.
+
+Jobs to one number (a train from the claim, ADR 0003) go in order, with at most `depth` of
+them on the wire at once: 1 at first and after every throttle or temporary error (then one
+refusal cannot let a younger job of the number overtake it), growing by one per accepted
+submit up to `pipeline_per_number` while the SMSC accepts. A job that may not start yet
+waits in `held` (per number, in order) and is moved to `freed` when its number has room.
+Every job ends in exactly one
 `SubmitResult`: all parts accepted, or the first reason it was not (temporary or not,
 counting an attempt or not, and whether the SMSC may have it: `maybe_sent`).
 """
@@ -51,6 +58,7 @@ class JobState:
     temporary: bool = False
     count_attempt: bool = True
     maybe_sent: bool = False  # a part was accepted, or written and never answered
+    started: bool = False  # a part was written: the job counts against its number's depth
 
 
 @dataclass(order=True)
@@ -82,6 +90,11 @@ class Window:
         self.size = cfg.window  # submits in flight at most now (AIMD between 1 and size_max)
         self.size_max = max(cfg.window, cfg.window_max)
         self.acked = 0  # submits accepted since the window last grew
+        self.depth = 1  # jobs of one number on the wire at most now (1 .. depth_max)
+        self.depth_max = max(1, cfg.pipeline_per_number)
+        self.running: dict[str, int] = {}  # number -> its started jobs not finished yet
+        self.held: dict[str, deque[tuple[JobState, int]]] = {}  # parts waiting for their number's room
+        self.freed: deque[tuple[JobState, int]] = deque()  # held parts whose number has room again
         self.on_result = on_result
         self.quiet = quiet
         self.label = label  # "" or " (provider x, bind 2 of 3)" for log lines
@@ -131,7 +144,15 @@ class Window:
 
     def waiting(self) -> bool:
         """Parts that could go as soon as the pause or the rate allows."""
-        return bool(self.retry or self.queue) and len(self.inflight) < self.size
+        return bool(self.retry or self.freed or self.queue) and len(self.inflight) < self.size
+
+    def _pop(self, src: int) -> None:
+        if src == 0:
+            heapq.heappop(self.retry)
+        elif src == 1:
+            self.freed.popleft()
+        else:
+            self.queue.popleft()
 
     def take(self, now: float) -> tuple[list[bytes], float]:
         """The submit_sm PDUs that may be written now (numbered, in order), and how long to
@@ -140,24 +161,34 @@ class Window:
         wait = 1.0
         if now < self.pause_until:
             return out, self.pause_until - now
-        while len(self.inflight) < self.size and (self.retry or self.queue):
+        while len(self.inflight) < self.size:
             if self.retry:
-                r = self.retry[0]
-                js, idx = r.js, r.index
+                src, js, idx = 0, self.retry[0].js, self.retry[0].index
+            elif self.freed:
+                src, (js, idx) = 1, self.freed[0]
+            elif self.queue:
+                src, (js, idx) = 2, self.queue[0]
             else:
-                js, idx = self.queue[0]
+                break
             if js.error:  # the job failed meanwhile: do not send its other parts
-                (heapq.heappop(self.retry) if self.retry else self.queue.popleft())
+                self._pop(src)
                 self._part_done(js)
                 continue
+            if not js.started:
+                rc = js.job.recipient
+                if rc in self.held or self.running.get(rc, 0) >= self.depth:
+                    self._pop(src)  # behind its number's jobs on the wire (or held before it)
+                    self.held.setdefault(rc, deque()).append((js, idx))
+                    continue
             w = self.rate.wait_time(now)
             if w > 0:
                 wait = w
                 break
-            if self.retry:
-                heapq.heappop(self.retry)
-            else:
-                self.queue.popleft()
+            self._pop(src)
+            if not js.started:
+                js.started = True
+                rc = js.job.recipient
+                self.running[rc] = self.running.get(rc, 0) + 1
             seq = self.next_seq()
             self.inflight[seq] = (js, idx)
             self.sent.append((now, seq))
@@ -210,8 +241,11 @@ class Window:
             js.maybe_sent = True
             self.pause = 0.05
             self.grow()
+            if self.depth < self.depth_max:
+                self.depth += 1
             self._part_done(js)
             return
+        self.depth = 1  # a refusal: one job per number on the wire until the SMSC accepts again
         if status in THROTTLE_STATUSES and not js.error and not self.stopping:
             if self.rate.throttled(now):
                 self.shrink()
@@ -236,7 +270,8 @@ class Window:
         if not js.temporary:
             return  # a final failure: the next jobs of the number may go
         rcpt, jid = js.job.recipient, js.job.id
-        behind = [o for o, _ in self.queue if o.job.id > jid and not o.error and o.job.recipient == rcpt]
+        behind = [o for o, _ in (*self.queue, *self._held_parts())
+                  if o.job.id > jid and not o.error and o.job.recipient == rcpt]
         behind += [r.js for r in self.retry
                    if r.job_id > jid and not r.js.error and r.js.job.recipient == rcpt]
         if not behind:
@@ -252,7 +287,12 @@ class Window:
             self.abort(js, reason)
         for r in self.retry:
             self.abort(r.js, reason)
+        for js, _ in self._held_parts():
+            self.abort(js, reason)
         self.drop_unsent()
+
+    def _held_parts(self) -> list[tuple[JobState, int]]:
+        return [*self.freed, *(e for q in self.held.values() for e in q)]
 
     def lose(self, reason: str) -> int:
         """The connection is gone: every open job goes back (temporary, no attempt counted);
@@ -290,12 +330,30 @@ class Window:
                 retry.append(r)
         heapq.heapify(retry)
         self.retry = retry
+        if self.held or self.freed:
+            parts = self._held_parts()
+            self.held, self.freed = {}, deque()
+            for js, i in parts:  # in order: freed first, then each number's held parts
+                if js.error:
+                    self._part_done(js)
+                else:
+                    self.freed.append((js, i))  # take() holds again what may not go yet
 
     def _part_done(self, js: JobState) -> None:
         js.outstanding -= 1
         if js.outstanding > 0:
             return
         self.jobs.pop(js.job.id, None)
+        if js.started:
+            rc = js.job.recipient
+            left = self.running.get(rc, 1) - 1
+            if left > 0:
+                self.running[rc] = left
+            else:
+                self.running.pop(rc, None)
+            held = self.held.pop(rc, None)
+            if held:
+                self.freed.extend(held)
         if js.error:
             self.on_result(SubmitResult(js.job.id, error=js.error, temporary=js.temporary,
                                         count_attempt=js.count_attempt, maybe_sent=js.maybe_sent))

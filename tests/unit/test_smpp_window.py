@@ -160,25 +160,46 @@ def _add_to(w: Window, jid: int, recipient: str) -> None:
         w.add(js)
 
 
-def test_a_train_job_that_goes_back_takes_the_unsent_ones_behind_it_along():
-    w, out = _window(window=2, window_max=2)
-    for jid in range(1, 6):
+def _ids(w: Window, batch: list[bytes]) -> list[int]:
+    return [w.inflight[seq][0].job.id for seq in _seqs(batch)]
+
+
+def test_one_numbers_depth_starts_at_one_and_grows_while_the_smsc_accepts():
+    w, out = _window(window=10, window_max=10, pipeline_per_number=3)
+    for jid in range(1, 9):
         _add_to(w, jid, "+41790000001")
-    _add_to(w, 6, "+41790000002")
+    _add_to(w, 9, "+41790000002")
     t = time.monotonic()
-    s1, s2 = _seqs(w.take(t)[0])
-    w.answer(s1, 0x08, "", t)  # ESME_RSYSERR on job 1: temporary, back to the queue
+    rounds = []
+    while len(out) < 9:
+        batch, _ = w.take(t)
+        rounds.append(_ids(w, batch))
+        _answer_all(w, batch, 0, t)
+    # depth 1 (+ the other number); each accepted submit on the bind adds one, up to
+    # pipeline_per_number (3)
+    assert rounds == [[1, 9], [2, 3, 4], [5, 6, 7], [8]]
+    assert [r.job_id for r in out if r.ok] == [1, 9, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_train_job_that_goes_back_takes_the_unsent_ones_behind_it_along():
+    w, out = _window(window=10, window_max=10)
+    for jid in range(1, 9):
+        _add_to(w, jid, "+41790000001")
+    t = time.monotonic()
+    for _ in range(2):  # depth 1, then 2: jobs 1, 2, 3 accepted
+        _answer_all(w, w.take(t)[0], 0, t)
+    batch, _ = w.take(t)
+    assert _ids(w, batch) == [4, 5, 6, 7]  # depth 4
+    s4, *rest = _seqs(batch)
+    w.answer(s4, 0x08, "", t)  # ESME_RSYSERR on job 4: temporary, back to the queue
     by_id = {r.job_id: r for r in out}
-    assert by_id[1].temporary and by_id[1].count_attempt
-    # 3, 4, 5 (same number, not written yet) go back unsent, no attempt counted; 6 is another number
-    assert {3, 4, 5} <= set(by_id)
-    assert all(by_id[j].temporary and not by_id[j].count_attempt for j in (3, 4, 5))
-    assert "job 1" in by_id[3].error
-    w.answer(s2, 0, "m2", t)  # 2 was on the wire already: accepted (the trade, ADR 0003)
-    (b,) = w.take(t)[0]
-    assert _seqs([b]) and 6 not in {r.job_id for r in out}
-    w.answer(_seqs([b])[0], 0, "m6", t)
-    assert [r.job_id for r in out if r.ok] == [2, 6]
+    assert by_id[4].temporary and by_id[4].count_attempt
+    # 8 (same number, not written yet) goes back unsent, no attempt counted, behind job 4
+    assert by_id[8].temporary and not by_id[8].count_attempt and "job 4" in by_id[8].error
+    for seq in rest:  # 5, 6, 7 were on the wire already: accepted (the trade, ADR 0003)
+        w.answer(seq, 0, f"m{seq}", t)
+    assert [r.job_id for r in out if r.ok] == [1, 2, 3, 5, 6, 7]
+    assert w.depth == 4 and not w.jobs and not w.held and not w.running
 
 
 def test_throttled_train_parts_are_resent_in_order_before_the_rest():
