@@ -209,7 +209,8 @@ def main() -> int:
             f"submit_sm {proj['backlog']:.0f} vs {base['backlog']:.0f} SMS/s (ratio "
             f"{proj['backlog'] / base['backlog']:.2f}); first -> last submit_sm "
             f"{proj['backlog_sending']:.0f} vs {base['backlog_sending']:.0f} SMS/s (ratio "
-            f"{proj['backlog_sending'] / base['backlog_sending']:.2f}; target >= {TARGET_SMS_S} {'OK' if proj['backlog_sending'] >= TARGET_SMS_S else 'MISSED'})")
+            f"{proj['backlog_sending'] / base['backlog_sending']:.2f}; target >= {TARGET_SMS_S} "
+            f"{'OK' if proj['backlog_sending'] >= TARGET_SMS_S else 'MISSED'})")
         result("burst_one_number", mails=a.mails, clients=a.clients, per_number=per_number,
                baseline={k: round(v) for k, v in base.items()},
                project={k: round(v) for k, v in proj.items()},
