@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A burst to one handset: 500 mails to one number through Postfix + sms-milter + dispatcher + SMSC.
 
-    python bench/burst_one_number.py [--mails 500] [--clients 10] [--per-number 200]
+    python bench/burst_one_number.py [--quick] [--mails 500] [--clients 10] [--per-number 200]
 
 Issue 16: a monitoring storm is normal traffic. 500 mails, each with a unique numbered text,
 to one SMS number, sent by `--clients` persistent SMTP sessions as fast as Postfix answers,
@@ -167,11 +167,13 @@ def one_run(stack: object, smsc: Smsc, log: Path, work: Path, sink_port: int, ma
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mails", type=int, default=500)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 100 mails")
+    ap.add_argument("--mails", type=int, help="mails in the burst (default 500, --quick 100)")
     ap.add_argument("--clients", type=int, default=10, help="concurrent SMTP sessions")
     ap.add_argument("--per-number", type=int, default=0,
                     help="the project's pipeline_per_number (default: the shipped default)")
     a = ap.parse_args()
+    a.mails = a.mails or (100 if a.quick else 500)
     banner("burst_one_number: 500 mails to one handset, Postfix -> sms-milter -> dispatcher -> SMSC")
     missing = dispatcher_available()
     if missing:
