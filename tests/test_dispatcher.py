@@ -357,7 +357,9 @@ def test_rude_smsc_smpp34_reorders_and_queue_full(tb):
         port = int(rude.stdout.readline().split()[1])
         batch = [job(f"+4179200{i % 40:04d}", f"rude {i:03d} " * (1 + i % 25)) for i in range(320)]
         ids = add_jobs(tb.spool, batch)
-        d = tb.dispatcher(tb.config(port=port, window=50))
+        # An SMSC that refuses single submits at random while accepting the ones around them:
+        # strict order needs one job per number on the wire (pipeline_per_number 1, ADR 0003).
+        d = tb.dispatcher(tb.config(port=port, window=50, pipeline_per_number=1))
         done = wait_states(tb.spool, ids, {"delivered"}, timeout=60, detail=tb.detail)
         assert all(j.attempts == 1 for j in done.values())
         d.stop()

@@ -12,7 +12,8 @@ ESME_RMSGQFUL.
 Jobs to one number (a train from the claim, ADR 0003) go in order, with at most `depth` of
 them on the wire at once: 1 at first and after every throttle or temporary error (then one
 refusal cannot let a younger job of the number overtake it), growing by one per accepted
-submit up to `pipeline_per_number` while the SMSC accepts. A job that may not start yet
+submit up to `pipeline_per_number` while the SMSC accepts, and only once it has refused
+nothing for TRAIN_COOLDOWN seconds. A job that may not start yet
 waits in `held` (per number, in order) and is moved to `freed` when its number has room.
 Every job ends in exactly one
 `SubmitResult`: all parts accepted, or the first reason it was not (temporary or not,
@@ -45,6 +46,7 @@ from .ratelimit import Rate
 log = logging.getLogger("sms_milter.dispatcher.smpp")
 
 TIMEOUTS_BEFORE_RECONNECT = 3  # submit_sm in a row without an answer: the bind is dropped and made again
+TRAIN_COOLDOWN = 10.0  # seconds after a refusal during which a bind keeps one job per number on the wire
 
 
 @dataclass(eq=False)
@@ -91,6 +93,7 @@ class Window:
         self.size_max = max(cfg.window, cfg.window_max)
         self.acked = 0  # submits accepted since the window last grew
         self.depth = 1  # jobs of one number on the wire at most now (1 .. depth_max)
+        self.refused_at = float("-inf")  # when the SMSC last refused a submit (not a final error)
         self.depth_max = max(1, cfg.pipeline_per_number)
         self.running: dict[str, int] = {}  # number -> its started jobs not finished yet
         self.held: dict[str, deque[tuple[JobState, int]]] = {}  # parts waiting for their number's room
@@ -241,11 +244,14 @@ class Window:
             js.maybe_sent = True
             self.pause = 0.05
             self.grow()
-            if self.depth < self.depth_max:
+            if self.depth < self.depth_max and now - self.refused_at >= TRAIN_COOLDOWN:
                 self.depth += 1
             self._part_done(js)
             return
-        self.depth = 1  # a refusal: one job per number on the wire until the SMSC accepts again
+        if status in THROTTLE_STATUSES or status in TEMPORARY_STATUSES:
+            # An SMSC that refuses: one job per number on the wire, until it has accepted
+            # everything for TRAIN_COOLDOWN (a refusal mid-train could let younger jobs overtake).
+            self.depth, self.refused_at = 1, now
         if status in THROTTLE_STATUSES and not js.error and not self.stopping:
             if self.rate.throttled(now):
                 self.shrink()

@@ -199,7 +199,26 @@ def test_a_train_job_that_goes_back_takes_the_unsent_ones_behind_it_along():
     for seq in rest:  # 5, 6, 7 were on the wire already: accepted (the trade, ADR 0003)
         w.answer(seq, 0, f"m{seq}", t)
     assert [r.job_id for r in out if r.ok] == [1, 2, 3, 5, 6, 7]
-    assert w.depth == 4 and not w.jobs and not w.held and not w.running
+    assert w.depth == 1 and not w.jobs and not w.held and not w.running  # refused: no trains for a while
+
+
+def test_after_a_refusal_depth_stays_one_until_the_cooldown_passed():
+    from sms_milter.dispatcher.smpp_window import TRAIN_COOLDOWN
+
+    w, _ = _window(window=10, window_max=10)
+    for jid in range(1, 30):
+        _add_to(w, jid, "+41790000001")
+    t = time.monotonic()
+    (b,) = w.take(t)[0]
+    w.answer(_seqs([b])[0], pdus.ESME_RTHROTTLED, "", t)
+    for i in range(1, 4):  # accepted one by one: no train on the wire during the cooldown
+        soon = t + i  # (a second apart: the throttled rate allows one)
+        batch, _ = w.take(soon)
+        assert len(batch) == 1
+        _answer_all(w, batch, 0, soon)
+    later = t + TRAIN_COOLDOWN + 1.0
+    _answer_all(w, w.take(later)[0], 0, later)
+    assert len(w.take(later)[0]) == 2  # depth grows again
 
 
 def test_throttled_train_parts_are_resent_in_order_before_the_rest():
