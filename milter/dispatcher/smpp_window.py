@@ -6,7 +6,7 @@ numbered only when they are written (`take`). A throttled part (ESME_RTHROTTLED,
 ESME_RMSGQFUL) waits in `retry` (in job/part order) and goes before new parts after a
 pause; the bind's rate is cut (`ratelimit.Rate`). The window is adaptive (AIMD, as TCP's
 congestion window): it starts at `window`, grows by `window` for every window's worth of
-accepted submits up to `window_max`, and is halved (not below 1) by ESME_RTHROTTLED /
+accepted submits up to `window_max`, and is halved (not below `window`) by ESME_RTHROTTLED /
 ESME_RMSGQFUL.
 
 Jobs to one number (a train from the claim, ADR 0003) go in order, with at most `depth` of
@@ -131,9 +131,10 @@ class Window:
             self.size = min(self.size_max, self.size + self.cfg.window)
 
     def shrink(self) -> None:
-        """Multiplicative decrease on throttling: the window is halved (not below 1)."""
+        """Multiplicative decrease on throttling: the window is halved, not below `window`
+        (below that, the pause and the bind's rate cut slow it, as they did before)."""
         self.acked = 0
-        self.size = max(1, self.size // 2)
+        self.size = max(min(self.cfg.window, self.size_max), self.size // 2)
 
     def capacity(self) -> int:
         limit = self.max_jobs
