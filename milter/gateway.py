@@ -215,8 +215,8 @@ class Gateway:
     def _idempotency_key(self, msg: Message, jobs: Sequence[NewJob] = ()) -> tuple[str, float]:
         """The same message sent again (a client that lost our 250) must not add jobs twice.
 
-        A Message-ID the client wrote identifies the message (with its SMS recipients and
-        texts) for `dedupe_seconds`; without
+        A Message-ID the client wrote identifies the message (with its SMS recipients,
+        originators, Notify policies and texts) for `dedupe_seconds`; without
         one (or with one the MTA generated, which carries its queue id) sender, recipients,
         Subject and body do, for the much shorter `dedupe_anonymous_seconds`.
         """
@@ -228,6 +228,10 @@ class Gateway:
         # is a new message, not a duplicate.
         for number, device in sorted({(j.recipient, j.device) for j in jobs}):
             h.update(f"to\0{number}\0{device}\0".encode())
+        # So is one from another originator or with another Notify policy (O=, N= in the
+        # Subject): what the recipient sees and what the sender is told differ.
+        for originator, notify in sorted({(j.originator, j.notify) for j in jobs}):
+            h.update(f"from\0{originator}\0{notify}\0".encode("utf-8", "surrogatepass"))
         # So is a message with another text under the same Message-ID (a client that reuses
         # ids, or one the MTA cut short at a NUL): a true resend has the same text.
         for text in sorted({j.text for j in jobs}):

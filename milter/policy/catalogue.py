@@ -12,13 +12,10 @@ means the gateway's own trouble or a limit that frees up by itself: the client t
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
-from .refusal import Refusal
+from .refusal import Reply
 
 # Where a refusal is decided (README's tables, one per stage).
 STAGES = {
@@ -28,27 +25,6 @@ STAGES = {
              "commit:",
     "submit": "Only from the pipe transport (`sms-milter submit`, written into the bounce):",
 }
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: str  # "550"
-    xcode: str  # "5.1.3"
-    stage: str  # a key of STAGES
-    template: str  # the text, str.format fields by name
-    when: str  # README: when this reply is given
-    example: Mapping[str, Any] = field(default_factory=dict)  # README: the fields shown
-    name: str = ""  # set below: the entry's name in this module
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.template) if f))
-
-    def __call__(self, **values: Any) -> Refusal:
-        return Refusal(self.code, self.xcode, self.template.format(**values))
-
-    def sample(self) -> Refusal:
-        return self(**self.example)
 
 
 _R = Reply
@@ -195,12 +171,15 @@ UNKNOWN_TRANSFER_ENCODING = _R("550", "5.6.0", "eom",
                                "an unknown transfer encoding",
                                {"cte": "x-uuencode"})
 DAMAGED_ENCODED_WORD = _R("550", "5.6.0", "eom",
-                          "The Subject holds a damaged encoded word; send it again from a standard mail "
-                          "client.",
-                          "an RFC 2047 word that does not decode")
+                          "The Subject holds a damaged {encoding} encoded word (word {index}: {problem}); "
+                          "send it again from a standard mail client.",
+                          "an RFC 2047 word that does not decode",
+                          {"encoding": "base64 (B)", "index": 1, "problem": "'#' is not a base64 character"})
 NO_TEXT = _R("550", "5.6.0", "eom",
              "The message has no text to send as SMS.",
              "empty body (and empty template result)")
+# Damaged transfer encodings, control characters, binary data (split out for length)
+from .catalogue_text import CONTROL_CHARACTER, DAMAGED_TRANSFER_ENCODING, NOT_TEXT  # noqa: E402, F401, I001
 TOO_MANY_PARTS = _R("552", "5.3.4", "eom",
                     "The text needs {parts} SMS parts but this account allows at most {max_parts}; "
                     "shorten the text.",
