@@ -70,7 +70,8 @@ class MeteredProvider:
 
     def _start(self, inner: Provider) -> None:
         def result(r: SubmitResult) -> None:
-            outcome = "ok" if r.ok else "temporary" if r.temporary else "failed"
+            outcome = ("ok" if r.ok else "unavailable" if r.unavailable else "temporary" if r.temporary
+                       else "failed")
             metrics.SUBMITS.labels(r.provider or inner.name, outcome).inc()
             with self._lock:
                 created = self._created.pop(r.job_id, None)
@@ -96,8 +97,6 @@ class MeteredProvider:
                 if bound != self._bound.get(name, False):
                     self._bound[name] = bound
                     metrics.BOUND.labels(name).set(1 if bound else 0)
-                    if bound:
-                        metrics.BINDS.labels(name).inc()
             self._on_change()
 
         inner.start(result, receipt, change)

@@ -40,7 +40,7 @@ class SmppProvider:
         n = cfg.binds
         labels = [f" (provider {name}, bind {i + 1} of {n})" if n > 1 else
                   (f" (provider {name})" if name != "smpp" else "") for i in range(n)]
-        self.binds = [Bind(cfg, i, labels[i], self.quiet, connect_timeout) for i in range(n)]
+        self.binds = [Bind(cfg, i, labels[i], self.quiet, connect_timeout, name) for i in range(n)]
         self._on_result: ResultCallback = lambda r: None
         self._next_query = 0
         # The engine claims trains of one number's jobs (ADR 0003): each goes whole to one bind,

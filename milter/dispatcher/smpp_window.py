@@ -302,11 +302,14 @@ class Window:
         return [*self.freed, *(e for q in self.held.values() for e in q)]
 
     def lose(self, reason: str) -> int:
-        """The connection is gone: every open job goes back (temporary, no attempt counted);
-        those with a part on the wire may have reached the SMSC. Returns how many jobs."""
+        """The connection is gone: every open job goes back (temporary, no attempt counted:
+        the provider's failure, not the job's). A job with a part on the wire and no answer may
+        have reached the SMSC (maybe_sent, and its error says so: the engine counts that an
+        attempt). Returns how many jobs."""
         open_jobs = len(self.jobs)
         for js, _ in self.inflight.values():
             js.maybe_sent = True
+            self.abort(js, f"connection lost before the SMSC answered, may have been sent: {reason}")
         for js in list(self.jobs.values()):
             self.abort(js, f"connection lost: {reason}")
         for js, _ in list(self.inflight.values()):

@@ -306,7 +306,10 @@ class DispatchSpool(Protocol):
         them) and, in the same transaction, apply every stored orphan receipt for one of those ids."""
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
-                count_attempt: bool = False) -> None: ...
+                count_attempt: bool = False, pin: str = "") -> None:
+        """Give leased jobs back to the queue, due after `delay`; `pin`: the provider that may
+        have them (a submit never answered), kept in the job's provider field so that a
+        restarted dispatcher sends them through that provider only."""
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None: ...
 

@@ -30,6 +30,8 @@
 //   --expired-dest A,B   final receipt stat EXPIRED for these destination_addr
 //   --drop-after N       after the next N submits are answered, drop the connection once (the
 //                        N+1st submit and everything after it in that read gets no answer)
+//   --flap N             every session: after N submits answered (0: none), the next one gets no
+//                        answer and the connection is dropped (a flapping SMSC: on every reconnect)
 //   --no-unbind-resp     never answer unbind (a rude SMSC)
 //   --first-id N         message ids start at N (decimal) instead of a time-based value: a
 //                        restarted simulator hands out the same ids again, as real SMSCs do
@@ -65,7 +67,7 @@ function parseArgs(argv) {
     resp_delay: 0, stale_receipts: 0,
     enroute: false, throttle: 0, qfull: 0, syserr: 0, fail_dest: [], undeliv: [], expired_dest: [],
     drop_after: -1, no_unbind_resp: false, first_id: 0, silent: false, close_after_bind: false,
-    query_sm: false, throttle_session: 0, max_binds: 0, throttle_every: 0, throttle_quiet: 100,
+    query_sm: false, throttle_session: 0, max_binds: 0, throttle_every: 0, throttle_quiet: 100, flap: -1,
   };
   const lists = new Set(['fail_dest', 'undeliv', 'expired_dest']);
   for (let i = 2; i < argv.length; i++) {
@@ -209,6 +211,7 @@ const server = smpp.createServer((session) => {
   session.num = ++sessionSeq;
   let systemId = null;
   let dropping = false;
+  let answered = 0;  // submits answered in this session (--flap)
   record({ t: Date.now(), session: session.num, command: 'connect' });
   session.on('error', () => {});
   session.on('close', () => {
@@ -295,6 +298,13 @@ const server = smpp.createServer((session) => {
       return;
     }
     if (opt.drop_after > 0) opt.drop_after--;
+    if (opt.flap >= 0 && answered >= opt.flap) {
+      dropping = true;
+      record(Object.assign(rec, { dropped: true }));
+      session.destroy();
+      return;
+    }
+    answered++;
     let status = 0;
     counts.submits++;
     const now = Date.now();

@@ -105,7 +105,7 @@ class DispatchSide(Core):
         return [job_of(r) for r in rows]
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
-                count_attempt: bool = False) -> None:
+                count_attempt: bool = False, pin: str = "") -> None:
         if not job_ids:
             return
 
@@ -113,8 +113,10 @@ class DispatchSide(Core):
             c.execute(
                 "UPDATE jobs SET lease_owner=NULL, lease_until=NULL, not_before=%s,"
                 " last_error=CASE WHEN %s='' THEN last_error ELSE %s END,"
+                " provider=CASE WHEN %s='' THEN provider ELSE %s END,"
                 " attempts=attempts-%s WHERE id = ANY(%s) AND state='queued'",
-                (time.time() + delay, error, enc(error), 0 if count_attempt else 1, sorted(job_ids)))
+                (time.time() + delay, error, enc(error), pin, pin, 0 if count_attempt else 1,
+                 sorted(job_ids)))
             c.execute("SELECT pg_notify('sms_milter_work', '')")
 
         self._run(fn)

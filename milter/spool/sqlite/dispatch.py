@@ -71,16 +71,17 @@ class DispatchSide(Store):
         return [job_from_row(r) for r in rows]
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
-                count_attempt: bool = False) -> None:
-        """Give leased jobs back to the queue, due after `delay` seconds."""
+                count_attempt: bool = False, pin: str = "") -> None:
+        """Give leased jobs back to the queue, due after `delay` seconds (`pin`: see base)."""
 
         def fn(db: sqlite3.Connection) -> None:
             due = time.time() + delay
             db.executemany(
                 "UPDATE jobs SET lease_owner=NULL, lease_until=NULL, not_before=?,"
                 " last_error=CASE WHEN ?='' THEN last_error ELSE ? END,"
+                " provider=CASE WHEN ?='' THEN provider ELSE ? END,"
                 " attempts=attempts-? WHERE id=? AND state='queued'",
-                [(due, error, error, 0 if count_attempt else 1, jid) for jid in job_ids])
+                [(due, error, error, pin, pin, 0 if count_attempt else 1, jid) for jid in job_ids])
 
         self._run(fn)
 
