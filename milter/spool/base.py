@@ -1,7 +1,6 @@
 """The spool's interface: what the milter, the dispatcher and the CLI may ask of a queue.
 
-SQLite implements it today (`sqlite.SqliteSpool`); a PostgreSQL spool shared by several
-hosts implements the same methods later. Nothing outside `spool/` knows SQL.
+`sqlite.SqliteSpool` and `postgres.PostgresSpool` implement it; nothing outside `spool/` knows SQL.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ from .admin import JobDetail as JobDetail
 from .admin import Notification as Notification
 from .admin import Part as Part
 from .admin import SpoolStats as SpoolStats
-from .files import FileStore
-from .files import JobFile as JobFile
+from .files import FileStore, JobFile
 from .lifecycle import FINAL_STATES as FINAL_STATES  # the states are the lifecycle's
 from .lifecycle import STATES as STATES
 from .lifecycle import normalize_ref as normalize_ref
@@ -302,8 +300,10 @@ class DispatchSpool(FileStore, Protocol):
 
     def wait_for_work(self, timeout: float) -> None: ...
 
-    def claim(self, owner: str, limit: int, lease_seconds: float, *, channel: str | None = None
-              ) -> list[Job]: ...
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1,
+              channel: str | None = None) -> list[Job]:
+        """Lease due jobs in order per recipient: one per number, or trains of up to per_number
+        (a head and the jobs behind it); with `channel`, that channel's jobs only."""
 
     def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         """Record jobs' parts as submitted with their message ids (and the provider that took

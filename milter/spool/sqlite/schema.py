@@ -172,7 +172,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 3: the provider that took a job (routing over several providers): NULL until it is
     # submitted (and for jobs submitted before this).
     ("ALTER TABLE jobs ADD COLUMN provider TEXT",),
-    # 4: voice and fax (issue 15): the job's channel, its TTS language and its files (JSON list of
+    # 4: expiry finds queued jobs past their validity by index (issue 16: with 1,000,000 jobs
+    # queued, its scan of every job, every 2 s, was a third of the dispatcher's busy time; with
+    # 200,000 queued: 408 ms -> 0.1 ms a look). PostgreSQL has had jobs_queued_expiry from the start.
+    ("CREATE INDEX IF NOT EXISTS jobs_queued_expiry ON jobs(expires_at) WHERE state='queued'",),
+    # 5: voice and fax (issue 15): the job's channel, its TTS language and its files (JSON list of
     # {sha256, content_type, name, size}; the content is in `<spool>.files/`, sqlite/files.py).
     ("ALTER TABLE jobs ADD COLUMN channel TEXT NOT NULL DEFAULT 'sms'",
      "ALTER TABLE jobs ADD COLUMN language TEXT NOT NULL DEFAULT ''",
