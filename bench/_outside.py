@@ -8,7 +8,10 @@ for the baseline), Postfix's own milter timeouts (the production snippet's: conn
 command 30 s, content 60 s), the milter with the shipped defaults except what the
 benchmark needs to verify itself; best of `rounds` runs each (default 2), the ratio of the
 bests. Rounds alternate B P B P ... with a restart before each, and each neighbouring
-pair's ratio is printed too, so the spread shows.
+pair's ratio is printed too, so the spread shows. Each round also runs the same messages
+through Postfix + a milter that does nothing (bench/noop_py_milter.py: our adapter with no
+validation and no spool; bench/noop_milter.c on sendmail's libmilter if it builds): their
+ratios are the ceiling for any milter in this path (`--no-references` leaves them out).
 
 Differences from the default mode (5,000 x 1 KB, two Postfix instances side by side, no
 restart, median of per-round ratios), each selectable to find out which one matters:
@@ -22,7 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import urllib.request
+from pathlib import Path
 
 import milter_path as mp
 from _common import BenchAbort, Proc, banner, bed, cleanup_on_exit, own, poll, result, say, workdir
@@ -60,6 +65,8 @@ def outside(a: argparse.Namespace) -> int:
         extra: dict = {"milter": {"spool_timeout": 5.0}}  # the shipped default (the bed's is 1 s)
         if not a.dedupe:
             extra["limits"] = {"identical_seconds": 0}
+        if size > 900:  # --size 1024 as the default mode: 7 SMS parts, over the shipped cap of 6
+            extra["accounts"] = {"acme": {"max_parts": 10}}
         metrics_port = bed.free_port()
         config = bed.write_config(work, milter_port, bed.free_port(), spool_path=spool,
                                   extra={**extra, "metrics": {"milter": f"127.0.0.1:{metrics_port}"}})
@@ -96,6 +103,23 @@ def outside(a: argparse.Namespace) -> int:
             beds[f"B{j} {ab}"] = (mp.Bed(sink, pf, pf, milter_b, config_b, spool), f"inet:127.0.0.1:{port_b}")
             metrics_ports[f"B{j} {ab}"] = metrics_b
         b = beds["project"][0]
+        # The ceilings, in the same rounds: Postfix + a milter that does nothing (our own
+        # adapter with no validation and no spool; sendmail's C libmilter if it builds).
+        refs: dict[str, str] = {}
+        if not a.no_references:
+            port_py = bed.free_port()
+            own(stack, Proc([sys.executable, str(Path(mp.__file__).with_name("noop_py_milter.py")),
+                             f"inet:127.0.0.1:{port_py}"]))
+            poll(lambda: bed._port_listening(port_py), 10, "no-op Python milter listening")
+            refs["noop-py"] = f"inet:127.0.0.1:{port_py}"
+            noop_c = mp.build_noop_milter(work)
+            if noop_c is not None:
+                port_c = bed.free_port()
+                own(stack, Proc([str(noop_c), f"inet:{port_c}@127.0.0.1"]))
+                poll(lambda: bed._port_listening(port_c), 10, "no-op C milter listening")
+                refs["noop-C"] = f"inet:127.0.0.1:{port_c}"
+            for spec_ref in refs.values():
+                mp.let_postfix_in(spec_ref)
         state: dict[str, str | None] = {"with": None}
 
         def use(which: str) -> None:
@@ -103,7 +127,7 @@ def outside(a: argparse.Namespace) -> int:
                 return
             if pf.running:
                 pf.stop()
-            pf.milter_socket = beds[which][1] if which in beds else None
+            pf.milter_socket = beds[which][1] if which in beds else refs.get(which)
             pf.start()
             state["with"] = which
 
@@ -123,7 +147,7 @@ def outside(a: argparse.Namespace) -> int:
         for which in beds:
             use(which)
             project(which, "w1", 100)
-        rates: dict[str, list[float]] = {k: [] for k in ["baseline", *beds]}
+        rates: dict[str, list[float]] = {k: [] for k in ["baseline", *beds, *refs]}
         cpus: dict[str, list[float]] = {k: [] for k in rates}
         for i in range(1, rounds + 1):
             order = list(rates) if i % 2 else list(reversed(rates))
@@ -131,6 +155,12 @@ def outside(a: argparse.Namespace) -> int:
                 use(which)
                 if which == "baseline":
                     rates[which].append(mp.baseline_round(b, n, a.sessions, size, f"b{i}"))
+                elif which in refs:
+                    mp.CPU.clear()
+                    rates[which].append(mp.ceiling_round(pf, n, a.sessions, size, f"r{i}{which[5]}"))
+                    say(f"round {i} {which:<10} {rates[which][-1]:7.0f} msg/s (reference: a milter that "
+                        "does nothing)")
+                    continue
                 else:
                     rates[which].append(project(which, f"p{i}{which[0]}", n))
                 cpus[which].append(mp.cpu_per_msg())
@@ -138,7 +168,7 @@ def outside(a: argparse.Namespace) -> int:
                     if which in latency and latency[which] else ""
                 say(f"round {i} {which:<10} {rates[which][-1]:7.0f} msg/s; {mp.cpu_line()}{lat}")
             say(f"round {i} ratio " + ", ".join(f"{k} {rates[k][-1] / rates['baseline'][-1]:.2f}"
-                                                for k in beds))
+                                                for k in [*beds, *refs]))
         base, proj = rates["baseline"], rates["project"]
         base_cpu, proj_cpu = cpus["baseline"], cpus["project"]
         for k in list(beds)[1:]:
@@ -154,6 +184,11 @@ def outside(a: argparse.Namespace) -> int:
         say(f"best baseline {max(base):.0f} msg/s, best project {max(proj):.0f} msg/s: ratio of the bests "
             f"{best:.2f} (the outside's statistic); rounds' ratios {', '.join(f'{r:.2f}' for r in pairs)} "
             f"(median {statistics.median(pairs):.2f})")
+        ceilings = {k: round(max(rates[k]) / max(base), 3) for k in refs}
+        for k in refs:
+            say(f"reference {k} (no validation, no spool): best {max(rates[k]):.0f} msg/s, "
+                f"{ceilings[k]:.2f} of Postfix alone (what a milter that does nothing gets here); the "
+                f"project reaches {max(proj) / max(rates[k]):.2f} of it")
         cpu_ratio = statistics.median(base_cpu) / statistics.median(proj_cpu)
         say(f"CPU per message (median): baseline {1000 * statistics.median(base_cpu):.2f} ms, project "
             f"{1000 * statistics.median(proj_cpu):.2f} ms: CPU-bound ratio {cpu_ratio:.2f} "
@@ -162,7 +197,8 @@ def outside(a: argparse.Namespace) -> int:
                baseline_best_msg_s=round(max(base)),
                project_best_msg_s=round(max(proj)), ratio_of_bests=round(best, 3),
                round_ratios=[round(r, 3) for r in pairs], messages=n, size=size, rounds=rounds,
-               restart=not a.no_restart, dedupe=a.dedupe)
+               restart=not a.no_restart, dedupe=a.dedupe,
+               **{f"ceiling_{k.replace('-', '_')}": v for k, v in ceilings.items()})
         for bb, _ in beds.values():
             code = bb.milter.stop()
             if code != 0:

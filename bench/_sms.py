@@ -66,6 +66,7 @@ class RawResult:
     receipts: int
     seconds: float  # first submit sent -> last receipt read
     errors: int
+    started: float = 0.0  # time.time() when the first submit was sent (for outside clocks)
 
 
 def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
@@ -125,6 +126,7 @@ def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
                 slots.release()
 
     t = threading.Thread(target=reader, daemon=True)
+    started = time.time()
     t0 = time.perf_counter()
     t.start()
     for raw in raws:
@@ -141,5 +143,5 @@ def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
     client.disconnect()
     if failure:
         raise RuntimeError(f"raw smpplib pipeline failed: {failure[0]!r}")
-    return RawResult(total, state["receipts"], elapsed, state["errors"])
+    return RawResult(total, state["receipts"], elapsed, state["errors"], started)
 

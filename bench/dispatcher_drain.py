@@ -3,6 +3,11 @@
 
     python bench/dispatcher_drain.py [--quick] [--jobs N] [--window W] [--notify]
                                      [--binds 1,2,4] [--postgres --dispatchers 1,2,4]
+    python bench/dispatcher_drain.py --outside [--rounds N] [--jobs N] [--window W]
+
+--outside: issue 16's measurement (bench/_drain_outside.py): single-part jobs spooled with
+the dispatcher stopped, timed from the dispatcher's process start to the last submit_sm at
+the SMSC, against smpplib with no window limit; best of N rounds.
 
 20,000 jobs (a third single-part GSM-7, a third 3-part GSM-7, a third 2-part UCS-2:
 40,000 SMS parts) go into a fresh spool in one transaction (SqliteSpool.add_message) while
@@ -178,7 +183,14 @@ def main() -> int:
     ap.add_argument("--dispatchers", default="1",
                     help="dispatcher process counts on one spool, one run each (default 1; e.g. 1,2,4 "
                          "with --postgres)")
+    ap.add_argument("--outside", action="store_true",
+                    help="process start -> last submit_sm at the SMSC vs smpplib with no window limit")
+    ap.add_argument("--rounds", type=int, help="--outside: rounds each, best of (default 3)")
     a = ap.parse_args()
+    if a.outside:
+        from _drain_outside import outside
+
+        return outside(a)
     n = a.jobs or (2000 if a.quick else 20000)
     counts = {}
     for opt in ("binds", "dispatchers"):

@@ -457,6 +457,8 @@ def main() -> int:
                     help="issue 16's outside method: 2,000 x 300 bytes to one number, one Postfix restarted "
                          "between baseline and project, best of 2 rounds each (bench/_outside.py)")
     ap.add_argument("--no-restart", action="store_true", help="--outside without the Postfix restarts")
+    ap.add_argument("--no-references", action="store_true",
+                    help="--outside without the no-op milter rounds (the ceilings)")
     ap.add_argument("--ab", metavar="VAR=VALUE[,...]", action="append",
                     help="--outside with a second milter started with this environment, A/B in each round")
     ap.add_argument("--dedupe", action="store_true",

@@ -12,7 +12,9 @@ of which knows a socket. Here:
   "no reply", so nothing of ours would carry the ACK and Postfix's Nagle would wait
   ~40 ms a message for our delayed ACK;
 - decisions that cost CPU run on worker threads and come back through a pipe;
-- bytes that are no milter protocol get a TEMPFAIL and the connection is closed;
+- bytes that are no milter protocol get a TEMPFAIL and the connection is closed, and so
+  does a packet left incomplete for PACKET_TIMEOUT;
+- accept() out of file descriptors pauses the listening socket (`listener.py`), never a spin;
 - SIGTERM: stop accepting at once, let sessions in the middle of a message finish it,
   remove a unix socket on exit; `inet6:`/IPv6 addresses get a real IPv6 socket.
 """
@@ -22,7 +24,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import threading
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .codec import TEMPFAIL, ProtocolError
 from .gateway import Commit, Gateway, Message, Outcome
+from .listener import EXHAUSTED, AcceptBackoff, listen, packet_timeout, unlink_unix
 from .policy.refusal import INTERNAL_ERROR
 from .session import MilterSession, reply_packet
 from .spool.base import AddRequest, SpoolError
@@ -54,7 +56,7 @@ class Connection:
     write, when it last spoke). It is the session's CommitHost: it hands the session's
     commits and slow decisions to the server."""
 
-    __slots__ = ("server", "sock", "session", "outbuf", "last", "writing", "quickack")
+    __slots__ = ("server", "sock", "session", "outbuf", "last", "writing", "quickack", "partial_since")
 
     def __init__(self, server: Server, sock: socket.socket, quickack: bool):
         self.server = server
@@ -64,6 +66,7 @@ class Connection:
         self.last = time.monotonic()
         self.writing = False  # EPOLLOUT registered: the socket's buffer was full
         self.quickack = quickack
+        self.partial_since = 0.0  # monotonic: since when an incomplete packet waits; 0: none
 
     # CommitHost
     def commit(self, commit: Commit, session: MilterSession) -> AddRequest:
@@ -97,7 +100,7 @@ class Server:
         self.stopping = stopping or threading.Event()
         # Called from the loop at least every 0.2 s (systemd watchdog, reload, status).
         self.on_tick: Callable[[], None] | None = None
-        self.sock = self._listen(spec)
+        self.sock = listen(spec)
         self.tcp = self.sock.family != socket.AF_UNIX
         self.poll = select.epoll()
         self.conns: dict[int, Connection] = {}
@@ -110,28 +113,8 @@ class Server:
         self.workers: ThreadPoolExecutor | None = None
         self.decisions: deque[tuple[Connection, Message, Outcome | Commit]] = deque()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def _listen(self, spec: str) -> socket.socket:
-        if spec.startswith("unix:"):
-            path = spec[5:]
-            try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.unlink(path)  # a stale socket from an earlier run
-            except FileNotFoundError:
-                pass
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind(path)
-            os.chmod(path, 0o660)
-        else:
-            host, _, port = spec[5:].rpartition(":")
-            info = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
-                                      flags=socket.AI_PASSIVE)[0]
-            s = socket.socket(info[0], socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(info[4])
-        s.listen(128)
-        s.setblocking(False)
-        return s
+        self.packet_timeout = packet_timeout()
+        self.backoff = AcceptBackoff()
 
     # -- commits ---------------------------------------------------------------------------------
     def _commit(self, commit: Commit, conn: Connection) -> AddRequest:
@@ -246,7 +229,8 @@ class Server:
         try:
             while True:
                 if self.stopping.is_set() and draining_until is None:
-                    self.poll.unregister(listen_fd)
+                    if not self.backoff.resume_at:
+                        self.poll.unregister(listen_fd)
                     self.sock.close()
                     draining_until = time.monotonic() + 30.0
                 if draining_until is not None:
@@ -257,6 +241,8 @@ class Server:
                 timeout = 0.2
                 if self.to_commit:
                     timeout = max(0.0, self.commit_due - time.monotonic())
+                if self.backoff.resume_at:
+                    timeout = min(timeout, max(0.0, self.backoff.resume_at - time.monotonic()))
                 for fd, events in self.poll.poll(timeout):
                     if fd == listen_fd:
                         self._accept()
@@ -275,6 +261,10 @@ class Server:
                                        or (not self.retry_pause and not self._others_busy())):
                     self._commit_round()
                 now = time.monotonic()
+                if self.backoff.due(now):
+                    self.backoff.resume_at = 0.0
+                    if draining_until is None:
+                        self.poll.register(listen_fd, select.EPOLLIN)
                 if now - last_sweep >= 0.1:
                     last_sweep = now
                     self._sweep(now)
@@ -285,11 +275,7 @@ class Server:
                 self._close(c)
             if draining_until is None:
                 self.sock.close()
-            if self.spec.startswith("unix:"):
-                try:
-                    os.unlink(self.spec[5:])
-                except OSError:
-                    pass
+            unlink_unix(self.spec)
             self.poll.close()
             if self.workers is not None:
                 self.workers.shutdown(wait=False, cancel_futures=True)
@@ -303,8 +289,14 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("accept failed: %s", e)
+                if e.errno in EXHAUSTED:
+                    # The connection stays queued: polling on would spin. Pause (listener.py).
+                    self.poll.unregister(self.sock.fileno())
+                    self.backoff.exhausted(e, self.sock)
+                else:
+                    log.warning("accept failed: %s", e)
                 return
+            self.backoff.accepted()
             sock.setblocking(False)
             if self.tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -324,10 +316,14 @@ class Server:
         if not data:
             self._close(c)
             return
-        c.last = time.monotonic()
+        c.last = now = time.monotonic()
         s = c.session
         try:
             s.feed(data)
+            if s.framer.rest:
+                c.partial_since = c.partial_since or now
+            else:
+                c.partial_since = 0.0
         except Exception as e:
             if isinstance(e, ProtocolError):
                 log.warning("protocol error from the MTA (%s), closing the connection", e)
@@ -352,7 +348,13 @@ class Server:
 
     def _sweep(self, now: float) -> None:
         for c in list(self.conns.values()):
-            if c.session.pending is None and now - c.last > self.idle_timeout:
+            if c.partial_since and now - c.partial_since > self.packet_timeout:
+                log.warning("a milter packet stayed incomplete for %.0f s (%d of its bytes came), "
+                            "closing the connection", self.packet_timeout, len(c.session.framer.rest))
+                c.session.out.append(TEMPFAIL)
+                self._flush(c)
+                self._close(c)
+            elif c.session.pending is None and now - c.last > self.idle_timeout:
                 self._close(c)
 
     def _flush(self, c: Connection) -> None:

@@ -121,11 +121,12 @@ class Limiter:
 
     @staticmethod
     def sms_key(j: NewJob, seconds: int) -> str:
-        """Identical SMS: same account, number, device, originator and text; "" = not deduplicated.
+        """Identical SMS: same account, number, device, originator, Notify policy and text; "" =
+        not deduplicated (another Notify policy is another request: the sender is told otherwise).
         The window is part of the key: `<seconds>:<hash>` (the spool keeps it that long)."""
         if seconds <= 0:
             return ""
-        fields = ("sms", j.account, j.recipient, j.device, j.originator, j.text)
+        fields = ("sms", j.account, j.recipient, j.device, j.originator, j.notify, j.text)
         return f"{seconds}:" + hashlib.sha256("\0".join(fields).encode()).hexdigest()
 
     def _decide_usage(self, msg: Message) -> Callable[[str, LimitUsage, int, dict[str, int]],

@@ -8,14 +8,16 @@ scrape time (one GROUP BY, cached for a second).
 
     decisions_total{outcome,reason}   milter: accepted | rejected | tempfailed, and why
     jobs{state}                       jobs in the spool by state (both daemons)
-    submits_total{provider,result}    dispatcher: ok | temporary | failed, per job
+    submits_total{provider,result}    dispatcher: ok | temporary | failed | unavailable (the provider
+                                      was not bound/connected: not handed over), per job
     receipts_total{provider,result}   dispatcher: delivered | buffered | failed | expired, per part
     smtp_to_commit_seconds            milter: end of message -> jobs committed (the 250 waits for it)
     commit_to_submit_seconds          dispatcher: job committed -> accepted by the provider
     submit_to_receipt_seconds         dispatcher: part accepted -> its receipt (parts this process sent)
     config_reloads_total{result}      SIGHUP: ok | failed
     provider_bound{provider}          1 while the dispatcher is bound to the provider
-    binds_total{provider}             binds made (a reload that changes the provider settings re-binds)
+    binds_total{provider,result}      bind attempts: ok | refused (the SMSC said no) | failed (connect,
+                                      timeout, garbage); a reload that changes the settings re-binds
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ RECEIPTS = Counter("sms_milter_receipts", "Delivery receipts stored, by part sta
                    ["provider", "result"], registry=REGISTRY)
 RELOADS = Counter("sms_milter_config_reloads", "Configuration reloads (SIGHUP), by result",
                   ["result"], registry=REGISTRY)
-BINDS = Counter("sms_milter_binds", "Binds to the provider", ["provider"], registry=REGISTRY)
+BINDS = Counter("sms_milter_binds", "Bind attempts to the provider, by result", ["provider", "result"],
+                registry=REGISTRY)
 # Limits (abuse control): every rule that refused (mode enforce) or would have (mode monitor).
 LIMIT_HITS = Counter("sms_milter_limit_hits", "Limits that refused (enforce) or would have refused "
                      "(monitor), by rule", ["rule", "mode"], registry=REGISTRY)

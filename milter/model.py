@@ -92,12 +92,17 @@ class Account:
     credits: int | None = None  # remaining allowance (xml@ ShowCredits); None = unlimited
     limits: Limits = field(default_factory=Limits)  # top-level `limits:` merged with its own
     smtp_auth: tuple[str, ...] | None = None  # SMTP AUTH logins bound to the account; None = any/none
+    voice_recordings: bool = False  # voice: an audio attachment may be the message instead of speech
+    voice_language: str = ""  # voice: text-to-speech language ("" = voice.language)
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str  # lowercased
     style: str  # a name in policy.styles.STYLES: "aspsms" | "telemessage"
+    # Channels configured on this gateway (policy/devices.py): "sms", plus "voice"/"fax" when the
+    # `voice:`/`fax:` section is present; a device whose channel is not here is refused.
+    channels: frozenset[str] = frozenset({"sms"})
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,8 @@ class SmppConfig:
     system_id: str = ""
     password: str = ""
     system_type: str = ""
-    window: int = 10  # unacknowledged submit_sm at most
+    window: int = 10  # unacknowledged submit_sm at first (the window grows from here, AIMD)
+    window_max: int = 100  # the adaptive window's cap (halved on ESME_RTHROTTLED / ESME_RMSGQFUL)
     rate: float = 0.0  # submits per second at most; 0 = no cap
     enquire_link: float = 30.0  # seconds between keep-alives
     reconnect_min: float = 1.0
@@ -145,6 +151,7 @@ class SmppConfig:
     submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
     receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
     binds: int = 1  # bind_transceiver sessions to this SMSC, each its own connection and window
+    pipeline_per_number: int = 200  # one number's jobs sent in order on one bind at most (1 = one at a time)
 
 
 PROVIDER_KINDS = ("smpp", "http")

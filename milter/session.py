@@ -63,7 +63,7 @@ class MilterSession:
     """One MTA connection (one SMTP session, possibly several messages)."""
 
     __slots__ = ("gateway", "host", "out", "framer", "protos", "macro", "client_ip", "msg", "in_message",
-                 "pending", "closed", "deciding", "deadline", "ended", "_handle")
+                 "pending", "closed", "deciding", "deadline", "ended", "_handle", "negotiated", "msg_open")
 
     def __init__(self, gateway: Gateway, host: CommitHost | None = None):
         self.gateway = gateway
@@ -81,6 +81,8 @@ class MilterSession:
         self.deadline = 0.0  # monotonic: the ended message is answered 451 if not done by then
         self.ended = 0.0  # when the message's end came (metrics: SMTP end -> commit)
         self.closed = False
+        self.negotiated = False  # the MTA's option negotiation came: commands may follow
+        self.msg_open = False  # a message is open: MAIL came and neither its end nor ABORT yet
         self._handle = self.command
 
     def feed(self, data: bytes) -> None:
@@ -89,6 +91,10 @@ class MilterSession:
 
     def command(self, cmd: bytes) -> None:
         handler = _HANDLERS.get(cmd[:1])
+        if not self.negotiated and handler not in _BEFORE_OPTNEG:
+            # Nothing but the negotiation says which replies the MTA expects: answering
+            # (or not) would desynchronise the conversation. TEMPFAIL and close (adapter).
+            raise ProtocolError(f"command {cmd[:1]!r} before option negotiation")
         if handler is None:
             self._optional(cmd)
             return
@@ -114,6 +120,7 @@ class MilterSession:
     def _on_optneg(self, cmd: bytes) -> None:
         version, actions, protos = codec.parse_optneg(cmd)
         self.protos = PROTOCOL_FLAGS & protos
+        self.negotiated = True
         self.out.append(codec.optneg_reply(version, codec.ACTIONS & actions, self.protos))
 
     def _on_connect(self, cmd: bytes) -> None:
@@ -129,6 +136,7 @@ class MilterSession:
         md = self._stage_macros(lm.SMFIC_MAIL)
         self.msg = msg = Message(client_ip=self.client_ip)
         self.in_message = True
+        self.msg_open = True
         try:
             self._queue_id(md)
             msg.sender = codec.envelope_address(md.get(b"mail_addr") or cmd[1:])
@@ -175,6 +183,14 @@ class MilterSession:
     def _on_eob(self, cmd: bytes) -> None:
         md = self._stage_macros(lm.SMFIC_BODYEOB)
         msg = self.msg
+        if not self.msg_open or self.pending is not None or self.deciding is not None:
+            # No message open (ABORT came, or no MAIL at all), or its end came twice:
+            # nothing to decide, and the old message must not be decided (or committed) again.
+            log.info("%s: end of message with no message open, answering CONTINUE",
+                     msg.queue_id or "NOQUEUE")
+            self.out.append(CONTINUE)
+            return
+        self.msg_open = False
         self.in_message = False
         # Whatever happens, this message is answered by then (and never committed later).
         self.ended = now = time.monotonic()
@@ -265,6 +281,7 @@ class MilterSession:
         self.pending = None
         self.deciding = None
         self.in_message = False
+        self.msg_open = False
         self.macro = b""
 
     def close(self) -> None:
@@ -286,3 +303,5 @@ _HANDLERS: dict[bytes, Callable[[MilterSession, bytes], None]] = {
     lm.SMFIC_QUIT: MilterSession._on_quit,
     lm.SMFIC_QUIT_NC: MilterSession._on_quit_nc,
 }
+# What may come before the option negotiation: the negotiation itself, QUIT.
+_BEFORE_OPTNEG = frozenset({MilterSession._on_optneg, MilterSession._on_quit})

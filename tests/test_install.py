@@ -164,7 +164,7 @@ def test_units_are_the_package_s(unit: str) -> None:
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["User"] == settings["Group"] == "sms-milter"
     for hard in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-                 "ReadWritePaths=/var/lib/sms-milter", "RuntimeDirectory=sms-milter"):
+                 "ReadWritePaths=/var/lib/sms-milter", "RuntimeDirectory=sms-milter", "LimitNOFILE=65536"):
         assert hard in text, hard
 
 

@@ -14,18 +14,23 @@ from .reader import Reader
 
 
 def _sender(r: Reader, node: Any, path: str) -> SenderRule | None:
+    # An authorized sender is a secret: no problem line holds the address or domain.
     if isinstance(node, str):
         node = {"address": node}
+    elif not isinstance(node, dict):
+        kind = "a list" if isinstance(node, list) else "nothing (null)" if node is None else "a scalar"
+        r.bad(path, f"must be an e-mail address (quoted) or a mapping with address or domain, got {kind}")
+        return None
     d = r.mapping(node, path, ("address", "domain", "originator"))
-    address = r.string(d, "address", path)
-    domain = r.string(d, "domain", path)
+    address = r.secret(d, "address", path)
+    domain = r.secret(d, "domain", path)
     if (address is None) == (domain is None):
         r.bad(path, "needs exactly one of address or domain")
         return None
     if address is not None and (address.count("@") != 1 or address.startswith("@") or address.endswith("@")):
-        r.bad(f"{path}.address", f"{address!r} is not an e-mail address")
+        r.bad(f"{path}.address", "is not an e-mail address (local@domain; the value is not shown)")
     if domain is not None and ("@" in domain or "." not in domain):
-        r.bad(f"{path}.domain", f"{domain!r} is not a domain name")
+        r.bad(f"{path}.domain", "is not a domain name such as client.example (the value is not shown)")
     orig = r.string(d, "originator", path)
     if orig is not None:
         _check_originator(r, orig, f"{path}.originator")
@@ -44,6 +49,7 @@ def _host_bits(text: str) -> bool:
         return True
 
 
+_LANG = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$")
 _FIELD = re.compile(r"\{\{|\}\}|\{(subject|body)\}")
 
 
@@ -66,11 +72,24 @@ def _check_originator(r: Reader, value: str, path: str) -> None:
         r.bad(path, problem)
 
 
+def _logins(r: Reader, node: Any, path: str) -> list[str] | None:
+    """`smtp_auth`: SMTP AUTH login names, each a string as written (a login is a secret). None:
+    absent, or an item already refused; []: not a non-empty list of non-empty names."""
+    if node is None:
+        return None
+    if not isinstance(node, list) or not node:
+        return []
+    out = [r.secret_value(x, f"{path}[{i}]", "login") for i, x in enumerate(node)]
+    if any(x is None and node[i] is not None for i, x in enumerate(out)):
+        return None  # its item said why
+    return [x for x in out if x] if all(out) else []
+
+
 def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None) -> Account:
     path = f"accounts.{name}"
     d = r.mapping(node, path, ("userkey", "password", "password_hash", "senders", "networks",
                                "originator", "template", "max_parts", "notify", "credits",
-                               "limits", "smtp_auth"))
+                               "limits", "smtp_auth", "voice_recordings", "voice_language"))
     senders: list[SenderRule] = []
     raw_senders = d.get("senders") or []
     if not isinstance(raw_senders, list):
@@ -100,16 +119,16 @@ def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None)
                          "(or a single address without /prefix)")
             continue
         networks.append(net)
-    password = r.string(d, "password", path)
-    password_hash = r.string(d, "password_hash", path)
+    password = r.secret(d, "password", path)
+    password_hash = r.secret(d, "password_hash", path)
     if password is not None and password_hash is not None:
         r.bad(path, "give password or password_hash, not both")
     if password_hash is not None:
         problem = hash_problem(password_hash)
         if problem:
             r.bad(f"{path}.password_hash", problem)
-    userkey = r.string(d, "userkey", path)
-    if userkey is not None and password is None and password_hash is None:
+    userkey = r.secret(d, "userkey", path)
+    if userkey is not None and d.get("password") is None and d.get("password_hash") is None:
         r.bad(path, "userkey needs a password or password_hash")
     originator = r.string(d, "originator", path, "SMS") or "SMS"
     _check_originator(r, originator, f"{path}.originator")
@@ -124,15 +143,23 @@ def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None)
     if credits is not None and (isinstance(credits, bool) or not isinstance(credits, int) or credits < 0):
         r.bad(f"{path}.credits", f"must be a whole number >= 0, got {r.got(credits, f'{path}.credits')}")
         credits = None
-    smtp_auth = d.get("smtp_auth")
-    if smtp_auth is not None and (not isinstance(smtp_auth, list) or not smtp_auth
-                                  or not all(isinstance(x, str) and x for x in smtp_auth)):
+    smtp_auth = _logins(r, d.get("smtp_auth"), f"{path}.smtp_auth")
+    if smtp_auth == []:
         r.bad(f"{path}.smtp_auth", "must be a non-empty list of SMTP AUTH login names")
         smtp_auth = None
+    recordings = d.get("voice_recordings", False)
+    if not isinstance(recordings, bool):
+        r.bad(f"{path}.voice_recordings", f"must be true or false, got {r.got(recordings, path)}")
+        recordings = False
+    language = (r.string(d, "voice_language", path, "") or "").strip().lower()
+    if language and not _LANG.match(language):
+        r.bad(f"{path}.voice_language", f"{language[:20]!r} is not an espeak-ng language such as en or fr-ch")
+        language = ""
     return Account(
         name=name, userkey=userkey, password=password, password_hash=password_hash,
         senders=tuple(senders), networks=tuple(networks), originator=originator, template=template,
         max_parts=r.number(d, "max_parts", path, 6, 1, 255), notify=notify, credits=credits,
         limits=parse_limits(r, d.get("limits"), f"{path}.limits", limits or Limits()),
         smtp_auth=tuple(smtp_auth) if smtp_auth is not None else None,
+        voice_recordings=recordings, voice_language=language,
     )

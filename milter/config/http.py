@@ -179,7 +179,7 @@ def _callback(r: Reader, node: Any, path: str) -> HttpCallback | None:
     host, port = found if found else ("127.0.0.1", 0)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     url = _url(r, r.string(d, "url", path), f"{path}.url", ()) or f"http://{listen}"
-    token = r.string(d, "token", path, required=True) or ""
+    token = r.secret(d, "token", path, required=True) or ""
     if token and (len(token) < MIN_TOKEN or not re.fullmatch(r"[A-Za-z0-9_-]+", token)):
         r.bad(f"{path}.token", f"must be at least {MIN_TOKEN} letters, digits, '-' or '_' (unguessable: "
                                "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
@@ -233,8 +233,8 @@ def parse_http(r: Reader, node: Any, path: str) -> HttpConfig:
     auth = None
     if d.get("auth") is not None:
         a = r.mapping(d.get("auth"), f"{path}.auth", ("username", "password"))
-        auth = (r.string(a, "username", f"{path}.auth", required=True) or "",
-                r.string(a, "password", f"{path}.auth", required=True) or "")
+        auth = (r.secret(a, "username", f"{path}.auth", required=True) or "",
+                r.secret(a, "password", f"{path}.auth", required=True) or "")
     resp = r.mapping(d.get("response"), f"{path}.response", RESPONSE_KEYS)
     rp = f"{path}.response"
     values = resp.get("success_values")

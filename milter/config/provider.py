@@ -17,8 +17,9 @@ from ..model import LEGACY_PROVIDER, PROVIDER_KINDS, ProviderSpec, Route, SmppCo
 from . import http
 from .reader import Reader, host_ok
 
-SMPP_KEYS = ("host", "port", "system_id", "password", "system_type", "window", "rate", "enquire_link",
-             "reconnect_min", "reconnect_max", "validity", "submit_timeout", "receipt_timeout", "binds")
+SMPP_KEYS = ("host", "port", "system_id", "password", "system_type", "window", "window_max", "rate",
+             "enquire_link", "reconnect_min", "reconnect_max", "validity", "submit_timeout",
+             "receipt_timeout", "binds", "pipeline_per_number")
 PROVIDER_KEYS = (*PROVIDER_KINDS, "down_after", "cooldown")
 ROUTE_KEYS = ("prefixes", "accounts", "providers")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -39,10 +40,12 @@ def parse_smpp(r: Reader, node: Any, p: str) -> SmppConfig:
     return SmppConfig(
         host=host.strip() if host else b.host,
         port=r.number(s, "port", p, b.port, 1, 65535),
-        system_id=r.string(s, "system_id", p, "") or "",
-        password=r.string(s, "password", p, "") or "",
-        system_type=r.string(s, "system_type", p, "") or "",
+        # SMPP 3.4 (5.2.1-5.2.3): C-Octet Strings of at most 16/9/13 octets with the NUL.
+        system_id=r.secret(s, "system_id", p, "", max_octets=15, what="SMPP 3.4 system_id") or "",
+        password=r.secret(s, "password", p, "", max_octets=8, what="SMPP 3.4 password") or "",
+        system_type=r.secret(s, "system_type", p, "", max_octets=12, what="SMPP 3.4 system_type") or "",
         window=r.number(s, "window", p, b.window, 1, 1000),
+        window_max=r.number(s, "window_max", p, b.window_max, 1, 1000),
         rate=r.number(s, "rate", p, b.rate, 0, 100000, integer=False),
         enquire_link=r.number(s, "enquire_link", p, b.enquire_link, 1, 3600, integer=False),
         reconnect_min=r.number(s, "reconnect_min", p, b.reconnect_min, 0.01, 3600, integer=False),
@@ -51,6 +54,7 @@ def parse_smpp(r: Reader, node: Any, p: str) -> SmppConfig:
         submit_timeout=r.number(s, "submit_timeout", p, b.submit_timeout, 0.1, 3600, integer=False),
         receipt_timeout=r.number(s, "receipt_timeout", p, b.receipt_timeout, 1, 30 * 86400, integer=False),
         binds=r.number(s, "binds", p, b.binds, 1, 64),
+        pipeline_per_number=r.number(s, "pipeline_per_number", p, b.pipeline_per_number, 1, 10000),
     )
 
 
@@ -73,6 +77,11 @@ def _provider(r: Reader, name: str, node: Any, path: str) -> ProviderSpec | None
                         cooldown=r.number(node, "cooldown", path, b.cooldown, 0.1, 86400, integer=False))
 
 
+_WHAT = {"providers": "provider names", "accounts": "account names", "prefixes": "E.164 prefixes"}
+_ONE = {"providers": "a provider name", "accounts": "an account name",
+        "prefixes": "a quoted E.164 prefix such as \"+41\""}
+
+
 def _strings(r: Reader, d: dict, key: str, path: str) -> tuple[str, ...]:
     v = d.get(key)
     if v is None:
@@ -80,12 +89,14 @@ def _strings(r: Reader, d: dict, key: str, path: str) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list) or not v:
-        r.bad(f"{path}.{key}", f"must be a non-empty list of strings, got {r.got(v, f'{path}.{key}')}")
+        got = "an empty list" if v == [] else r.got(v, f"{path}.{key}")
+        r.bad(f"{path}.{key}", f"must be a non-empty list of {_WHAT.get(key, 'strings')}, got {got}")
         return ()
     out = []
     for i, item in enumerate(v):
         if isinstance(item, bool) or not isinstance(item, (str, int)):
-            r.bad(f"{path}.{key}[{i}]", f"must be a string, got {r.got(item, f'{path}.{key}[{i}]')}")
+            r.bad(f"{path}.{key}[{i}]", f"must be {_ONE.get(key, 'a string')}, got "
+                                        f"{r.got(item, f'{path}.{key}[{i}]')}")
         else:
             out.append(str(item))
     return tuple(out)
@@ -109,8 +120,9 @@ def _routes(r: Reader, node: Any, providers: dict[str, ProviderSpec]) -> tuple[R
                 r.bad(f"{path}.prefixes[{j}]", f"{pfx!r} must be '+' and digits (E.164), e.g. \"+41\"")
         accounts = _strings(r, d, "accounts", path)
         names = _strings(r, d, "providers", path)
-        if "providers" not in d:
-            r.bad(f"{path}.providers", "is required (the providers to try, in order)")
+        if d.get("providers") is None:
+            r.bad(f"{path}.providers", "is required: a non-empty list of provider names (the providers to "
+                                       "try, in order)")
         for j, name in enumerate(names):
             if name not in providers:
                 r.bad(f"{path}.providers[{j}]", f"no provider named {name!r} (providers: "

@@ -67,6 +67,36 @@ class Reader:
             return default
         return str(v)
 
+    def secret(self, d: dict, key: str, path: str, default: str | None = None, required: bool = False,
+               max_octets: int = 0, what: str = "") -> str | None:
+        """A secret or an identifier (password, login, userkey, system_id): a string as written,
+        never a value YAML converted (12345678, yes, 1e3, 0x1F, 007 would silently change). No
+        problem line ever holds the value; `max_octets` (with `what`, e.g. "SMPP 3.4 password")
+        bounds its UTF-8 length, which may be named."""
+        where = f"{path}.{key}"
+        if key not in d or d[key] is None:
+            if required:
+                self.bad(where, "is required")
+            return default
+        return self.secret_value(d[key], where, key, default, max_octets, what)
+
+    def secret_value(self, v: Any, where: str, key: str, default: str | None = None, max_octets: int = 0,
+                     what: str = "") -> str | None:
+        """`secret` for a value already taken out (a list item): `where` is its path."""
+        if isinstance(v, (bool, int, float)):
+            kind = next(k for t, k in _KINDS if isinstance(v, t))
+            self.bad(where, f"YAML reads this unquoted value as {kind}, which would change it (leading "
+                            f"zeros, 0x.., 1e3, yes/no); quote it ({key}: \"...\"); the value is not shown")
+            return default
+        if not isinstance(v, str):
+            self.bad(where, f"must be a quoted string, got {self.got(v, where)}")
+            return default
+        if max_octets and len(v.encode("utf-8")) > max_octets:
+            self.bad(where, f"is {len(v.encode('utf-8'))} octets long; {what or key} allows at most "
+                            f"{max_octets} octets")
+            return default
+        return v
+
     def number(self, d: dict, key: str, path: str, default: float | None, lo: float, hi: float,
                integer: bool = True) -> Any:
         if key not in d or d[key] is None:

@@ -191,8 +191,20 @@ class Engine:
         room = self.provider.capacity() if self.provider.ready() else 0
         if room <= 0:
             return
-        limit = min(room, CLAIM_MAX)
-        jobs = self.spool.claim(self.owner, limit, self.lease_seconds)
+        # A provider that sends one number's jobs in order on one connection (SMPP) takes
+        # trains of them (ADR 0003); any other gets one job per number at a time.
+        per_number = getattr(self.provider, "pipeline_per_number", 1)
+        # Several channels (channels.router): each claims its own jobs as it has room, so a
+        # voice/fax backlog never holds up SMS (and the reverse); trains are SMS only.
+        by_channel = getattr(self.provider, "capacity_by_channel", None)
+        if by_channel is not None:
+            asks = {ch: min(n, CLAIM_MAX) for ch, n in by_channel().items() if n > 0}
+            limit = sum(asks.values())
+            jobs = [j for ch, n in asks.items() for j in self.spool.claim(
+                self.owner, n, self.lease_seconds, per_number=per_number if ch == "sms" else 1, channel=ch)]
+        else:
+            limit = min(room, CLAIM_MAX)
+            jobs = self.spool.claim(self.owner, limit, self.lease_seconds, per_number=per_number)
         if not jobs:
             return
         now = time.time()
@@ -269,22 +281,27 @@ class Engine:
             self._log_applied(applied)
 
     def _apply_failures(self, results: list[SubmitResult]) -> None:
-        releases: dict[tuple[float, str, bool], list[int]] = {}
+        releases: dict[tuple[float, str, bool, str], list[int]] = {}
         for r in results:
             job = self._jobs.get(r.job_id)
             if r.temporary:
                 attempts = job.attempts if job else 1
+                # A job the provider may have (a submit never answered: a flapping SMSC) counts an
+                # attempt, so its backoff grows, and is pinned to that provider in the spool (kept
+                # across a restart: never sent by two providers).
+                counted = r.count_attempt or r.maybe_sent
                 delay = r.retry_in if r.retry_in is not None else \
-                    self._backoff(attempts) if r.count_attempt else 0.0
-                releases.setdefault((delay, r.error, r.count_attempt), []).append(r.job_id)
+                    self._backoff(attempts) if counted else 0.0
+                pin = (r.provider or self.provider.name) if r.maybe_sent else ""
+                releases.setdefault((delay, r.error, counted, pin), []).append(r.job_id)
             else:
                 self.spool.fail(r.job_id, r.error)
                 self._jobs.pop(r.job_id, None)
                 self.stats["failed"] += 1
                 log.warning("job %d to %s failed: %s", r.job_id, job.recipient if job else "?", r.error)
                 self.on_events()
-        for (delay, error, counted), ids in releases.items():
-            self._release(ids, delay, error, counted)
+        for (delay, error, counted, pin), ids in releases.items():
+            self._release(ids, delay, error, counted, pin)
             # One line per cause, not per job (a connection lost with a full window is one event).
             shown = ",".join(map(str, ids[:10])) + (f",... ({len(ids)} jobs)" if len(ids) > 10 else "")
             self.quiet.log(logging.INFO, f"not sent:{error}", "job %s not sent (%s): back to the queue%s",
@@ -303,8 +320,8 @@ class Engine:
         if notify:
             self.on_events()
 
-    def _release(self, ids: list[int], delay: float, error: str, counted: bool) -> None:
-        self.spool.release(ids, self.owner, delay, error, count_attempt=counted)
+    def _release(self, ids: list[int], delay: float, error: str, counted: bool, pin: str = "") -> None:
+        self.spool.release(ids, self.owner, delay, error, count_attempt=counted, pin=pin)
         for jid in ids:
             self._jobs.pop(jid, None)
         self.stats["released"] += len(ids)

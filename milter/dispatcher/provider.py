@@ -29,6 +29,8 @@ class SubmitResult:
     # answered. A retry must go to the same provider (never two providers for one job).
     maybe_sent: bool = False
     provider: str = ""  # the name of the provider that answered ("" = the engine's provider's name)
+    # Not handed to the provider at all: it is not bound/connected (metrics: result unavailable).
+    unavailable: bool = False
     retry_in: float | None = None  # when temporary: seconds until the retry (None: the engine's backoff)
 
     @property

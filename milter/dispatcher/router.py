@@ -14,8 +14,9 @@ engine only when it is final for that provider (an error answer, or never writte
 the job is then routed again from the queue. A job that one provider may have (a part was
 accepted, or written and never answered) is "sticky": it goes back to that provider only,
 and waits while the provider is down. The trade: such a job is late rather than possibly
-sent twice by two providers (at-least-once still holds with its own provider, ADR 0004);
-the sticky table lives in memory, so after a dispatcher restart the route decides again.
+sent twice by two providers (at-least-once still holds with its own provider, ADR 0004).
+The engine also keeps that provider in the job's spool row (its pin) when it gives the job
+back, and a job claimed with a pin is sticky here too: the pin survives a restart.
 
 Jobs the router cannot hand over at once (the chosen provider has no room) wait here; a
 job waiting HOLD seconds for a provider that is down goes back to the queue with a
@@ -119,6 +120,8 @@ class Router:
         with self._lock:
             for job in jobs:
                 self._waiting[job.id] = (job, now)
+                if job.provider in self.members and job.id not in self._sticky:
+                    self._sticky[job.id] = (job.provider, now)  # pinned in the spool (a restart)
         self._pump()
 
     def query(self, parts: list[OverduePart], on_answer: Callable[[QueryAnswer], None]) -> None:
@@ -147,7 +150,7 @@ class Router:
             waiting, self._waiting = self._waiting, {}
         for job, _ in waiting.values():
             self._on_result(SubmitResult(job.id, error="dispatcher stopping", temporary=True,
-                                         count_attempt=False))
+                                         count_attempt=False, provider=self._waited_for(job)))
         deadline = time.monotonic() + timeout
         for m in self.members.values():
             m.provider.drain(max(0.0, deadline - time.monotonic()))
@@ -190,6 +193,15 @@ class Router:
         return None, "no provider of its route is up (" + "; ".join(
             self.members[n].state(now, up[n]) for n in route.providers) + ")"
 
+    def _waited_for(self, job: Job) -> str:
+        """The provider a job that could not be handed over waited for (metrics' label): the
+        one that may have it, else its route's first ("" when no route matches)."""
+        sticky = self._sticky.get(job.id, ("", 0.0))[0]
+        if sticky in self.members:
+            return sticky
+        route = self.route_of(job)
+        return route.providers[0] if route is not None else ""
+
     def _pump(self) -> None:
         """Hand waiting jobs to their providers as far as each has room; jobs that waited HOLD
         seconds for a provider that is down go back to the queue. Only the engine's thread and
@@ -207,7 +219,8 @@ class Router:
                     if now - since >= HOLD or self._stop.is_set():
                         del self._waiting[jid]
                         back.append(SubmitResult(jid, error=why, temporary=True, count_attempt=False,
-                                                 retry_in=RETRY))
+                                                 retry_in=RETRY, unavailable=True,
+                                                 provider=self._waited_for(job)))
                     continue
                 if m.room(room[m.name]) <= 0:
                     continue  # its provider is up but full: wait for room there (not overflow elsewhere)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import metrics
 from ..model import SmppConfig
 from ..policy.addresses import originator_wire
 from ..spool.base import OverduePart
@@ -28,15 +29,16 @@ from . import pdus as P
 from .provider import QueryAnswer, Receipt, ReceiptCallback, ResultCallback, SubmitResult
 from .quietlog import QuietLog
 from .receipts import interpret
-from .smpp_link import Backoff, Link, Queries, connect
+from .smpp_link import Backoff, BindRefused, Link, Queries, connect
 from .smpp_window import JobState, Window
 
 log = logging.getLogger("sms_milter.dispatcher.smpp")
 
 class Bind:
     def __init__(self, cfg: SmppConfig, index: int, label: str, quiet: QuietLog,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, provider: str = "smpp"):
         self.cfg = cfg
+        self.provider = provider  # the provider's name (metrics)
         self.index = index  # which bind of the provider (receipt tokens name it)
         self.label = label  # "" for a lone bind, else " (provider x, bind 2 of 3)"
         self.where = f"SMSC {cfg.host}:{cfg.port}{label}"
@@ -54,7 +56,7 @@ class Bind:
         self._last_tx = 0.0
         self._sender: threading.Thread | None = None
         self._readers: list[threading.Thread] = []
-        self._backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
+        self._backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max, quiet, self.where)
         self._last_life: float | None = None  # how long the last connection lasted (0: connect failed)
         self._queries = Queries()
 
@@ -78,7 +80,7 @@ class Bind:
             for js in jobs:
                 if self.win.stopping or self._conn is None:
                     self._on_result(SubmitResult(js.job.id, error="not connected to the SMSC", temporary=True,
-                                                 count_attempt=False))
+                                                 count_attempt=False, unavailable=True))
                     continue
                 self.win.add(js)
             self._cond.notify_all()
@@ -189,12 +191,15 @@ class Bind:
                     conn = connect(self.cfg, self.connect_timeout, seq, self._gen)
                 except (OSError, ValueError) as e:
                     why = str(e) or type(e).__name__
+                    result = "refused" if isinstance(e, BindRefused) else "failed"
+                    metrics.BINDS.labels(self.provider, result).inc()
                     with self._cond:
                         self._last_life = 0.0
                     self.quiet.log(logging.WARNING, f"bind{self.index}:{why}",
                                    "SMSC %s:%d: connect/bind failed: %s; retrying in at most %.1fs%s",
                                    self.cfg.host, self.cfg.port, why, self._backoff.next, self.label)
                     continue
+                metrics.BINDS.labels(self.provider, "ok").inc()
                 self.quiet.log(logging.INFO, f"bound{self.index}",
                                "bound to SMSC %s:%d as %s (transceiver)%s",
                                self.cfg.host, self.cfg.port, self.cfg.system_id, self.label)

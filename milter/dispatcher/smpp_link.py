@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import threading
@@ -13,6 +14,7 @@ from ..model import SmppConfig
 from ..spool.base import OverduePart
 from . import pdus as P
 from .provider import QueryAnswer
+from .quietlog import QuietLog
 from .receipts import MESSAGE_STATES, STAT_TO_STATE
 
 Answer = Callable[[QueryAnswer], None]
@@ -85,17 +87,25 @@ STABLE_CONNECTION = 10.0  # seconds a connection must last before the reconnect 
 
 class Backoff:
     """Exponential backoff from reconnect_min to reconnect_max with jitter, started over after a
-    connection that lasted. Every path that drops or fails a connection goes through it."""
+    connection that lasted. Every path that drops or fails a connection goes through it: an
+    SMSC that binds and drops every connection within seconds is put in a growing cool-down
+    (said once a minute when `quiet` is given), never reconnected in a tight loop."""
 
-    def __init__(self, low: float, high: float):
+    def __init__(self, low: float, high: float, quiet: QuietLog | None = None, where: str = ""):
         self.low, self.high = low, high
         self.next = low  # the next reconnect waits about this long
+        self.quiet, self.where = quiet, where
 
     def delay(self, life: float) -> float:
         """The wait before connecting again after a connection that lasted `life` seconds (0: failed)."""
         if life >= STABLE_CONNECTION:
             self.next = self.low
         delay = self.next * random.uniform(0.5, 1.0)
+        if self.quiet is not None and 0 < life < STABLE_CONNECTION:
+            self.quiet.log(logging.WARNING, f"flapping {self.where}",
+                           "%s dropped the connection %.1fs after the bind: cool-down, reconnecting in %.1fs "
+                           "(doubling up to reconnect_max %gs until a connection lasts %gs)",
+                           self.where, life, delay, self.high, STABLE_CONNECTION)
         self.next = min(self.next * 2, self.high)
         return delay
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import phonenumbers
 
 from ..model import Domain
+from .escape import ascii_escape
 
 _ALNUM_ORIGINATOR = re.compile(r"[A-Za-z0-9 ._-]{1,11}")
 _PHONE_ORIGINATOR = re.compile(r"(?:\+|00)?([0-9]{3,15})")
@@ -23,8 +24,8 @@ def originator_problem(value: str) -> str | None:
         return None
     if _ALNUM_ORIGINATOR.fullmatch(value) and any(c.isascii() and c.isalpha() for c in value):
         return None
-    return (f"'{value}' is not a valid originator: use at most 11 letters/digits (at least one letter) "
-            "or a phone number")
+    return (f"'{ascii_escape(value)}' is not a valid originator: use at most 11 letters/digits (at least "
+            "one letter) or a phone number")
 
 
 def normalize_originator(value: str) -> str:

@@ -12,13 +12,10 @@ means the gateway's own trouble or a limit that frees up by itself: the client t
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
-from .refusal import Refusal
+from .refusal import Reply
 
 # Where a refusal is decided (README's tables, one per stage).
 STAGES = {
@@ -28,27 +25,6 @@ STAGES = {
              "commit:",
     "submit": "Only from the pipe transport (`sms-milter submit`, written into the bounce):",
 }
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: str  # "550"
-    xcode: str  # "5.1.3"
-    stage: str  # a key of STAGES
-    template: str  # the text, str.format fields by name
-    when: str  # README: when this reply is given
-    example: Mapping[str, Any] = field(default_factory=dict)  # README: the fields shown
-    name: str = ""  # set below: the entry's name in this module
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.template) if f))
-
-    def __call__(self, **values: Any) -> Refusal:
-        return Refusal(self.code, self.xcode, self.template.format(**values))
-
-    def sample(self) -> Refusal:
-        return self(**self.example)
 
 
 _R = Reply
@@ -88,7 +64,8 @@ UNKNOWN_DEVICE = _R("550", "5.1.1", "rcpt",
 NO_CHANNEL = _R("550", "5.3.3", "rcpt",
                 "Recipient {address}: the {device} device has no delivery channel on this gateway; send "
                 "to {local}@SMS.{domain} instead.",
-                "a device without a delivery channel (`policy/devices.py` says which have one)",
+                "a device whose channel is not configured (Business, Mobile, Home need `voice:`, Fax needs "
+                "`fax:`; `policy/devices.py`)",
                 {"address": "...@Fax.tm.example.com", "device": "Fax", "local": "...",
                  "domain": "tm.example.com"})
 NOT_TELEMESSAGE_ADDRESS = _R("550", "5.1.3", "rcpt",
@@ -195,17 +172,51 @@ UNKNOWN_TRANSFER_ENCODING = _R("550", "5.6.0", "eom",
                                "an unknown transfer encoding",
                                {"cte": "x-uuencode"})
 DAMAGED_ENCODED_WORD = _R("550", "5.6.0", "eom",
-                          "The Subject holds a damaged encoded word; send it again from a standard mail "
-                          "client.",
-                          "an RFC 2047 word that does not decode")
+                          "The Subject holds a damaged {encoding} encoded word (word {index}: {problem}); "
+                          "send it again from a standard mail client.",
+                          "an RFC 2047 word that does not decode",
+                          {"encoding": "base64 (B)", "index": 1, "problem": "'#' is not a base64 character"})
 NO_TEXT = _R("550", "5.6.0", "eom",
              "The message has no text to send as SMS.",
              "empty body (and empty template result)")
+# Damaged transfer encodings, control characters, binary data (split out for length)
+from .catalogue_text import CONTROL_CHARACTER, DAMAGED_TRANSFER_ENCODING, NOT_TEXT  # noqa: E402, F401, I001
 TOO_MANY_PARTS = _R("552", "5.3.4", "eom",
                     "The text needs {parts} SMS parts but this account allows at most {max_parts}; "
                     "shorten the text.",
                     "longer than `max_parts` (GSM-7 153/160, UCS-2 67/70)",
                     {"parts": 9, "max_parts": 6})
+# -- end of message: voice and fax (policy/channelcheck.py) ---------------------------------------
+VOICE_TOO_LONG = _R("552", "5.3.4", "eom",
+                    "The text is {chars} characters, about {seconds} seconds of speech; a voice call plays "
+                    "at most {max_seconds} seconds (about {max_chars} characters).",
+                    "longer than `voice.max_seconds` at `voice.words_per_minute`",
+                    {"chars": 2400, "seconds": 300, "max_seconds": 120, "max_chars": 1920})
+VOICE_ATTACHMENT = _R("550", "5.6.1", "eom",
+                      "The message contains an attachment ({ctype}); a voice call speaks the text, or plays "
+                      "one recording ({formats}) where the account allows it.",
+                      "voice: any attachment but one recording in a format sox decodes here",
+                      {"ctype": "application/pdf", "formats": "WAV, MP3, OGG"})
+VOICE_RECORDINGS_OFF = _R("550", "5.7.1", "eom",
+                          "This account does not send recordings ({ctype}) as voice calls; send the text "
+                          "to be spoken instead.",
+                          "voice: audio attachment, account without `voice_recordings: true`",
+                          {"ctype": "audio/wav"})
+FAX_ATTACHMENT = _R("550", "5.6.1", "eom",
+                    "The message contains an attachment ({ctype}) that cannot be faxed; send text, PDF, PNG, "
+                    "JPEG, GIF or TIFF{office}.",
+                    "fax: an attachment of another type", {"ctype": "video/mp4", "office": ""})
+FAX_NO_OFFICE = _R("550", "5.6.1", "eom",
+                   "{kind} documents ({ctype}) cannot be faxed here: LibreOffice is not installed; send "
+                   "a PDF.",
+                   "fax: an office document without `soffice` on the gateway",
+                   {"kind": "Word", "ctype": "application/msword"})
+FAX_TOO_BIG = _R("552", "5.3.4", "eom",
+                 "The documents are {size} bytes; a fax may carry at most {limit} bytes.",
+                 "fax: attachments larger than `fax.max_bytes`", {"size": "N", "limit": "M"})
+CHANNEL_EMPTY = _R("550", "5.6.0", "eom", "The message is empty: a {channel} needs {needs}.",
+                   "voice/fax: no text (and no recording or document)",
+                   {"channel": "fax", "needs": "text or a document (PDF, PNG, JPEG, TIFF)"})
 # -- end of message: the textsms@ Subject -----------------------------------------------------
 SUBJECT_MISSING = _R("550", "5.5.4", "eom",
                      "The Subject has no {label}= (or {short}=) keyword; textsms@ needs Userkey, Password "

@@ -3,13 +3,12 @@ store can hold (`safe_text`). The lower layer of `content`; pure functions."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
 import re
 
 from . import catalogue as replies
 from .refusal import Refusal
+from .transfer import Damage, base64_decode, qp_decode
 
 _ENCODED_WORD = re.compile(r"=\?([^?\s]+)\?([qQbB])\?([^?\s]*)\?=")
 
@@ -103,6 +102,7 @@ def decode_header(value: str) -> str | Refusal:
     out: list[str] = []
     pos = 0
     pending: tuple[str, bytearray] | None = None  # adjacent encoded words in one charset, joined as bytes
+    words = 0
 
     def flush() -> Refusal | None:
         nonlocal pending
@@ -125,13 +125,12 @@ def decode_header(value: str) -> str | Refusal:
             out.append(text)
         charset = m.group(1).split("*", 1)[0]
         data = m.group(3).encode("ascii", "surrogateescape")
-        try:
-            if m.group(2) in "qQ":
-                raw = binascii.a2b_qp(data, header=True)
-            else:
-                raw = base64.b64decode(data + b"=" * (-len(data) % 4))
-        except (binascii.Error, ValueError):
-            return replies.DAMAGED_ENCODED_WORD()
+        words += 1
+        q = m.group(2) in "qQ"
+        raw = qp_decode(data, header=True) if q else base64_decode(data)
+        if isinstance(raw, Damage):
+            return replies.DAMAGED_ENCODED_WORD(encoding="quoted-printable (Q)" if q else "base64 (B)",
+                                                index=words, problem=raw.problem)
         if pending is not None and pending[0].lower() != charset.lower():
             problem = flush()
             if problem:

@@ -13,7 +13,9 @@ from email.parser import BytesParser
 
 from . import catalogue as replies
 from .charsets import charset_codec, decode, decode_header, safe_text, unfold
+from .escape import char_name
 from .refusal import Refusal
+from .transfer import Damage, base64_decode, qp_decode
 
 __all__ = ["MessageText", "XmlMail", "charset_codec", "extract_text", "extract_xml", "latin1_problem",
            "render_template", "safe_text"]
@@ -62,11 +64,21 @@ def _leaves(part: Message) -> Iterator[Message | Refusal]:
     yield part
 
 
-def _transfer_decode(part: Message) -> bytes | Refusal:
+def _transfer_decode(part: Message, where: str) -> bytes | Refusal:
     cte = (_raw_header(part, "content-transfer-encoding") or "7bit").strip().lower()
     if cte not in ("7bit", "8bit", "binary", "quoted-printable", "base64", ""):
         return replies.UNKNOWN_TRANSFER_ENCODING(cte=cte)
-    data = part.get_payload(decode=True)  # raw bytes for 7bit/8bit, decoded for quoted-printable/base64
+    if cte in ("base64", "quoted-printable"):  # strictly: damage is named, never garbled into an SMS
+        payload = part.get_payload(decode=False)
+        if not isinstance(payload, str):
+            return replies.PART_UNREADABLE()
+        encoded = payload.encode("utf-8", "surrogateescape")
+        decoded = base64_decode(encoded) if cte == "base64" else qp_decode(encoded)
+        if isinstance(decoded, Damage):
+            return replies.DAMAGED_TRANSFER_ENCODING(where=where, encoding=cte, problem=decoded.problem,
+                                                     line=decoded.line)
+        return decoded
+    data = part.get_payload(decode=True)  # the raw bytes for 7bit/8bit/binary
     if not isinstance(data, bytes):
         return replies.PART_UNREADABLE()
     return data
@@ -197,7 +209,7 @@ def _the_part(msg: Message, types: tuple[str, ...], what: str
             return replies.NO_TEXT_PART(what=what)
         return replies.MANY_TEXT_PARTS(count=len(texts), what=what)
     part = texts[0]
-    data = _transfer_decode(part)
+    data = _transfer_decode(part, "text part" if what == _SMS_TEXT else "XML request")
     if isinstance(data, Refusal):
         return data
     if part.get_content_type() == "text/plain" and (_param(part, "format") or "").lower() == "flowed":
@@ -283,7 +295,11 @@ def _plain_text(data: bytes, charset: str | None, subject: str, message_id: str 
     body = decode(data, charset, "text part")
     if isinstance(body, Refusal):
         return body
-    body = safe_text(body.replace("\r\n", "\n").replace("\r", "\n").rstrip())
+    body = body.replace("\r\n", "\n").replace("\r", "\n")
+    problem = control_problem(subject, "Subject") or control_problem(body, "text part")  # before rstrip
+    if problem:
+        return problem
+    body = safe_text(body.rstrip())
     problem = _markup_problem(body)
     if problem:
         return problem
@@ -303,6 +319,25 @@ def latin1_problem(text: str, where: str) -> Refusal | None:
     col = at - text.rfind("\n", 0, at)
     name = unicodedata.name(ch, "unnamed character")
     return replies.NOT_LATIN1(code=ord(ch), name=name, where=where, line=lineno, column=col)
+
+
+# C0 controls but TAB, LF and CR; DEL; and the C1 range (binary data or a wrong charset).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def control_problem(text: str, where: str) -> Refusal | None:
+    """A Refusal naming the first control character of `text` (CONTROL_CHARACTER for C0 but TAB,
+    LF, CR, for DEL and NUL; NOT_TEXT for a C1 code), else None."""
+    m = _CONTROL.search(text)
+    if m is None:
+        return None
+    at, ch = m.start(), m.group()
+    line = text.count("\n", 0, at) + 1
+    if ch > "\x7f":
+        return replies.NOT_TEXT(where=where, code=ord(ch), line=line)
+    column = at - text.rfind("\n", 0, at)
+    return replies.CONTROL_CHARACTER(code=ord(ch), name=char_name(ch), where=where, line=line,
+                                     column=column)
 
 
 _SUBJECT_FIELD = re.compile(r"(?<!\{)(\{subject(?:[!:][^{}]*)?\})[,;:\- \t]*")

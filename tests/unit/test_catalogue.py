@@ -54,7 +54,8 @@ _BUILT = [re.compile(r"\bRefusal\("),
 def test_no_refusal_is_built_outside_the_catalogue():
     found = []
     for path in sorted((ROOT / "milter").rglob("*.py")):
-        if path.name == "catalogue.py" or path.relative_to(ROOT).as_posix() == "milter/policy/refusal.py":
+        if path.relative_to(ROOT).as_posix() in ("milter/policy/refusal.py", "milter/policy/catalogue.py",
+                                                 "milter/policy/catalogue_text.py"):  # split for length
             continue
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if any(p.search(line) for p in _BUILT):

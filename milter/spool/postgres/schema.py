@@ -145,6 +145,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX jobs_deferred ON jobs(id) WHERE state = 'queued' AND deferred",),
     # 4: jobs in flight (leased) by number: the claim sends one job per number at a time.
     ("CREATE INDEX jobs_leased ON jobs(recipient) WHERE state = 'queued' AND lease_until IS NOT NULL",),
+    # 5: voice and fax (issue 15; the SQLite spool's 5): the job's channel, TTS language and file
+    # references (JSON); the files' content by hash in file_blobs (bytea), written in the job's commit.
+    ("ALTER TABLE jobs ADD COLUMN channel text NOT NULL DEFAULT 'sms'",
+     "ALTER TABLE jobs ADD COLUMN language text NOT NULL DEFAULT ''",
+     "ALTER TABLE jobs ADD COLUMN files text NOT NULL DEFAULT '[]'",
+     "CREATE TABLE file_blobs (sha256 text PRIMARY KEY, data bytea NOT NULL)"),
 )
 
 
