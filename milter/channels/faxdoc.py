@@ -13,23 +13,19 @@ costs at most `max_pages + 1` rasterised pages.
 from __future__ import annotations
 
 import shutil
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..policy.faxpages import DPI, FONT_SIZE, HEIGHT, LINE_HEIGHT, MARGIN, ROWS, WIDTH, text_lines
 from .tools import Attachment, ChannelError, run, tool
 
 Document = Attachment
 
-WIDTH, HEIGHT = 1728, 2292  # A4 at 204 x 196 dpi
-DPI = (204, 196)
-MARGIN = 96
 FONT_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
               "/usr/share/fonts/truetype/noto/NotoSansMono-Regular.ttf")
-FONT_SIZE = 30  # about 84 columns, 52 lines a page
 GS_TIMEOUT = 120.0
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/gif", "image/tiff", "image/x-tiff"}
 OFFICE_TYPES = {
@@ -72,21 +68,14 @@ def _font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def text_pages(text: str, pages: _Pages) -> None:
+    """The text's pages, laid out as policy/faxpages.py counts them (COLUMNS wide, ROWS a page)."""
     font = _font()
-    cw = max(1, int(font.getlength("M")))
-    cols = (WIDTH - 2 * MARGIN) // cw
-    line_h = int(FONT_SIZE * 1.3)
-    rows = (HEIGHT - 2 * MARGIN) // line_h
-    lines: list[str] = []
-    for para in text.replace("\r\n", "\n").replace("\t", "    ").split("\n"):
-        lines.extend(textwrap.wrap(para, cols, replace_whitespace=False, drop_whitespace=True) or [""])
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for start in range(0, len(lines), rows):
+    lines = text_lines(text)
+    for start in range(0, len(lines), ROWS):
         page = Image.new("1", (WIDTH, HEIGHT), 1)
         draw = ImageDraw.Draw(page)
-        for i, line in enumerate(lines[start:start + rows]):
-            draw.text((MARGIN, MARGIN + i * line_h), line, font=font, fill=0)
+        for i, line in enumerate(lines[start:start + ROWS]):
+            draw.text((MARGIN, MARGIN + i * LINE_HEIGHT), line, font=font, fill=0)
         pages.add(page, "the text")
 
 

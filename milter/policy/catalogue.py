@@ -214,6 +214,10 @@ FAX_NO_OFFICE = _R("550", "5.6.1", "eom",
 FAX_TOO_BIG = _R("552", "5.3.4", "eom",
                  "The documents are {size} bytes; a fax may carry at most {limit} bytes.",
                  "fax: attachments larger than `fax.max_bytes`", {"size": "N", "limit": "M"})
+FAX_TOO_MANY_PAGES = _R("552", "5.3.4", "eom",
+                        "The fax would have {pages} pages; a fax may have at most {limit}.",
+                        "fax: text and documents over `fax.max_pages` (counted where it is reliable)",
+                        {"pages": 21, "limit": 20})
 CHANNEL_EMPTY = _R("550", "5.6.0", "eom", "The message is empty: a {channel} needs {needs}.",
                    "voice/fax: no text (and no recording or document)",
                    {"channel": "fax", "needs": "text or a document (PDF, PNG, JPEG, TIFF)"})

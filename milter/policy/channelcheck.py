@@ -6,7 +6,8 @@ SMS keeps its own rules (policy/content.py: plain text only). A voice call speak
 attachment is the message instead when the account has `voice_recordings: true` and the
 format can be decoded here. A fax takes the text and documents: text/plain, PDF, PNG, JPEG,
 GIF, TIFF, and office documents when LibreOffice is installed; at most `fax.max_bytes` of
-documents. What the host can decode comes in as `Capabilities` (channels/capabilities.py).
+documents and at most `fax.max_pages` pages where policy/faxpages.py can count them. What the
+host can decode comes in as `Capabilities` (channels/capabilities.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..spool.files import JobFile
 from . import catalogue as replies
 from .charsets import decode_header, safe_text, unfold
 from .content import MessageText, _leaves, _param, _plain_text, _raw_header, _transfer_decode
+from .faxpages import fax_pages
 from .refusal import Refusal
 
 WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
@@ -153,4 +155,7 @@ def check_fax(text: str, files: tuple[JobFile, ...], cfg: FaxConfig, caps: Capab
         return replies.FAX_TOO_BIG(size=size, limit=cfg.max_bytes)
     if not files and not text.strip():
         return replies.CHANNEL_EMPTY(channel="fax", needs="text or a document (PDF, PNG, JPEG, TIFF)")
+    count = fax_pages(text, ((f.content_type, f.data or b"") for f in files), cfg.max_pages)
+    if count.pages > cfg.max_pages:
+        return replies.FAX_TOO_MANY_PAGES(pages=str(count), limit=cfg.max_pages)
     return files
