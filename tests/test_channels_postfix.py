@@ -99,10 +99,10 @@ def _fax(tmp: Path, server: str = "127.0.0.1:1", **kw) -> dict:
     return {"server": server, "work_dir": str(tmp / "fax"), "poll": 0.3, "max_bytes": 200000, **kw}
 
 
-def two_page_pdf(tmp: Path) -> bytes:
-    out = tmp / "two.pdf"
-    ps = ("/Helvetica findfont 36 scalefont setfont 72 700 moveto (Page one) show showpage "
-          "72 700 moveto (Page two) show showpage")
+def two_page_pdf(tmp: Path, pages: int = 2) -> bytes:
+    out = tmp / f"{pages}pages.pdf"
+    ps = "/Helvetica findfont 36 scalefont setfont " + " ".join(
+        f"72 700 moveto (Page {i}) show showpage" for i in range(1, pages + 1))
     subprocess.run(["gs", "-q", "-dNOPAUSE", "-dBATCH", "-sDEVICE=pdfwrite", f"-sOutputFile={out}", "-c", ps],
                    check=True, timeout=60)
     return out.read_bytes()
@@ -210,5 +210,23 @@ def test_refusals_at_smtp_carry_the_catalogue_reply(tmp_path):
         r = bed.send(f"41791234567@{TM}", "hi", attach=((b"%PDF-1.4", "application/pdf", "a.pdf"),))
         assert r["data"][0] == 550 and "SMS mail must be plain text only" in r["data"][1], r
         assert queue_list(bed.config) == []
+    finally:
+        bed.close()
+
+
+def test_fax_over_max_pages_is_refused_at_smtp_naming_both_numbers(tmp_path):
+    bed = ChannelBed(tmp_path, _voice(tmp_path, 9), _fax(tmp_path, max_pages=2))
+    try:
+        pdf = two_page_pdf(tmp_path, 3)
+        r = bed.send(f"41441234567@Fax.{TM}", "", attach=((pdf, "application/pdf", "c.pdf"),))
+        want = catalogue.FAX_TOO_MANY_PAGES(pages="3", limit=2)
+        assert r["data"] == (552, f"{want.xcode} {want.text}"), r
+        assert "3 pages" in want.text and "at most 2" in want.text
+        assert queue_list(bed.config) == []
+        pdf = two_page_pdf(tmp_path, 2)
+        r = bed.send(f"41441234567@Fax.{TM}", "", attach=((pdf, "application/pdf", "b.pdf"),))
+        assert r["data"][0] == 250, r
+        job = bed.job("+41441234567")
+        assert (job["channel"], [f["name"] for f in job["files"]]) == ("fax", ["b.pdf"])
     finally:
         bed.close()
