@@ -5,6 +5,7 @@ modem whose SendFaxCmd plays the far end)."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -167,6 +168,31 @@ def test_fax_is_queued_with_its_number_and_pages_then_sent(tmp_path, hylafax):
         print(f"\nfax: 4 pages queued as HylaFAX job {jobid}, delivered after {time.monotonic() - t0:.1f}s")
     finally:
         p.close(5)
+
+
+def test_transfers_do_not_need_the_port_below_hfaxd(tmp_path, hylafax):
+    """The flake of the test above under load: in active mode hfaxd binds each data transfer to its
+    control port - 1; any socket there (another bed's server, an ephemeral client port) made sendfax
+    fail with "425 Cannot create data socket ... Address already in use" after 55 s of retries. The
+    client uses passive mode: with that port held, an upload and a listing still work."""
+    from sms_milter.channels.hylafax import HylaFaxClient
+
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", hylafax.port - 1))
+        holder.listen()
+    except OSError:  # already held by some other socket: the same condition
+        pass
+    client = HylaFaxClient(hylafax.server)
+    try:
+        doc = tmp_path / "page.tif"
+        make_picture(doc, "TIFF")
+        jobid = client.submit(doc, "0041449999999", "sms-milter:77", 3, 3, 600)
+        listed = client.jobs()
+        assert jobid in listed and listed[jobid].tag == "sms-milter:77", listed
+    finally:
+        client.close()
+        holder.close()
 
 
 def test_failed_and_retried_faxes_map_to_failed_and_buffered(tmp_path, hylafax):

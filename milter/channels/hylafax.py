@@ -56,9 +56,13 @@ class HylaFaxClient:
     def __init__(self, server: str, owner: str = ""):
         self.server = server  # host:port of hfaxd
         self.owner = owner
-        # faxstat reads its JobFmt from ~/.hylarc: a private HOME for the client tools.
+        # faxstat reads its JobFmt from ~/.hylarc: a private HOME for the client tools. Passive mode:
+        # in active mode hfaxd binds its end of every transfer (a sendfax upload, a faxstat listing)
+        # to its control port - 1, and when another socket holds that port it retries for 55 s and
+        # then answers "425 Cannot create data socket ... Address already in use" (sendfax fails,
+        # faxstat prints nothing); in passive mode hfaxd listens on a port the kernel picks.
         self.home = Path(tempfile.mkdtemp(prefix="sms-milter-hylafax-"))
-        (self.home / ".hylarc").write_text(f'JobFmt: "{JOB_FMT}"\n')
+        (self.home / ".hylarc").write_text(f'JobFmt: "{JOB_FMT}"\nPassiveMode: yes\n')
 
     def _env(self) -> dict[str, str]:
         return {"HOME": str(self.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C"}
