@@ -49,8 +49,18 @@ def text_lines(text: str) -> list[str]:
     return lines
 
 
-def text_pages(text: str) -> int:
-    return math.ceil(len(text_lines(text)) / ROWS) if text.strip() else 0
+def text_pages(text: str, most: int | None = None) -> int:
+    """The text's pages; with `most`, a text that surely has more than `most` pages is not laid out
+    (a lower bound above `most` comes back): every line up to the last non-blank one is at least a
+    line, and a line holds at most COLUMNS of the text's visible characters."""
+    if not text.strip():
+        return 0
+    if most is not None:
+        kept = text.replace("\r\n", "\n").rstrip()
+        least = max(kept.count("\n") + 1, math.ceil(len("".join(kept.split())) / COLUMNS))
+        if least > (most + 1) * ROWS:
+            return math.ceil(least / ROWS)
+    return math.ceil(len(text_lines(text)) / ROWS)
 
 
 def tiff_pages(data: bytes, most: int) -> int | None:
@@ -116,13 +126,16 @@ def pdf_pages(data: bytes) -> int | None:
 
 def fax_pages(text: str, files: Iterable[tuple[str, bytes]], most: int) -> PageCount:
     """The fax's pages: the text's, then each (content type, bytes) document's; `most` bounds the
-    TIFF walks (the count stops being exact beyond it, as the refusal needs no more)."""
-    pages, exact = text_pages(text), True
+    text layout and the TIFF walks (a part's count may stop being exact beyond it: the refusal
+    needs no more)."""
+    pages = text_pages(text, most)
+    exact = pages <= most
     for ctype, data in files:
         ctype = ctype.lower()
         n: int | None
         if ctype == "text/plain":
-            n = text_pages(data.decode("utf-8", errors="replace"))
+            n = text_pages(data.decode("utf-8", errors="replace"), most)
+            exact = exact and n <= most
         elif ctype in TIFF_TYPES:
             n = tiff_pages(data, most)
             exact = exact and (n is None or n <= most)  # the walk stops one beyond `most`

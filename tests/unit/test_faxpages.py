@@ -58,6 +58,23 @@ def test_text_pages_follow_the_fax_layout():
     assert text_pages("word " * (17 * ROWS + 1)) == 2
 
 
+def test_text_pages_beyond_the_cap_are_a_lower_bound_without_layout():
+    for text in ("x " * 2_000_000, "a" + "\n" * 2_000_000 + "b", "\r\n".join(["y"] * 5000)):
+        full = text_pages(text)
+        bounded = text_pages(text, 20)
+        assert 20 < bounded <= full
+    for text in ("\n".join(["x"] * (21 * ROWS)), "z" * (21 * ROWS * 85), "a\n" * 60 + "\n" * 10_000):
+        assert text_pages(text, 20) == text_pages(text)  # within the bound: laid out, exact
+    assert fax_pages("a" + "\n" * 2_000_000 + "b", [], 20) == PageCount(37736, False)  # 2,000,001 lines
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab \t\r\n\u00e9\u3000"), max_size=3000), st.integers(0, 3))
+def test_the_bounded_text_count_never_undercounts_past_the_cap(text, most):
+    full, bounded = text_pages(text), text_pages(text, most)
+    assert bounded == full or most < bounded <= full
+
+
 @pytest.mark.parametrize("text", ["", "one line", "\n".join(["x"] * 53), "\n".join(["x"] * 54),
                                   "long " * 1200, "tab\there\r\nand\n\n\n" * 40])
 def test_text_pages_are_what_faxdoc_renders(text):
