@@ -32,7 +32,7 @@ from .spool.base import FINAL_STATES, Change, JobDetail, QueueAdmin, SpoolError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 100 * 365 * 86400  # seconds; anything longer overflows dates and means "everything"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")  # ASCII digits only, like job ids
 PURGE_BATCH = 5000  # jobs per transaction: the milter never waits long for the write lock
 
 

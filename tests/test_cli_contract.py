@@ -1,0 +1,124 @@
+"""The command line's worst inputs, as an outside tester tries them (INTERFACE.md: "Errors go to
+stderr as one clear line, with exit 2 for bad usage/config and 1 for runtime failure; no
+traceback for an operator's mistake"; "Read-only commands never create a spool").
+
+Runs the installed `sms-milter` in a subprocess against configs and spool files of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from bed import milter_command, write_config
+
+ID_COMMANDS = (("queue", "show"), ("queue", "hold"), ("queue", "release"), ("queue", "retry"),
+               ("queue", "delete"))
+
+
+def sms(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [*milter_command(), *args]
+    if user is not None:
+        cmd = ["runuser", "-u", user, "--", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def one_line(r: subprocess.CompletedProcess, code: int) -> str:
+    """The command failed with `code` and said why in exactly one line on stderr."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, milter_port=1, notify_port=2, spool_path=tmp_path / "spool.sqlite3")
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"\xff\xfe\x00garbage\n", "not UTF-8"),
+    (b"- milter\n- spool\n", "must be a mapping"),
+    (b"milter: !!python/object/apply:os.system [true]\n", "not valid YAML"),
+    (b"milter: {socket: [\n", "not valid YAML"),
+])
+def test_config_that_is_not_a_configuration_is_one_line_exit_2(tmp_path: Path, content: bytes,
+                                                                 expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    for args in (("check-config",), ("queue", "list"), ("stats",), ("milter",), ("dispatcher",)):
+        line = one_line(sms("-c", str(path), *args), 2)
+        assert expected in line and "c.yaml" in line, (args, line)
+    assert not (tmp_path / "spool.sqlite3").exists()
+
+
+def test_config_that_is_a_directory_or_unreadable_is_one_line_exit_2(tmp_path: Path, config: Path) -> None:
+    line = one_line(sms("-c", str(tmp_path), "check-config"), 2)
+    assert str(tmp_path) in line and "cannot read" in line
+    if os.geteuid() != 0:
+        config.chmod(0)
+        line = one_line(sms("-c", str(config), "check-config"), 2)
+    elif shutil.which("runuser"):  # root reads every file: ask as an unprivileged user
+        os.chmod(tmp_path, 0o755)
+        config.chmod(0o600)
+        line = one_line(sms("-c", str(config), "check-config", user="nobody"), 2)
+    else:
+        pytest.skip("running as root without runuser: cannot make a file unreadable")
+    assert "cannot read" in line and "Permission denied" in line, line
+
+
+@pytest.mark.parametrize("duration", ["", "30", "30x", "d", "1D", "+1d", "1,5d", "0x10d", "1_0d",
+                                      "\u0661d", "\uff11d", "1e3d", "nand", "infd"])
+def test_purge_older_than_garbage_is_one_line_exit_2(config: Path, duration: str) -> None:
+    """Only ASCII digits: `١d` (ARABIC-INDIC DIGIT ONE) or a full-width `１d` is no duration."""
+    line = one_line(sms("-c", str(config), "queue", "purge", "--older-than", duration), 2)
+    assert "invalid duration" in line, line
+    assert not (config.parent / "spool.sqlite3").exists()
+
+
+@pytest.mark.parametrize("bad_id", ["abc", "0", "1.0", "1e3", "0x1", "\u0661", "\uff11", " ", "9" * 20])
+def test_every_id_command_refuses_an_id_that_is_no_number_with_one_line_exit_2(config: Path,
+                                                                                bad_id: str) -> None:
+    for command in ID_COMMANDS:
+        line = one_line(sms(*command, bad_id, "-c", str(config)), 2)
+        assert "invalid job id" in line, (command, line)
+    for command in ID_COMMANDS:  # negative: argparse sees an option, still one line and exit 2
+        one_line(sms(*command, "-5", "-c", str(config)), 2)
+    assert not (config.parent / "spool.sqlite3").exists()
+
+
+def test_listing_commands_on_a_missing_spool_say_so_and_create_nothing(config: Path) -> None:
+    spool = config.parent / "spool.sqlite3"
+    for args in (("queue", "list"), ("queue", "list", "--json"), ("queue", "list", "--state", "held"),
+                 ("stats", "--json"), ("queue", "release", "1"), ("queue", "retry", "1"),
+                 ("queue", "delete", "1")):
+        line = one_line(sms("-c", str(config), *args), 1)
+        assert "does not exist" in line and str(spool) in line, (args, line)
+        assert not spool.exists() and not Path(f"{spool}-wal").exists(), args
+
+
+def test_a_spool_that_is_not_a_database_is_one_line_exit_1_and_left_alone(config: Path) -> None:
+    spool = config.parent / "spool.sqlite3"
+    spool.write_bytes(b"not a database at all\n" * 100)
+    before = spool.read_bytes()
+    for args in (("queue", "list"), ("queue", "list", "--json"), ("stats",), ("stats", "--json"),
+                 ("queue", "show", "1"), ("queue", "hold", "1"), ("queue", "hold", "--state", "queued"),
+                 ("queue", "release", "1"), ("queue", "retry", "1"), ("queue", "delete", "1"),
+                 ("queue", "purge", "--older-than", "1d")):
+        line = one_line(sms("-c", str(config), *args), 1)
+        assert str(spool) in line and "not a database" in line, (args, line)
+    assert spool.read_bytes() == before
+
+
+def test_check_config_takes_c_before_or_after_and_a_missing_file_is_named(config: Path) -> None:
+    for args in (("-c", str(config), "check-config"), ("check-config", "-c", str(config)),
+                 ("check-config", "--config", str(config))):
+        r = sms(*args)
+        assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "OK" in r.stdout, (args, r)
+    missing = config.parent / "absent.yaml"
+    line = one_line(sms("check-config", "-c", str(missing)), 2)
+    assert str(missing) in line and "no such file" in line
