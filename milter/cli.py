@@ -309,7 +309,16 @@ def cmd_spool(cfg: Config, args: argparse.Namespace) -> int:
         print("sms-milter: spool migrate: the configuration has no spool.url (the PostgreSQL spool to copy "
               "into)", file=sys.stderr)
         return 2
-    spool = _open_spool(cfg)
+    if not os.path.isfile(args.source):  # the operator's typo: said before any connection is tried
+        raise Fatal(f"{args.source}: no such SQLite spool file")
+    # A daemon starting while the database is down logs it and waits; this one-shot command
+    # says it once, as its own error line (below), and exits 1.
+    spool_log = logging.getLogger("sms_milter.spool")
+    spool_log.disabled = True
+    try:
+        spool = _open_spool(cfg)
+    finally:
+        spool_log.disabled = False
     try:
         copied = spool.import_sqlite(args.source)
     except SpoolError as e:
@@ -353,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](cfg, args)
     except Fatal as e:
-        print(f"sms-milter: {args.command}: {e}", file=sys.stderr)
+        action = getattr(args, "queue_command", None) or getattr(args, "spool_command", None)
+        print(f"sms-milter: {args.command}{' ' + action if action else ''}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -122,3 +122,29 @@ def test_check_config_takes_c_before_or_after_and_a_missing_file_is_named(config
     missing = config.parent / "absent.yaml"
     line = one_line(sms("check-config", "-c", str(missing)), 2)
     assert str(missing) in line and "no such file" in line
+
+
+def test_spool_migrate_worst_inputs_are_one_line(tmp_path: Path) -> None:
+    """`spool migrate --from FILE`: a wrong file or a database that is down is one line and
+    exit 1 (no daemon-style "retrying" log line first), and the URL's password is never shown."""
+    from bed import free_port
+
+    url = f"postgresql://sms:Pg-Sekr3t@127.0.0.1:{free_port()}/sms"  # nothing listens there
+    config = write_config(tmp_path, milter_port=1, notify_port=2, spool_url=url)
+    source = tmp_path / "old.sqlite3"
+    for src, expected in ((tmp_path / "absent.sqlite3", "no such SQLite spool file"),
+                          (tmp_path, "no such SQLite spool file")):
+        line = one_line(sms("-c", str(config), "spool", "migrate", "--from", str(src)), 1)
+        assert line.startswith("sms-milter: spool migrate: ") and str(src) in line and expected in line, line
+    source.write_bytes(b"")
+    line = one_line(sms("-c", str(config), "spool", "migrate", "--from", str(source)), 1)
+    assert "not an sms-milter spool" in line, line
+    source.unlink()
+    from sms_milter.spool.sqlite import SqliteSpool
+
+    SqliteSpool(source).close()  # a real (empty) SQLite spool: now the database is tried
+    r = sms("spool", "migrate", "--from", str(source), "-c", str(config))
+    line = one_line(r, 1)
+    assert line.startswith("sms-milter: spool migrate: ") and "cannot connect" in line, line
+    assert "Pg-Sekr3t" not in r.stderr + r.stdout
+    one_line(sms("-c", str(config), "spool", "migrate"), 2)  # --from missing: bad usage
