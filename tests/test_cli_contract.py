@@ -148,3 +148,15 @@ def test_spool_migrate_worst_inputs_are_one_line(tmp_path: Path) -> None:
     assert line.startswith("sms-milter: spool migrate: ") and "cannot connect" in line, line
     assert "Pg-Sekr3t" not in r.stderr + r.stdout
     one_line(sms("-c", str(config), "spool", "migrate"), 2)  # --from missing: bad usage
+
+
+def test_config_that_never_ends_or_is_huge_or_unnamed_is_one_line_exit_2(tmp_path: Path) -> None:
+    """`-c /dev/zero` used to read until memory ran out (a MemoryError traceback); a config
+    file many MiB long is no configuration either; `-c ''` named the current directory."""
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("x: " + "a" * (5 * 1024 * 1024) + "\n")
+    for path, expected in (("/dev/zero", "/dev/zero: larger than"), (str(huge), "huge.yaml: larger than"),
+                           ("", "file name is empty")):
+        for args in (("-c", path, "check-config"), ("queue", "list", "-c", path)):
+            line = one_line(sms(*args), 2)
+            assert expected in line, (args, line)
