@@ -122,6 +122,8 @@ def _open_spool(cfg: Config, create: bool = True):
     if not create and not cfg.spool.url and not os.path.exists(cfg.spool.path):
         raise Fatal(f"the spool {cfg.spool.path} does not exist (nothing has been spooled yet, or "
                     "spool.path is wrong)")
+    if not create and not cfg.spool.url and not os.access(cfg.spool.path, os.R_OK | os.W_OK):
+        raise Fatal(f"spool {cfg.spool.path}: permission denied (run as root or as the daemons' user)")
     try:
         return open_spool(cfg, create=create)
     except SpoolError as e:

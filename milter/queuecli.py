@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -113,6 +114,9 @@ def open_existing(cfg: Config) -> QueueAdmin:
     path = Path(cfg.spool.path)
     if not cfg.spool.url and not path.exists():
         raise SpoolError(f"spool {path} does not exist (nothing has been spooled yet)")
+    if not cfg.spool.url and path.is_file() and not os.access(path, os.R_OK | os.W_OK):
+        # SQLite would only say "unable to open database file" or "readonly database"
+        raise SpoolError(f"spool {path}: permission denied (run as root or as the daemons' user)")
     return open_spool(cfg, create=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,32 @@ def one_line(r: subprocess.CompletedProcess, code: int) -> str:
     return lines[0]
 
 
+def sqlite_config(d: Path) -> Path:
+    """These tests are about SQLite spool files, also when the suite runs on PostgreSQL."""
+    spool = str(d / "spool.sqlite3")
+    return write_config(d, milter_port=1, notify_port=2, spool_path=spool, extra={"spool": {"path": spool}})
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path):
+    """A directory another user can reach (pytest's tmp_path is under a 0700 directory); and
+    the user to run as: "nobody" when the suite runs as root (root reads every file)."""
+    if os.geteuid() != 0:
+        yield tmp_path, None
+        return
+    if not shutil.which("runuser"):
+        pytest.skip("running as root without runuser: cannot lock a file away")
+    d = Path(tempfile.mkdtemp(prefix="sms-milter-cli-"))
+    d.chmod(0o755)
+    try:
+        yield d, "nobody"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    return write_config(tmp_path, milter_port=1, notify_port=2, spool_path=tmp_path / "spool.sqlite3")
+    return sqlite_config(tmp_path)
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -56,19 +80,16 @@ def test_config_that_is_not_a_configuration_is_one_line_exit_2(tmp_path: Path, c
     assert not (tmp_path / "spool.sqlite3").exists()
 
 
-def test_config_that_is_a_directory_or_unreadable_is_one_line_exit_2(tmp_path: Path, config: Path) -> None:
+def test_config_that_is_a_directory_or_unreadable_is_one_line_exit_2(tmp_path: Path, shared_dir) -> None:
     line = one_line(sms("-c", str(tmp_path), "check-config"), 2)
     assert str(tmp_path) in line and "cannot read" in line
-    if os.geteuid() != 0:
-        config.chmod(0)
-        line = one_line(sms("-c", str(config), "check-config"), 2)
-    elif shutil.which("runuser"):  # root reads every file: ask as an unprivileged user
-        os.chmod(tmp_path, 0o755)
-        config.chmod(0o600)
-        line = one_line(sms("-c", str(config), "check-config", user="nobody"), 2)
-    else:
-        pytest.skip("running as root without runuser: cannot make a file unreadable")
-    assert "cannot read" in line and "Permission denied" in line, line
+    d, user = shared_dir
+    config = sqlite_config(d)
+    config.chmod(0o644)
+    assert sms("-c", str(config), "check-config", user=user).returncode == 0  # it can reach the file
+    config.chmod(0o600 if user else 0)
+    line = one_line(sms("-c", str(config), "check-config", user=user), 2)
+    assert str(config) in line and "cannot read" in line and "Permission denied" in line, line
 
 
 @pytest.mark.parametrize("duration", ["", "30", "30x", "d", "1D", "+1d", "1,5d", "0x10d", "1_0d",
@@ -160,3 +181,19 @@ def test_config_that_never_ends_or_is_huge_or_unnamed_is_one_line_exit_2(tmp_pat
         for args in (("-c", path, "check-config"), ("queue", "list", "-c", path)):
             line = one_line(sms(*args), 2)
             assert expected in line, (args, line)
+
+
+def test_a_spool_the_user_may_not_open_is_named_as_such(shared_dir) -> None:
+    """SQLite alone says "unable to open database file" or "attempt to write a readonly database"."""
+    from sms_milter.spool.sqlite import SqliteSpool
+
+    d, user = shared_dir
+    config = sqlite_config(d)
+    config.chmod(0o644)
+    spool = d / "spool.sqlite3"
+    SqliteSpool(spool).close()
+    for mode in (0o600, 0o644):  # unreadable; readable but not writable (WAL readers write -shm)
+        spool.chmod(mode if user else mode & 0o400)
+        for args in (("queue", "list"), ("stats",), ("queue", "show", "1"), ("queue", "hold", "1")):
+            line = one_line(sms("-c", str(config), *args, user=user), 1)
+            assert str(spool) in line and "permission denied" in line, (oct(mode), args, line)
