@@ -64,6 +64,7 @@ class RawResult:
     receipts: int
     seconds: float  # first submit sent -> last receipt read
     errors: int
+    started: float = 0.0  # time.time() when the first submit was sent (for outside clocks)
 
 
 def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
@@ -123,6 +124,7 @@ def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
                 slots.release()
 
     t = threading.Thread(target=reader, daemon=True)
+    started = time.time()
     t0 = time.perf_counter()
     t.start()
     for raw in raws:
@@ -139,5 +141,5 @@ def raw_pipeline(host: str, port: int, start: int, n: int, window: int,
     client.disconnect()
     if failure:
         raise RuntimeError(f"raw smpplib pipeline failed: {failure[0]!r}")
-    return RawResult(total, state["receipts"], elapsed, state["errors"])
+    return RawResult(total, state["receipts"], elapsed, state["errors"], started)
 

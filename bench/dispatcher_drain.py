@@ -2,6 +2,11 @@
 """Benchmark 2: how fast the dispatcher drains a full spool to an SMSC, receipts included.
 
     python bench/dispatcher_drain.py [--quick] [--jobs N] [--window W] [--notify]
+    python bench/dispatcher_drain.py --outside [--rounds N] [--jobs N] [--window W]
+
+--outside: issue 16's measurement (bench/_drain_outside.py): single-part jobs spooled with
+the dispatcher stopped, timed from the dispatcher's process start to the last submit_sm at
+the SMSC, against smpplib with no window limit; best of N rounds.
 
 20,000 jobs (a third single-part GSM-7, a third 3-part GSM-7, a third 2-part UCS-2:
 40,000 SMS parts) go into a fresh spool in one transaction (SqliteSpool.add_message) while
@@ -166,7 +171,14 @@ def main() -> int:
                     help="bind counts, one dispatcher run each against the same raw baseline (default 1,2,4)")
     ap.add_argument("--notify", action="store_true",
                     help="jobs with a sender: every delivery also queues a notification mail")
+    ap.add_argument("--outside", action="store_true",
+                    help="process start -> last submit_sm at the SMSC vs smpplib with no window limit")
+    ap.add_argument("--rounds", type=int, help="--outside: rounds each, best of (default 3)")
     a = ap.parse_args()
+    if a.outside:
+        from _drain_outside import outside
+
+        return outside(a)
     n = a.jobs or (2000 if a.quick else 20000)
     try:
         bind_counts = [int(x) for x in a.binds.split(",") if x.strip()]

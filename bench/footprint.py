@@ -2,6 +2,7 @@
 """Benchmark 4: memory footprint (peak RSS, VmHWM) of the milter and of the dispatcher.
 
     python bench/footprint.py [--quick] [--sessions 100] [--jobs 200000] [--seconds S]
+    python bench/footprint.py --dispatcher-only --jobs 1000000    (issue 16: until drained)
 
 - milter: 100 SMTP sessions held open at once through a private Postfix (smtpd process
   limit raised to 150), every one sending SMS mail for a while; the milter then has one
@@ -11,7 +12,9 @@
   60 s or until the spool is drained.
 
 Peak RSS is VmHWM from /proc/PID/status. Target: < 100 MB each. Baseline: a bare
-`python -c 'import sms_milter.cli'`.
+`python -c 'import sms_milter.cli'`. Also printed: spool bytes per job (the file after the
+insert, and after the run with every part's message id and receipt stored) and, when the
+spool drained, the time from the dispatcher's start to the last job delivered.
 """
 
 from __future__ import annotations
@@ -192,6 +195,13 @@ def milter_footprint(stack: contextlib.ExitStack, sessions: int, seconds: float)
     return st.get("VmHWM", 0), sampler.peak_threads, counts["ok"]
 
 
+SPOOL_SIZES: dict[str, int] = {}  # "inserted", "after": bytes of the spool file (with its WAL)
+
+
+def spool_bytes(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
 def dispatcher_footprint(stack: contextlib.ExitStack, njobs: int,
                          seconds: float) -> tuple[int, dict[str, int], float]:
     """(VmHWM kB, job states at the end, seconds run) of the dispatcher on a spool of `njobs`."""
@@ -200,8 +210,10 @@ def dispatcher_footprint(stack: contextlib.ExitStack, njobs: int,
     work = workdir(stack, "footprint-disp")
     spool = work / "spool.sqlite3"
     parts, took = insert(spool, 0, njobs, batch=10_000)
+    SPOOL_SIZES["inserted"] = spool_bytes(spool)
     say(f"dispatcher: {njobs} jobs ({parts} SMS parts) inserted in {took:.1f} s "
-        f"({os.path.getsize(spool) / 2**20:.0f} MB spool)")
+        f"({SPOOL_SIZES['inserted'] / 2**20:.0f} MB spool, "
+        f"{SPOOL_SIZES['inserted'] / njobs:.0f} bytes a job)")
     smsc = Smsc(stack, None)
     config = bed.write_config(work, bed.free_port(), bed.free_port(), smpp_port=smsc.port, spool_path=spool)
     logfile = work / "dispatcher.log"
@@ -228,6 +240,7 @@ def dispatcher_footprint(stack: contextlib.ExitStack, njobs: int,
     if code != 0:
         raise BenchAbort(f"the dispatcher exited {code}:\n{tail(logfile)}")
     states = spool_states(spool)
+    SPOOL_SIZES["after"] = spool_bytes(spool)
     if states.get("failed") or states.get("expired"):
         raise BenchAbort(f"jobs failed: {states}\n{tail(logfile)}")
     if not states.get("delivered"):
@@ -242,17 +255,21 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=100, help="concurrent SMTP sessions")
     ap.add_argument("--send-seconds", type=float, help="how long the sessions send (default 20, --quick 5)")
     ap.add_argument("--jobs", type=int, help="jobs in the dispatcher's spool (default 200000, --quick 20000)")
-    ap.add_argument("--seconds", type=float, help="dispatcher run time at most (default 60, --quick 8)")
+    ap.add_argument("--seconds", type=float,
+                    help="dispatcher run time at most (default 60, --quick 8, --dispatcher-only 3600)")
+    ap.add_argument("--dispatcher-only", action="store_true",
+                    help="only the dispatcher, run until the spool is drained (or --seconds)")
     a = ap.parse_args()
     send_s = a.send_seconds or (5.0 if a.quick else 20.0)
     njobs = a.jobs or (20_000 if a.quick else 200_000)
-    disp_s = a.seconds or (8.0 if a.quick else 60.0)
+    disp_s = a.seconds or (8.0 if a.quick else 3600.0 if a.dispatcher_only else 60.0)
     banner("footprint: peak RSS (VmHWM) of the milter and the dispatcher")
     base = bare_import()
     say(f"baseline: bare `python -c 'import sms_milter.cli'`: {mb(base):.1f} MB")
     figures: dict[str, object] = {"baseline_mb": round(mb(base), 1)}
-    with cleanup_on_exit() as stack:
-        hwm, threads, msgs = milter_footprint(stack, a.sessions, send_s)
+    if not a.dispatcher_only:
+        with cleanup_on_exit() as stack:
+            hwm, threads, msgs = milter_footprint(stack, a.sessions, send_s)
         say(f"milter: VmHWM {mb(hwm):.1f} MB ({mb(hwm) / mb(base):.1f}x bare) with {a.sessions} sessions, "
             f"peak {threads} threads, {msgs} messages accepted and spooled; target < {TARGET_MB} MB "
             f"{'OK' if mb(hwm) < TARGET_MB else 'MISSED'}")
@@ -269,8 +286,15 @@ def main() -> int:
             f"{njobs} jobs, "
             f"{ran:.0f} s run, {states.get('delivered', 0)} delivered; target < {TARGET_MB} MB "
             f"{'OK' if mb(dhwm) < TARGET_MB else 'MISSED'}")
+        drained = states.get("delivered", 0) >= njobs
+        how = f"drained all {njobs} jobs in {ran:.0f} s" if drained else f"not drained in {ran:.0f} s"
+        say(f"dispatcher: {how}; spool {SPOOL_SIZES['inserted'] / njobs:.0f} bytes a queued job, "
+            f"{SPOOL_SIZES['after'] / njobs:.0f} bytes a job after the run (parts, message ids, receipts)")
         figures.update(dispatcher_mb=round(mb(dhwm), 1), dispatcher_jobs=njobs,
-                       dispatcher_delivered=states.get("delivered", 0))
+                       dispatcher_delivered=states.get("delivered", 0),
+                       drain_seconds=round(ran, 1) if drained else None,
+                       spool_bytes_per_job=round(SPOOL_SIZES["inserted"] / njobs),
+                       spool_bytes_per_job_after=round(SPOOL_SIZES["after"] / njobs))
     figures["met"] = all(isinstance(v, float) and v < TARGET_MB
                          for k, v in figures.items() if k in ("milter_mb", "dispatcher_mb"))
     result("footprint", **figures)

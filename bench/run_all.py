@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("milter_path", "dispatcher_drain", "end_to_end", "footprint", "claim_cost", "http_kannel")
+BENCHES = ("milter_path", "dispatcher_drain", "end_to_end", "footprint", "claim_cost", "http_kannel",
+           "burst_one_number")
 
 
 def run(name: str, quick: bool) -> tuple[int, list[dict], float]:

@@ -136,7 +136,8 @@ class SmppConfig:
     system_id: str = ""
     password: str = ""
     system_type: str = ""
-    window: int = 10  # unacknowledged submit_sm at most
+    window: int = 10  # unacknowledged submit_sm at first (the window grows from here, AIMD)
+    window_max: int = 100  # the adaptive window's cap (halved on ESME_RTHROTTLED / ESME_RMSGQFUL)
     rate: float = 0.0  # submits per second at most; 0 = no cap
     enquire_link: float = 30.0  # seconds between keep-alives
     reconnect_min: float = 1.0
@@ -145,6 +146,7 @@ class SmppConfig:
     submit_timeout: float = 30.0  # seconds to wait for a submit_sm_resp before the job goes back
     receipt_timeout: float = 3600.0  # seconds without a receipt before the SMSC is asked (query_sm)
     binds: int = 1  # bind_transceiver sessions to this SMSC, each its own connection and window
+    pipeline_per_number: int = 200  # one number's jobs sent in order on one bind at most (1 = one at a time)
 
 
 PROVIDER_KINDS = ("smpp", "http")

@@ -259,7 +259,9 @@ def test_failover_when_a_provider_dies_and_traffic_returns(pb):
     the wire when it died, sent to a again) are counted and reported."""
     a, b = pb.smsc(), pb.smsc()
     port_a = a.port
-    d = pb.dispatcher(pb.config({"a": smpp(a, window=10), "b": smpp(b)}, [{"providers": ["a", "b"]}]))
+    # a fixed window of 10 (window_max 10): the bounds on what was on the wire are made of it
+    d = pb.dispatcher(pb.config({"a": smpp(a, window=10, window_max=10), "b": smpp(b)},
+                                [{"providers": ["a", "b"]}]))
     first = add(pb.spool, [job(n, "before") for n in numbers(0, 200)])
     wait_states(pb.spool, first, {"delivered"}, timeout=30, detail=pb.detail)
     assert len(a.submits()) == 200 and not b.submits()  # the first provider takes everything while up

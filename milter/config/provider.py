@@ -17,8 +17,9 @@ from ..model import LEGACY_PROVIDER, PROVIDER_KINDS, ProviderSpec, Route, SmppCo
 from . import http
 from .reader import Reader, host_ok
 
-SMPP_KEYS = ("host", "port", "system_id", "password", "system_type", "window", "rate", "enquire_link",
-             "reconnect_min", "reconnect_max", "validity", "submit_timeout", "receipt_timeout", "binds")
+SMPP_KEYS = ("host", "port", "system_id", "password", "system_type", "window", "window_max", "rate",
+             "enquire_link", "reconnect_min", "reconnect_max", "validity", "submit_timeout",
+             "receipt_timeout", "binds", "pipeline_per_number")
 PROVIDER_KEYS = (*PROVIDER_KINDS, "down_after", "cooldown")
 ROUTE_KEYS = ("prefixes", "accounts", "providers")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
@@ -44,6 +45,7 @@ def parse_smpp(r: Reader, node: Any, p: str) -> SmppConfig:
         password=r.secret(s, "password", p, "", max_octets=8, what="SMPP 3.4 password") or "",
         system_type=r.secret(s, "system_type", p, "", max_octets=12, what="SMPP 3.4 system_type") or "",
         window=r.number(s, "window", p, b.window, 1, 1000),
+        window_max=r.number(s, "window_max", p, b.window_max, 1, 1000),
         rate=r.number(s, "rate", p, b.rate, 0, 100000, integer=False),
         enquire_link=r.number(s, "enquire_link", p, b.enquire_link, 1, 3600, integer=False),
         reconnect_min=r.number(s, "reconnect_min", p, b.reconnect_min, 0.01, 3600, integer=False),
@@ -52,6 +54,7 @@ def parse_smpp(r: Reader, node: Any, p: str) -> SmppConfig:
         submit_timeout=r.number(s, "submit_timeout", p, b.submit_timeout, 0.1, 3600, integer=False),
         receipt_timeout=r.number(s, "receipt_timeout", p, b.receipt_timeout, 1, 30 * 86400, integer=False),
         binds=r.number(s, "binds", p, b.binds, 1, 64),
+        pipeline_per_number=r.number(s, "pipeline_per_number", p, b.pipeline_per_number, 1, 10000),
     )
 
 

@@ -192,7 +192,10 @@ class Engine:
         if room <= 0:
             return
         limit = min(room, CLAIM_MAX)
-        jobs = self.spool.claim(self.owner, limit, self.lease_seconds)
+        # A provider that sends one number's jobs in order on one connection (SMPP) takes
+        # trains of them (ADR 0003); any other gets one job per number at a time.
+        per_number = getattr(self.provider, "pipeline_per_number", 1)
+        jobs = self.spool.claim(self.owner, limit, self.lease_seconds, per_number=per_number)
         if not jobs:
             return
         now = time.time()

@@ -50,7 +50,10 @@ class Rate:
         """0 if one submit may go now (and takes its token), else seconds to wait."""
         self._grow(now)
         if self.cap is None:
-            self.sent.append(now)
+            sent = self.sent
+            sent.append(now)
+            if sent[0] < now - 1.0:  # keep only the last second (bounded memory, amortised O(1))
+                sent.popleft()
             return 0.0
         self.tokens = min(max(1.0, self.cap / 20), self.tokens + (now - self.last) * self.cap)
         self.last = now

@@ -4,7 +4,8 @@ Each bind (`smpp_bind.Bind`) is its own TCP connection with its own window, rate
 throttle pause (`smpp_window`), so throttling slows only the bind that got it, and a bind
 the SMSC refuses (its session limit) is retried with backoff while the others carry the
 traffic. A job goes whole to one bind (the bound one with the most room); the spool hands
-out one job per recipient at a time, so per-recipient order holds across binds.
+out one job per recipient at a time, or one train of a recipient's jobs (ADR 0003) that goes
+whole to one bind and is sent in order there, so per-recipient order holds across binds.
 
 Throttling (ESME_RTHROTTLED, ESME_RMSGQFUL) is not a job failure: the part is sent again
 from memory, in order, after a pause, and the bind's rate is halved (then recovers).
@@ -42,6 +43,9 @@ class SmppProvider:
         self.binds = [Bind(cfg, i, labels[i], self.quiet, connect_timeout, name) for i in range(n)]
         self._on_result: ResultCallback = lambda r: None
         self._next_query = 0
+        # The engine claims trains of one number's jobs (ADR 0003): each goes whole to one bind,
+        # which sends them in order.
+        self.pipeline_per_number = cfg.pipeline_per_number
 
     # -- Provider ------------------------------------------------------------------------
     def start(self, on_result: ResultCallback, on_receipt: ReceiptCallback,
@@ -72,10 +76,13 @@ class SmppProvider:
             return
         room = {b.index: b.capacity() for b in self.binds}
         shares: dict[int, list[JobState]] = {}
+        trains: dict[str, list[JobState]] = {}  # one number's jobs, in order: one bind for all of them
         for js in ready:
+            trains.setdefault(js.job.recipient, []).append(js)
+        for train in trains.values():
             best = max(room, key=lambda i: room[i])  # the bound bind with the most room (0 if none)
-            room[best] -= 1
-            shares.setdefault(best, []).append(js)
+            room[best] -= len(train)
+            shares.setdefault(best, []).extend(train)
         for i, share in shares.items():
             self.binds[i].add(share)
 

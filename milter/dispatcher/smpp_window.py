@@ -4,7 +4,18 @@ answers mean. No sockets, no threads: the bind calls it under its own lock.
 A job is held as a `JobState` (its parts encoded once); its parts are queued in order and
 numbered only when they are written (`take`). A throttled part (ESME_RTHROTTLED,
 ESME_RMSGQFUL) waits in `retry` (in job/part order) and goes before new parts after a
-pause; the bind's rate is cut (`ratelimit.Rate`). Every job ends in exactly one
+pause; the bind's rate is cut (`ratelimit.Rate`). The window is adaptive (AIMD, as TCP's
+congestion window): it starts at `window`, grows by `window` for every window's worth of
+accepted submits up to `window_max`, and is halved (not below `window`) by ESME_RTHROTTLED /
+ESME_RMSGQFUL.
+
+Jobs to one number (a train from the claim, ADR 0003) go in order, with at most `depth` of
+them on the wire at once: 1 at first and after every throttle or temporary error (then one
+refusal cannot let a younger job of the number overtake it), growing by one per accepted
+submit up to `pipeline_per_number` while the SMSC accepts, and only once it has refused
+nothing for TRAIN_COOLDOWN seconds. A job that may not start yet
+waits in `held` (per number, in order) and is moved to `freed` when its number has room.
+Every job ends in exactly one
 `SubmitResult`: all parts accepted, or the first reason it was not (temporary or not,
 counting an attempt or not, and whether the SMSC may have it: `maybe_sent`).
 """
@@ -35,6 +46,7 @@ from .ratelimit import Rate
 log = logging.getLogger("sms_milter.dispatcher.smpp")
 
 TIMEOUTS_BEFORE_RECONNECT = 3  # submit_sm in a row without an answer: the bind is dropped and made again
+TRAIN_COOLDOWN = 10.0  # seconds after a refusal during which a bind keeps one job per number on the wire
 
 
 @dataclass(eq=False)
@@ -48,6 +60,7 @@ class JobState:
     temporary: bool = False
     count_attempt: bool = True
     maybe_sent: bool = False  # a part was accepted, or written and never answered
+    started: bool = False  # a part was written: the job counts against its number's depth
 
 
 @dataclass(order=True)
@@ -76,8 +89,15 @@ def encode_jobs(jobs: list[Job], on_result: ResultCallback) -> list[JobState]:
 class Window:
     def __init__(self, cfg: SmppConfig, on_result: ResultCallback, quiet: QuietLog, label: str = ""):
         self.cfg = cfg
-        self.size = cfg.window
-        self.max_jobs = max(2 * cfg.window, cfg.window + 64)
+        self.size = cfg.window  # submits in flight at most now (AIMD between 1 and size_max)
+        self.size_max = max(cfg.window, cfg.window_max)
+        self.acked = 0  # submits accepted since the window last grew
+        self.depth = 1  # jobs of one number on the wire at most now (1 .. depth_max)
+        self.refused_at = float("-inf")  # when the SMSC last refused a submit (not a final error)
+        self.depth_max = max(1, cfg.pipeline_per_number)
+        self.running: dict[str, int] = {}  # number -> its started jobs not finished yet
+        self.held: dict[str, deque[tuple[JobState, int]]] = {}  # parts waiting for their number's room
+        self.freed: deque[tuple[JobState, int]] = deque()  # held parts whose number has room again
         self.on_result = on_result
         self.quiet = quiet
         self.label = label  # "" or " (provider x, bind 2 of 3)" for log lines
@@ -98,6 +118,24 @@ class Window:
         self.seq = self.seq % 0x7FFFFFFF + 1
         return self.seq
 
+    @property
+    def max_jobs(self) -> int:
+        """Jobs held at most (in flight or queued): enough to keep the window full."""
+        return max(2 * self.size, self.size + 64)
+
+    def grow(self) -> None:
+        """Additive increase: one accepted submit; a whole window accepted adds `window`."""
+        self.acked += 1
+        if self.acked >= self.size and self.size < self.size_max:
+            self.acked = 0
+            self.size = min(self.size_max, self.size + self.cfg.window)
+
+    def shrink(self) -> None:
+        """Multiplicative decrease on throttling: the window is halved, not below `window`
+        (below that, the pause and the bind's rate cut slow it, as they did before)."""
+        self.acked = 0
+        self.size = max(min(self.cfg.window, self.size_max), self.size // 2)
+
     def capacity(self) -> int:
         limit = self.max_jobs
         if self.rate.cap is not None:
@@ -110,7 +148,15 @@ class Window:
 
     def waiting(self) -> bool:
         """Parts that could go as soon as the pause or the rate allows."""
-        return bool(self.retry or self.queue) and len(self.inflight) < self.size
+        return bool(self.retry or self.freed or self.queue) and len(self.inflight) < self.size
+
+    def _pop(self, src: int) -> None:
+        if src == 0:
+            heapq.heappop(self.retry)
+        elif src == 1:
+            self.freed.popleft()
+        else:
+            self.queue.popleft()
 
     def take(self, now: float) -> tuple[list[bytes], float]:
         """The submit_sm PDUs that may be written now (numbered, in order), and how long to
@@ -119,24 +165,34 @@ class Window:
         wait = 1.0
         if now < self.pause_until:
             return out, self.pause_until - now
-        while len(self.inflight) < self.size and (self.retry or self.queue):
+        while len(self.inflight) < self.size:
             if self.retry:
-                r = self.retry[0]
-                js, idx = r.js, r.index
+                src, js, idx = 0, self.retry[0].js, self.retry[0].index
+            elif self.freed:
+                src, (js, idx) = 1, self.freed[0]
+            elif self.queue:
+                src, (js, idx) = 2, self.queue[0]
             else:
-                js, idx = self.queue[0]
+                break
             if js.error:  # the job failed meanwhile: do not send its other parts
-                (heapq.heappop(self.retry) if self.retry else self.queue.popleft())
+                self._pop(src)
                 self._part_done(js)
                 continue
+            if not js.started:
+                rc = js.job.recipient
+                if rc in self.held or self.running.get(rc, 0) >= self.depth:
+                    self._pop(src)  # behind its number's jobs on the wire (or held before it)
+                    self.held.setdefault(rc, deque()).append((js, idx))
+                    continue
             w = self.rate.wait_time(now)
             if w > 0:
                 wait = w
                 break
-            if self.retry:
-                heapq.heappop(self.retry)
-            else:
-                self.queue.popleft()
+            self._pop(src)
+            if not js.started:
+                js.started = True
+                rc = js.job.recipient
+                self.running[rc] = self.running.get(rc, 0) + 1
             seq = self.next_seq()
             self.inflight[seq] = (js, idx)
             self.sent.append((now, seq))
@@ -169,6 +225,7 @@ class Window:
                 js.maybe_sent = True
                 self.abort(js, f"no answer from the SMSC to submit_sm within {limit:g}s", temporary=True,
                            count_attempt=True)
+                self.hold_train(js)
                 self._part_done(js)
             self.drop_unsent()
             if self.timeouts >= TIMEOUTS_BEFORE_RECONNECT:
@@ -187,13 +244,21 @@ class Window:
             js.refs[idx] = message_id
             js.maybe_sent = True
             self.pause = 0.05
+            self.grow()
+            if self.depth < self.depth_max and now - self.refused_at >= TRAIN_COOLDOWN:
+                self.depth += 1
             self._part_done(js)
             return
+        if status in THROTTLE_STATUSES or status in TEMPORARY_STATUSES:
+            # An SMSC that refuses: one job per number on the wire, until it has accepted
+            # everything for TRAIN_COOLDOWN (a refusal mid-train could let younger jobs overtake).
+            self.depth, self.refused_at = 1, now
         if status in THROTTLE_STATUSES and not js.error and not self.stopping:
             if self.rate.throttled(now):
+                self.shrink()
                 self.pause = min(self.pause * 2, 2.0)
-                log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s%s", status_text(status),
-                            self.pause, self.rate.cap or 0, self.label)
+                log.warning("SMSC throttling (%s): pausing %.2fs, rate now %.0f/s, window %d%s",
+                            status_text(status), self.pause, self.rate.cap or 0, self.size, self.label)
             self.pause_until = max(self.pause_until, now + self.pause)
             heapq.heappush(self.retry, _Retry(js.job.id, idx, js))
             return
@@ -202,7 +267,25 @@ class Window:
         throttled = status in THROTTLE_STATUSES
         self.abort(js, status_text(status), temporary=status in TEMPORARY_STATUSES or throttled,
                    count_attempt=not throttled)
+        self.hold_train(js)
         self._part_done(js)
+
+    def hold_train(self, js: JobState) -> None:
+        """A job that goes back to the queue keeps its place: the younger jobs of its number
+        that are not on the wire (queued, or waiting after a throttle) go back too, unsent, and
+        the claim hands them out again only behind it (ADR 0003, trains)."""
+        if not js.temporary:
+            return  # a final failure: the next jobs of the number may go
+        rcpt, jid = js.job.recipient, js.job.id
+        behind = [o for o, _ in (*self.queue, *self._held_parts())
+                  if o.job.id > jid and not o.error and o.job.recipient == rcpt]
+        behind += [r.js for r in self.retry
+                   if r.job_id > jid and not r.js.error and r.js.job.recipient == rcpt]
+        if not behind:
+            return
+        for o in behind:
+            self.abort(o, f"job {jid} to this number goes back to the queue: this one waits behind it")
+        self.drop_unsent()
 
     def stop(self, reason: str) -> None:
         """Send nothing more: parts not written yet are given up (temporary, no attempt)."""
@@ -211,7 +294,12 @@ class Window:
             self.abort(js, reason)
         for r in self.retry:
             self.abort(r.js, reason)
+        for js, _ in self._held_parts():
+            self.abort(js, reason)
         self.drop_unsent()
+
+    def _held_parts(self) -> list[tuple[JobState, int]]:
+        return [*self.freed, *(e for q in self.held.values() for e in q)]
 
     def lose(self, reason: str) -> int:
         """The connection is gone: every open job goes back (temporary, no attempt counted:
@@ -252,12 +340,30 @@ class Window:
                 retry.append(r)
         heapq.heapify(retry)
         self.retry = retry
+        if self.held or self.freed:
+            parts = self._held_parts()
+            self.held, self.freed = {}, deque()
+            for js, i in parts:  # in order: freed first, then each number's held parts
+                if js.error:
+                    self._part_done(js)
+                else:
+                    self.freed.append((js, i))  # take() holds again what may not go yet
 
     def _part_done(self, js: JobState) -> None:
         js.outstanding -= 1
         if js.outstanding > 0:
             return
         self.jobs.pop(js.job.id, None)
+        if js.started:
+            rc = js.job.recipient
+            left = self.running.get(rc, 1) - 1
+            if left > 0:
+                self.running[rc] = left
+            else:
+                self.running.pop(rc, None)
+            held = self.held.pop(rc, None)
+            if held:
+                self.freed.extend(held)
         if js.error:
             self.on_result(SubmitResult(js.job.id, error=js.error, temporary=js.temporary,
                                         count_attempt=js.count_attempt, maybe_sent=js.maybe_sent))

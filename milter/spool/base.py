@@ -296,7 +296,10 @@ class DispatchSpool(Protocol):
 
     def wait_for_work(self, timeout: float) -> None: ...
 
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]: ...
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1) -> list[Job]:
+        """Lease due jobs, in order per recipient: one in flight per number, or (per_number > 1)
+        a head and up to per_number - 1 consecutive jobs of its number (a train, for an owner
+        that sends them in order on one connection)."""
 
     def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         """Record jobs' parts as submitted with their message ids (and the provider that took

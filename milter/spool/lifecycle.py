@@ -7,7 +7,8 @@ Every spool backend asks these functions what a change means and only stores the
 - `owed_events`: which notifications (a mail to the sender, an xml@ URL callback) a job owes on
   reaching a state, under its Notify policy (`NOTIFY_STATES`);
 - `schedule`: when a new job is due and until when it is valid (deferred delivery, validity);
-- `receipt_rank` / `number_key` / `same_number`: which stored part a delivery receipt is for.
+- `receipt_rank` / `number_key` / `same_number`: which stored part a delivery receipt is for;
+- `train`: which jobs of one number behind a claimed head go with it, in order (pipelining).
 """
 
 from __future__ import annotations
@@ -143,3 +144,25 @@ def refs_for_lookup(ref: str) -> list[str]:
     if r.isdigit():
         forms.append(format(int(r), "x"))
     return list(dict.fromkeys(forms))
+
+
+def train(head_id: int, followers: Iterable[tuple[int, bool, float, float | None]], now: float,
+          limit: int) -> list[int]:
+    """The jobs that go with a claimed head job to the same owner, in order ("a train"): the
+    queued jobs of the head's number after it, `followers` as (id, deferred, not_before,
+    lease_until) in id order, at most `limit`. The train stops at the first job that may not
+    go now and blocks the ones behind it (not due yet and not deferred, or leased elsewhere);
+    a deferred job that is not due does not block and is left out."""
+    out: list[int] = []
+    for jid, deferred, not_before, lease_until in followers:
+        if len(out) >= limit:
+            break
+        if jid <= head_id:
+            continue
+        leased = lease_until is not None and lease_until >= now
+        if not_before > now and deferred and not leased:
+            continue  # scheduled for later: it waits for its time, the others go on
+        if leased or not_before > now:
+            break
+        out.append(jid)
+    return out

@@ -18,6 +18,9 @@
 //   --enroute            send an ENROUTE receipt before the final one
 //   --throttle N         answer ESME_RTHROTTLED (0x58) to the next N submits
 //   --throttle-session K only submits of session K (the Kth connection, 1-based) are throttled
+//   --throttle-every N   every Nth submit starts a throttling episode: it and every submit after it
+//                        get ESME_RTHROTTLED until none has come for --throttle-quiet MS (default
+//                        100): an SMSC that refuses a client until it backs off
 //   --max-binds N        at most N sessions bound at once per system_id: one more bind gets
 //                        ESME_RBINDFAIL (0x0D) and is closed (an SMSC's session limit)
 //   --qfull N            answer ESME_RMSGQFUL (0x14) to the next N submits
@@ -64,7 +67,7 @@ function parseArgs(argv) {
     resp_delay: 0, stale_receipts: 0,
     enroute: false, throttle: 0, qfull: 0, syserr: 0, fail_dest: [], undeliv: [], expired_dest: [],
     drop_after: -1, no_unbind_resp: false, first_id: 0, silent: false, close_after_bind: false,
-    query_sm: false, throttle_session: 0, max_binds: 0, flap: -1,
+    query_sm: false, throttle_session: 0, max_binds: 0, throttle_every: 0, throttle_quiet: 100, flap: -1,
   };
   const lists = new Set(['fail_dest', 'undeliv', 'expired_dest']);
   for (let i = 2; i < argv.length; i++) {
@@ -91,6 +94,8 @@ function record(obj) {
 // same length (so they cannot be mistaken for one another).
 let nextId = opt.first_id > 0 ? opt.first_id : Math.floor(Date.now() / 1000) * 100000;
 const issued = new Map(); // wire message id -> final stat word (for query_sm)
+const counts = { submits: 0, throttled: 0, episodes: 0 }; // for {"command": "stats"}
+let episodeLast = 0; // time of the last submit in a throttling episode (0: none)
 const pendingReceipts = new Map(); // system_id -> Map(key -> receipt options)
 const bound = new Map(); // system_id -> Set(session)
 let sessionSeq = 0;
@@ -301,8 +306,17 @@ const server = smpp.createServer((session) => {
     }
     answered++;
     let status = 0;
-    if (opt.throttle > 0 && (!opt.throttle_session || opt.throttle_session === session.num)) {
-      opt.throttle--; status = smpp.ESME_RTHROTTLED;
+    counts.submits++;
+    const now = Date.now();
+    if (episodeLast && now - episodeLast >= opt.throttle_quiet) episodeLast = 0; // the client backed off
+    if (!episodeLast && opt.throttle_every > 0 && counts.submits % opt.throttle_every === 0) {
+      episodeLast = now; counts.episodes++;
+    }
+    if (episodeLast) {
+      episodeLast = now; counts.throttled++; status = smpp.ESME_RTHROTTLED;
+    }
+    else if (opt.throttle > 0 && (!opt.throttle_session || opt.throttle_session === session.num)) {
+      opt.throttle--; status = smpp.ESME_RTHROTTLED; counts.throttled++;
     }
     else if (opt.qfull > 0) { opt.qfull--; status = smpp.ESME_RMSGQFUL; }
     else if (opt.syserr > 0) { opt.syserr--; status = smpp.ESME_RSYSERR; }
@@ -346,7 +360,8 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
     if (change.command === 'stats') {
       let pend = 0;
       for (const m of pendingReceipts.values()) pend += m.size;
-      process.stdout.write('STATS ' + JSON.stringify({ pending_receipts: pend, next_id: nextId }) + '\n');
+      process.stdout.write('STATS ' + JSON.stringify(Object.assign({ pending_receipts: pend, next_id: nextId },
+        counts)) + '\n');
       return;
     }
     if (change.command === 'receipt') {

@@ -210,3 +210,29 @@ def test_a_backlog_to_one_number_does_not_hide_the_others(spool):
     spool.mark_submitted_many([(i, [f"{i:x}"]) for i in got])
     assert [j.id for j in spool.claim("o", 10, 60)] == [storm[1]]
     assert later[0] not in got
+
+
+def test_trains_hand_out_one_numbers_jobs_in_order_to_one_owner(spool):
+    """Issue 16: per_number > 1 claims a head and the jobs behind it (a train); nothing of that
+    number is claimable by anyone else meanwhile; a job released with a delay stops the train
+    and keeps its place."""
+    s = spool
+    a = add_jobs(s, [_job("+41794", f"a{i}") for i in range(7)])
+    b = add_jobs(s, [_job("+41795", "b0")])
+    got = [j.id for j in s.claim("o", 10, 60, per_number=3)]
+    assert got == sorted([a[0], a[1], a[2], b[0]])  # head + 2 behind it; b's head
+    assert s.reopen().claim("other", 10, 60, per_number=3) == []  # a[3] waits behind the train
+    s.mark_submitted_many([(a[0], ["1"]), (a[1], ["2"])])
+    assert s.claim("o", 10, 60, per_number=3) == []  # a[2] still in flight
+    s.release([a[2]], "o", 3600.0, "throttled")  # back, due later: it blocks the rest
+    assert s.claim("o", 10, 60, per_number=3) == []
+    s.release([a[2]], "o", 0.0)
+    assert [j.id for j in s.claim("o", 10, 60, per_number=3)] == [a[2], a[3], a[4]]
+    s.mark_submitted_many([(a[2], ["3"]), (a[3], ["4"]), (a[4], ["5"])])
+    assert [j.id for j in s.claim("o", 1, 60, per_number=3)] == [a[5]]  # the claim's limit holds
+    s.mark_submitted_many([(a[5], ["6"])])
+    later = add_jobs(s, [_job("+41794", "later", not_before=time.time() + 3600)])
+    tail = add_jobs(s, [_job("+41794", "tail")])
+    # A deferred job that is not due is left out and does not block the one behind it.
+    assert [j.id for j in s.claim("o", 10, 60, per_number=5)] == [a[6], tail[0]]
+    assert s.get(later[0]).state == "queued"

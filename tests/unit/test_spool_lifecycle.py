@@ -83,3 +83,15 @@ def test_the_provider_that_took_a_job_is_recorded(spool_factory):
     (again,) = s.claim("o", 10, 60)
     s.store_round([SubmittedItem(again.id, ["a1"], "main-smsc")], [])
     assert s.get(a).provider == "main-smsc"
+
+
+def test_train_stops_at_a_blocking_job_and_skips_a_deferred_one():
+    from sms_milter.spool.lifecycle import train
+
+    now = 1000.0
+    f = [(2, False, 0.0, None), (3, True, now + 60, None), (4, False, 0.0, now - 1),
+         (5, False, now + 5, None), (6, False, 0.0, None)]
+    assert train(1, f, now, 10) == [2, 4]  # 3 deferred (skipped), 4's lease ran out, 5 not due blocks
+    assert train(1, f, now, 1) == [2]
+    assert train(1, [(2, False, 0.0, now + 30)], now, 10) == []  # leased elsewhere: blocks
+    assert train(3, f, now, 10) == [4]

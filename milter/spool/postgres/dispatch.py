@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from ..base import Event, Job, OutMail, OverduePart
+from ..lifecycle import train
 from .core import JOB_COLUMNS, PLAN_BY_INDEX, Core, job_of
 from .db import Conn, dec, enc
 
@@ -50,9 +51,11 @@ EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before an
 
 
 class DispatchSide(Core):
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient and
-        never one whose recipient has an older job still waiting.
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1) -> list[Job]:
+        """Lease up to `limit` due jobs, oldest first, never one whose recipient has an older job
+        still waiting. `per_number` 1: at most one in flight per recipient; more: each claimed
+        head takes up to per_number - 1 consecutive jobs of its number along (`lifecycle.train`),
+        for an owner that sends them in order on one connection.
 
         First the oldest WALK (500) queued jobs are looked at (the usual case: enough ready ones
         among them); if that does not fill the claim, the candidates are the per-recipient heads
@@ -67,9 +70,39 @@ class DispatchSide(Core):
             rows = c.execute(CLAIM_WALK, args).fetchall()
             if len(rows) < limit:
                 rows += c.execute(CLAIM_HEADS, {**args, "limit": limit - len(rows)}).fetchall()
-            return sorted((job_of(r) for r in rows), key=lambda j: j.id)
+            jobs = [job_of(r) for r in rows]
+            if per_number > 1 and jobs:
+                jobs += self._trains(c, jobs, args, min(per_number - 1, limit), limit - len(jobs))
+            return sorted(jobs, key=lambda j: j.id)
 
         return list(self._run(fn))
+
+    def _trains(self, c: Conn, heads: list[Job], args: dict, per_head: int, budget: int) -> list[Job]:
+        """The followers of each claimed head (locked FOR UPDATE by this claim, so no other
+        dispatcher can claim that number now: its other jobs are not ready while it waits)."""
+        ids: list[int] = []
+        seen: set[str] = set()
+        for head in sorted(heads, key=lambda j: j.id):
+            if len(ids) >= budget:
+                break  # the claim's limit: the owner has no room for more
+            if head.recipient in seen:
+                continue
+            seen.add(head.recipient)
+            rows = c.execute(
+                "SELECT id, deferred, not_before, lease_until FROM jobs WHERE recipient=%s AND state='queued'"
+                " AND id>%s ORDER BY id LIMIT %s", (enc(head.recipient), head.id, per_head + 1)).fetchall()
+            per_head = min(per_head, budget - len(ids))
+            found = ((r["id"], bool(r["deferred"]), r["not_before"], r["lease_until"]) for r in rows)
+            ids += train(head.id, found, args["now"], per_head)
+        taken = {j.id for j in heads}
+        ids = [i for i in ids if i not in taken]
+        if not ids:
+            return []
+        rows = c.execute(
+            "UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, attempts=attempts+1"
+            f" WHERE id = ANY(%(ids)s) AND state='queued' RETURNING {JOB_COLUMNS}",
+            {**args, "ids": ids}).fetchall()
+        return [job_of(r) for r in rows]
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
                 count_attempt: bool = False, pin: str = "") -> None:

@@ -13,14 +13,17 @@ from ..base import (
     OutMail,
     OverduePart,
 )
+from ..lifecycle import train
 from .schema import JOB_COLUMNS, job_from_row
 from .store import Store
 
 
 class DispatchSide(Store):
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Lease up to `limit` due jobs, oldest first, at most one in flight per recipient
-        and never one whose recipient has an older job still waiting (order per recipient)."""
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1) -> list[Job]:
+        """Lease up to `limit` due jobs, oldest first, never one whose recipient has an older job
+        still waiting (order per recipient). `per_number` 1: at most one in flight per recipient;
+        more: each claimed head takes up to per_number - 1 consecutive jobs of its number along
+        (`lifecycle.train`), for an owner that sends them in order on one connection."""
 
         def fn(db: sqlite3.Connection) -> list[Job]:
             now = time.time()
@@ -33,9 +36,39 @@ class DispatchSide(Store):
                 f" RETURNING {JOB_COLUMNS}",
                 (owner, now + lease_seconds, now, now, limit),
             ).fetchall()
-            return sorted((job_from_row(r) for r in rows), key=lambda j: j.id)
+            heads = [job_from_row(r) for r in rows]
+            if per_number > 1 and heads:
+                heads += self._trains(db, heads, owner, now, lease_seconds, min(per_number - 1, limit),
+                                      limit - len(heads))
+            return sorted(heads, key=lambda j: j.id)
 
         return self._run(fn)
+
+    def _trains(self, db: sqlite3.Connection, heads: list[Job], owner: str, now: float, lease_seconds: float,
+                per_head: int, budget: int) -> list[Job]:
+        """The followers of each claimed head of a number (jobs_recipient: one index range each)."""
+        ids: list[int] = []
+        seen: set[str] = set()
+        for head in sorted(heads, key=lambda j: j.id):
+            if len(ids) >= budget:
+                break  # the claim's limit: the owner has no room for more
+            if head.recipient in seen:
+                continue  # a second ready job of one number (deferred): the first head's train has it
+            seen.add(head.recipient)
+            rows = db.execute(
+                "SELECT id, deferred, not_before, lease_until FROM jobs WHERE recipient=? AND state='queued'"
+                " AND id>? ORDER BY id LIMIT ?", (head.recipient, head.id, per_head + 1)).fetchall()
+            per_head = min(per_head, budget - len(ids))
+            ids += train(head.id, ((r[0], bool(r[1]), r[2], r[3]) for r in rows), now, per_head)
+        taken = {j.id for j in heads}
+        ids = [i for i in ids if i not in taken]
+        if not ids:
+            return []
+        rows = db.execute(
+            "UPDATE jobs SET lease_owner=?, lease_until=?, attempts=attempts+1 WHERE id IN"
+            f" (SELECT value FROM json_each(?)) RETURNING {JOB_COLUMNS}",
+            (owner, now + lease_seconds, json.dumps(ids))).fetchall()
+        return [job_from_row(r) for r in rows]
 
     def release(self, job_ids: list[int], owner: str, delay: float, error: str = "",
                 count_attempt: bool = False, pin: str = "") -> None:

@@ -171,6 +171,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 3: the provider that took a job (routing over several providers): NULL until it is
     # submitted (and for jobs submitted before this).
     ("ALTER TABLE jobs ADD COLUMN provider TEXT",),
+    # 4: expiry finds queued jobs past their validity by index (issue 16: with 1,000,000 jobs
+    # queued, its scan of every job, every 2 s, was a third of the dispatcher's busy time; with
+    # 200,000 queued: 408 ms -> 0.1 ms a look). PostgreSQL has had jobs_queued_expiry from the start.
+    ("CREATE INDEX IF NOT EXISTS jobs_queued_expiry ON jobs(expires_at) WHERE state='queued'",),
 )
 
 JOB_COLUMNS = (
