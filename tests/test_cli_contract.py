@@ -197,3 +197,12 @@ def test_a_spool_the_user_may_not_open_is_named_as_such(shared_dir) -> None:
         for args in (("queue", "list"), ("stats",), ("queue", "show", "1"), ("queue", "hold", "1")):
             line = one_line(sms("-c", str(config), *args, user=user), 1)
             assert str(spool) in line and "permission denied" in line, (oct(mode), args, line)
+
+
+def test_without_c_the_default_path_is_read_and_named() -> None:
+    default = "/etc/sms-milter/sms-milter.yaml"
+    if os.path.exists(default):
+        pytest.skip(f"{default} exists on this machine (the package is installed)")
+    for args in (("check-config",), ("queue", "list"), ("stats",)):
+        line = one_line(sms(*args), 2)
+        assert line == f"sms-milter: {default}: no such file", (args, line)
