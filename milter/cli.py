@@ -351,6 +351,11 @@ COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_que
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A terminal that cannot show a job's text (an ASCII or Latin-1 locale) gets \uXXXX escapes,
+    # which keep `--json` valid JSON, instead of a UnicodeEncodeError traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return cmd_hash_password(args)

@@ -7,6 +7,7 @@ Runs the installed `sms-milter` in a subprocess against configs and spool files 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -206,3 +207,25 @@ def test_without_c_the_default_path_is_read_and_named() -> None:
     for args in (("check-config",), ("queue", "list"), ("stats",)):
         line = one_line(sms(*args), 2)
         assert line == f"sms-milter: {default}: no such file", (args, line)
+
+
+def test_job_text_a_terminal_cannot_show_is_escaped_not_a_traceback(config: Path) -> None:
+    from dispatcher_bed import job
+    from sms_milter.spool.sqlite import SqliteSpool
+    from spool_helpers import add_jobs
+
+    spool = SqliteSpool(config.parent / "spool.sqlite3")
+    try:
+        (jid,) = add_jobs(spool, [job("+41791260001", "Preis 5 \u20ac \u4e2d")])
+    finally:
+        spool.close()
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}  # as a terminal in an ASCII locale
+    for args in (("queue", "list", "--json"), ("queue", "show", str(jid), "--json"), ("queue", "list"),
+                 ("queue", "show", str(jid))):
+        r = subprocess.run([*milter_command(), "-c", str(config), *args], capture_output=True, env=env,
+                           timeout=60, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, (args, r.stderr)
+        assert r.stdout.isascii() and (args == ("queue", "list") or b"\\u20ac" in r.stdout), (args, r.stdout)
+        if "--json" in args:
+            got = json.loads(r.stdout)
+            assert (got[0] if isinstance(got, list) else got)["text"] == "Preis 5 \u20ac \u4e2d"
