@@ -14,7 +14,6 @@ import smpplib.smpp
 from sms_milter.dispatcher.pdus import job_parts
 from sms_milter.policy.smstext import count_parts
 from sms_milter.spool.base import Job, NewJob
-from sms_milter.spool.sqlite import SqliteSpool
 
 ORIGINATOR = "+41760000000"
 _GSM = "The quick brown fox jumps over the lazy dog, 0123456789. "
@@ -44,8 +43,11 @@ def jobs(start: int, n: int, sender: str = "", notify: str = "") -> list[NewJob]
 
 def insert(path: Path, start: int, n: int, batch: int = 10_000, sender: str = "",
            notify: str = "") -> tuple[int, float]:
-    """Insert n jobs in batches of `batch` (one transaction each); (total parts, seconds)."""
-    spool = SqliteSpool(path)
+    """Insert n jobs in batches of `batch` (one transaction each); (total parts, seconds).
+    On PostgreSQL when the benchmark runs with --postgres (_common.use_postgres)."""
+    from _common import bed
+
+    spool = bed.spool_at(path)
     t0 = time.perf_counter()
     parts = 0
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark 4: memory footprint (peak RSS, VmHWM) of the milter and of the dispatcher.
 
-    python bench/footprint.py [--quick] [--sessions 100] [--jobs 200000] [--seconds S]
+    python bench/footprint.py [--quick] [--sessions 100] [--jobs 200000] [--seconds S] [--postgres]
     python bench/footprint.py --dispatcher-only --jobs 1000000    (issue 16: until drained)
 
 - milter: 100 SMTP sessions held open at once through a private Postfix (smtpd process
@@ -10,6 +10,9 @@
 - dispatcher: 200,000 jobs inserted directly into the spool (SqliteSpool.add_message, in
   batches of 10,000), then `sms-milter dispatcher` runs against the SMSC simulator for
   60 s or until the spool is drained.
+
+--postgres: both spools on a private PostgreSQL cluster (tests/pgbed.py); the server's
+own processes are not counted (they are the database's, as they would be on its own host).
 
 Peak RSS is VmHWM from /proc/PID/status. Target: < 100 MB each. Baseline: a bare
 `python -c 'import sms_milter.cli'`. Also printed: spool bytes per job (the file after the
@@ -46,9 +49,11 @@ from _common import (  # noqa: E402
     run,
     say,
     spool_max_id,
+    spool_query,
     spool_states,
     start_dispatcher,
     tail,
+    use_postgres,
     workdir,
 )
 
@@ -199,6 +204,8 @@ SPOOL_SIZES: dict[str, int] = {}  # "inserted", "after": bytes of the spool file
 
 
 def spool_bytes(path: Path) -> int:
+    if bed.spool_url_for(path) is not None:  # --postgres: the database's size
+        return int(spool_query(path, "SELECT pg_database_size(current_database())")[0][0])
     return sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
@@ -259,6 +266,8 @@ def main() -> int:
                     help="dispatcher run time at most (default 60, --quick 8, --dispatcher-only 3600)")
     ap.add_argument("--dispatcher-only", action="store_true",
                     help="only the dispatcher, run until the spool is drained (or --seconds)")
+    ap.add_argument("--postgres", action="store_true",
+                    help="the spools on a private PostgreSQL cluster (synchronous_commit=on)")
     a = ap.parse_args()
     send_s = a.send_seconds or (5.0 if a.quick else 20.0)
     njobs = a.jobs or (20_000 if a.quick else 200_000)
@@ -266,9 +275,12 @@ def main() -> int:
     banner("footprint: peak RSS (VmHWM) of the milter and the dispatcher")
     base = bare_import()
     say(f"baseline: bare `python -c 'import sms_milter.cli'`: {mb(base):.1f} MB")
-    figures: dict[str, object] = {"baseline_mb": round(mb(base), 1)}
+    figures: dict[str, object] = {"baseline_mb": round(mb(base), 1),
+                                  "spool": "postgres" if a.postgres else "sqlite"}
     if not a.dispatcher_only:
         with cleanup_on_exit() as stack:
+            if a.postgres:
+                say(f"spool: PostgreSQL {use_postgres(stack)} (private cluster, synchronous_commit=on)")
             hwm, threads, msgs = milter_footprint(stack, a.sessions, send_s)
         say(f"milter: VmHWM {mb(hwm):.1f} MB ({mb(hwm) / mb(base):.1f}x bare) with {a.sessions} sessions, "
             f"peak {threads} threads, {msgs} messages accepted and spooled; target < {TARGET_MB} MB "
@@ -281,6 +293,8 @@ def main() -> int:
         result("footprint", **figures)
         return 0
     with cleanup_on_exit() as stack:
+        if a.postgres:
+            use_postgres(stack)
         dhwm, states, ran = dispatcher_footprint(stack, njobs, disp_s)
         say(f"dispatcher: VmHWM {mb(dhwm):.1f} MB ({mb(dhwm) / mb(base):.1f}x bare) on a spool of "
             f"{njobs} jobs, "

@@ -17,11 +17,11 @@ from collections.abc import Callable, Sequence
 from . import metrics
 from .limiting import Limiter
 from .message import Commit, Message, Outcome, SmsRecipient, split_message
-from .model import Config
+from .model import Account, Config
 from .policy import auth as policy_auth
 from .policy import catalogue as replies
-from .policy import content
-from .policy.jobs import Envelope, Prepared, build, prepare
+from .policy import channelcheck, content, devices
+from .policy.jobs import Envelope, Prepared, build, prepare, prepare_call
 from .policy.limits import Hit
 from .policy.refusal import Refusal
 from .policy.styles import STYLES, aspsms, classify_recipient
@@ -30,6 +30,11 @@ from .spool.base import AddResult, LimitPlan, MilterSpool, NewJob, OutMail, Spoo
 __all__ = ["Commit", "Gateway", "Message", "Outcome", "SmsRecipient", "split_message"]
 
 log = logging.getLogger("sms_milter.gateway")
+
+
+def _channel(r: SmsRecipient) -> str:
+    """The channel of a recipient (rcpt() only lets through devices whose channel is configured)."""
+    return devices.channel_of(r.target.device, r.target.domain.channels) or "sms"
 
 
 class Gateway:
@@ -164,14 +169,26 @@ class Gateway:
         xml_jobs = len(jobs)  # xml@ alone keeps its own recipient limit (1,000), not recipients_per_message
         late = list(range(len(jobs)))  # jobs whose limits were not decided at RCPT (xml@, textsms@)
         if text_rcpts:
-            text = content.extract_text(raw)
-            if isinstance(text, Refusal):
-                return text
-            memo: dict[tuple[str, str, int], Prepared | Refusal] = {}
+            # SMS takes plain text only (content.py); voice and fax take attachments (channelcheck.py).
+            sms_text: content.MessageText | None = None
+            mail: channelcheck.ChannelMail | None = None
+            if any(_channel(r) == "sms" for r in text_rcpts):
+                found = content.extract_text(raw)
+                if isinstance(found, Refusal):
+                    return found
+                sms_text = found
+            if any(_channel(r) != "sms" for r in text_rcpts):
+                split = channelcheck.split_mail(raw)
+                if isinstance(split, Refusal):
+                    return split
+                mail = split
+            text = sms_text if sms_text is not None else mail.text if mail is not None else None
+            assert text is not None
+            memo: dict[tuple[str, str, int, str], Prepared | Refusal] = {}
             seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= are one SMS
             envelope = Envelope(sender=msg.sender, message_id=text.message_id or "", queue_id=msg.queue_id)
             for r in text_rcpts:
-                made = self._jobs_for(msg, r, text, envelope, memo)
+                made = self._jobs_for(msg, r, text, envelope, memo, mail)
                 if isinstance(made, Refusal):
                     return made
                 fresh = [j for j in made if (j.recipient, j.device) not in seen]
@@ -189,7 +206,8 @@ class Gateway:
         return jobs, mails, notes, plan
 
     def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText, envelope: Envelope,
-                  memo: dict[tuple[str, str, int], Prepared | Refusal]) -> Refusal | list[NewJob]:
+                  memo: dict[tuple[str, str, int, str], Prepared | Refusal],
+                  mail: channelcheck.ChannelMail | None = None) -> Refusal | list[NewJob]:
         """The jobs of one SMS recipient (textsms@: of its Subject's R= values)."""
         if r.target.kind == "textsms":
             most = max([self.cfg.limits.recipients_per_message,
@@ -204,13 +222,36 @@ class Gateway:
         # Everything but the number is the same for every recipient of one account, rule and
         # style: worked out once per message (per recipient it was O(recipients x text)).
         style = STYLES[r.target.domain.style]
-        key = (style.name, account.name, id(rule))
+        channel = _channel(r)
+        key = (style.name, account.name, id(rule), channel)
         ready = memo.get(key)
         if ready is None:
-            ready = memo[key] = prepare(style.draft(mt, account, rule), account)
+            check = prepare if channel == "sms" else prepare_call
+            ready = memo[key] = check(style.draft(mt, account, rule), account)
         if isinstance(ready, Refusal):
             return ready
-        return build(ready, (r.target.number,), r.target.device, envelope)
+        if channel == "sms":
+            return build(ready, (r.target.number,), r.target.device, envelope)
+        assert mail is not None
+        return self._call_jobs(r, ready, account, envelope, channel, mail)
+
+    def _call_jobs(self, r: SmsRecipient, ready: Prepared, account: Account, envelope: Envelope, channel: str,
+                   mail: channelcheck.ChannelMail) -> Refusal | list[NewJob]:
+        """A voice or fax job: its files and language checked by policy/channelcheck.py."""
+        from .channels import capabilities  # the first voice/fax message looks up what the host decodes
+
+        caps, language = capabilities.detect(), ""
+        if channel == "voice":
+            assert self.cfg.voice is not None
+            files = channelcheck.check_voice(ready.text, mail.attachments, account, self.cfg.voice, caps)
+            language = channelcheck.voice_language(account, self.cfg.voice)
+        else:
+            assert self.cfg.fax is not None
+            files = channelcheck.check_fax(ready.text, mail.attachments, self.cfg.fax, caps)
+        if isinstance(files, Refusal):
+            return files
+        assert r.target.number is not None
+        return build(ready, (r.target.number,), r.target.device, envelope, channel, language, files)
 
     def _idempotency_key(self, msg: Message, jobs: Sequence[NewJob] = ()) -> tuple[str, float]:
         """The same message sent again (a client that lost our 250) must not add jobs twice.
@@ -236,6 +277,8 @@ class Gateway:
         # ids, or one the MTA cut short at a NUL): a true resend has the same text.
         for text in sorted({j.text for j in jobs}):
             h.update(b"text\0" + text.encode("utf-8", "surrogatepass") + b"\0")
+        for sha in sorted({f.sha256 for j in jobs for f in j.files}):  # voice/fax: another document
+            h.update(f"file\0{sha}\0".encode())
         mid = msg.header("Message-ID")
         if mid and not (msg.queue_id and msg.queue_id in mid):
             h.update(b"mid\0" + mid.encode())

@@ -92,12 +92,17 @@ class Account:
     credits: int | None = None  # remaining allowance (xml@ ShowCredits); None = unlimited
     limits: Limits = field(default_factory=Limits)  # top-level `limits:` merged with its own
     smtp_auth: tuple[str, ...] | None = None  # SMTP AUTH logins bound to the account; None = any/none
+    voice_recordings: bool = False  # voice: an audio attachment may be the message instead of speech
+    voice_language: str = ""  # voice: text-to-speech language ("" = voice.language)
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str  # lowercased
     style: str  # a name in policy.styles.STYLES: "aspsms" | "telemessage"
+    # Channels configured on this gateway (policy/devices.py): "sms", plus "voice"/"fax" when the
+    # `voice:`/`fax:` section is present; a device whose channel is not here is refused.
+    channels: frozenset[str] = frozenset({"sms"})
 
 
 @dataclass(frozen=True)

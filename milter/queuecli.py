@@ -216,12 +216,16 @@ def _show(spool: QueueAdmin, args: argparse.Namespace, command: str) -> int:
     if args.json:
         print(json.dumps(rec, ensure_ascii=False, indent=1))
         return 0
-    for key in ("id", "state", "account", "device", "recipient", "originator", "parts", "attempts",
+    for key in ("id", "state", "account", "device", "channel", "language", "recipient", "originator", "parts",
+                "attempts",
                 "last_error", "created_at", "not_before", "expires_at", "submitted_at", "done_at",
                 "notify", "queue_id", "message_id", "trans_ref", "provider"):
         if rec.get(key) not in (None, ""):
             print(f"{key + ':':<14}{rec[key]}")
     print(f"{'text:':<14}{rec['text']!r}")
+    for f in rec.get("files") or ():  # voice recording / fax documents, stored by hash
+        print(f"{'file:':<14}{f['name'] or '-'} ({f['content_type']}, {f['size']} bytes,"
+              f" sha256 {f['sha256']})")
     print("parts sent:" if d.parts else "parts sent:   none")
     for p in rec["parts_sent"]:
         print(f"  {p['seq']}/{d.job.parts} ref {p['ref']} {p['state']}")
@@ -262,6 +266,7 @@ def stats_record(cfg: Config, spool: QueueAdmin, now: float | None = None) -> di
         "day": day.strftime("%Y-%m-%d"),
         "month": month.strftime("%Y-%m"),
         "states": s.states,
+        "channels": {c: dict(sorted(n.items())) for c, n in sorted(s.channels.items())},
         "total": sum(s.states.values()),
         "accounts": dict(sorted(accounts.items())),
         "oldest_queued_at": iso(oldest),
@@ -298,6 +303,9 @@ def run_stats(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(rec, ensure_ascii=False, indent=1))
         return 0
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in rec["states"].items()) + f" (total {rec['total']})")
+    if set(rec["channels"]) - {"sms"}:  # voice / fax jobs: the states per channel
+        for channel, n in rec["channels"].items():
+            print(f"  {channel}: " + ", ".join(f"{k} {v}" for k, v in n.items()))
     if rec["oldest_queued_age"] is None:
         print("oldest queued: none")
     else:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -769,6 +769,11 @@ def write_config(dir: Path | str, milter_port: int, notify_port: int, smpp_port:
     return path
 
 
+def on_postgres() -> bool:
+    """The suite runs with --spool=postgres: the spools the tests start are PostgreSQL databases."""
+    return SPOOL_URL_FACTORY is not None
+
+
 def spool_url_for(spool_path: Path | str) -> str | None:
     """The PostgreSQL database standing in for this spool path when the suite runs on
     PostgreSQL (the one write_config puts into configs with that path); None on SQLite."""
@@ -808,6 +813,31 @@ def spool_sql(spool_path: Path | str, sql: str, *params: object) -> Any:
         cur = c.execute(sql.replace("?", "%s"), params)
         row = cur.fetchone() if cur.description else None
     return row[0] if row else None
+
+
+@contextlib.contextmanager
+def spool_locked(spool_path: Path | str) -> Iterator[None]:
+    """Another process holds the write lock of the spool at this path for the block, on either
+    backend (SQLite: BEGIN EXCLUSIVE; PostgreSQL: LOCK TABLE on the tables a commit writes)."""
+    url = spool_url_for(spool_path)
+    if url is None:
+        import sqlite3
+        db = sqlite3.connect(spool_path, timeout=10, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            db.execute("ROLLBACK")
+            db.close()
+        return
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("BEGIN")
+        c.execute("LOCK TABLE jobs, messages IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            c.execute("ROLLBACK")
 
 
 def _deep_merge(base: dict, extra: dict) -> None:

@@ -149,25 +149,8 @@ class Gateway:
     def spool_locked(self) -> Iterator[None]:
         """Another process holds the spool's write lock for the block (SQLite: BEGIN EXCLUSIVE;
         PostgreSQL: LOCK TABLE on the tables a commit writes)."""
-        url = self.spool_url
-        if url is None:
-            import sqlite3
-            db = sqlite3.connect(self.spool_path, timeout=10, isolation_level=None)
-            db.execute("BEGIN EXCLUSIVE")
-            try:
-                yield
-            finally:
-                db.execute("ROLLBACK")
-                db.close()
-            return
-        import psycopg
-        with psycopg.connect(url, autocommit=True) as c:
-            c.execute("BEGIN")
-            c.execute("LOCK TABLE jobs, messages IN ACCESS EXCLUSIVE MODE")
-            try:
-                yield
-            finally:
-                c.execute("ROLLBACK")
+        with bed.spool_locked(self.spool_path):
+            yield
 
     # ---- conveniences
     def jobs(self, **match) -> list[dict]:

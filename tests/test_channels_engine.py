@@ -1,8 +1,8 @@
 """The voice and fax providers behind the dispatcher's real Engine and SQLite spool (issue 15):
 the job states as the spool records them, with SIPp and a private HylaFAX as the far ends.
 
-(The inline side - Postfix mail to <number>@Mobile./@Fax. becoming such jobs - is not built yet;
-these jobs are added to the spool directly, as the milter will add them.)
+(Here the jobs are added to the spool directly, as the milter adds them; through Postfix:
+tests/test_channels_postfix.py.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fax_bed import HylaFax
 from sms_milter.channels.fax import FaxProvider
-from sms_milter.channels.router import ChannelRouter
+from sms_milter.channels.router import CHANNEL_OF_DEVICE, ChannelRouter
 from sms_milter.channels.voice import VoiceProvider
 from sms_milter.dispatcher.engine import Engine
 from sms_milter.model import Config, FaxConfig, ProviderSpec, SmppConfig, VoiceConfig
@@ -25,7 +25,7 @@ from voice_bed import RtpCounter, Sipp
 
 def new_job(recipient: str, device: str, text: str) -> NewJob:
     return NewJob(recipient=recipient, originator="+41440000000", text=text, parts=1, account="acme",
-                  device=device)
+                  device=device, channel=CHANNEL_OF_DEVICE[device])
 
 
 def wait_state(spool: SqliteSpool, jid: int, states: tuple[str, ...], timeout: float = 90) -> str:

@@ -5,7 +5,6 @@ hash-password. Runs the installed command as a subprocess, like an operator woul
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -112,19 +111,15 @@ def test_submit_textsms_never_echoes_the_password(config: Path) -> None:
 
 
 def test_submit_spool_locked_is_exit_75(config: Path, tmp_path: Path) -> None:
-    from sms_milter.spool.sqlite import SqliteSpool
+    import bed
 
-    SqliteSpool(tmp_path / "spool.sqlite3").close()  # the spool exists (queue list creates none)
+    bed.spool_at(tmp_path / "spool.sqlite3").close()  # the spool exists (queue list creates none)
     assert run_cli(config, "queue", "list").returncode == 0
-    db = sqlite3.connect(tmp_path / "spool.sqlite3", isolation_level=None)
-    db.execute("BEGIN EXCLUSIVE")
-    try:
+    with bed.spool_locked(tmp_path / "spool.sqlite3"):
         number, e164 = unique_number("aspsms")
         r = submit(config, "c4ca423@client.example", [f"{number}@sms.example.com"], "Subject: x\n\nhi\n")
         assert r.returncode == 75, r.stderr
         assert r.stderr.startswith("4.3.0 ")
-    finally:
-        db.execute("ROLLBACK")
     assert not [j for j in queue_list(config) if j["recipient"] == e164]
 
 

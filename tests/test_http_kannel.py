@@ -14,7 +14,6 @@ import bed
 import pytest
 from dispatcher_bed import DispatcherProc, Smsc, job, states, wait_states
 from kannel_bed import Kannel, kannel_provider, kannel_ready, providers_config
-from sms_milter.spool.sqlite import SqliteSpool
 from spool_helpers import add_jobs
 
 pytestmark = pytest.mark.usefixtures("smsc_node")
@@ -44,7 +43,7 @@ class Bed:
         self.base = base
         self.token = secrets.token_urlsafe(32)
         self.cb_port = bed.free_port()
-        self.spool = SqliteSpool(base / "spool.sqlite3")
+        self.spool = bed.spool_at(base / "spool.sqlite3")
         providers = {"kannel": kannel_provider(k, self.cb_port, self.token)}
         self.config = providers_config(base, notify_port, providers, spool_path=base / "spool.sqlite3")
         self.d = DispatcherProc(self.config, base / "d.log").start()
@@ -150,7 +149,7 @@ def test_failover_between_kannel_and_the_smsc_and_back(tmp_path, nsink):
     behind_kannel, direct = Smsc(tmp_path).start(), Smsc(tmp_path).start()
     k = Kannel(tmp_path, behind_kannel.port)
     d = None
-    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    spool = bed.spool_at(tmp_path / "spool.sqlite3")
     try:
         k.start()
         providers = {

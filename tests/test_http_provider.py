@@ -11,7 +11,6 @@ import http.server
 import json
 import secrets
 import socket
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -21,7 +20,6 @@ import bed
 import pytest
 from dispatcher_bed import DispatcherProc, job, wait_states
 from kannel_bed import providers_config
-from sms_milter.spool.sqlite import SqliteSpool
 from spool_helpers import add_jobs, orphan_count
 
 BEARER = "Bearer vendor-secret-4711-abcdef"
@@ -119,7 +117,7 @@ class Bed:
         self.token = secrets.token_urlsafe(32)
         self.cb_port = bed.free_port()
         self.spool_path = base / "spool.sqlite3"
-        self.spool = SqliteSpool(self.spool_path)
+        self.spool = bed.spool_at(self.spool_path)
         providers = {"vendor": vendor_provider(self.vendor, self.cb_port, self.token)}
         self.config = providers_config(base, notify_port, providers, spool_path=self.spool_path)
         self.d = DispatcherProc(self.config, base / "d.log").start()
@@ -219,7 +217,7 @@ def test_unreachable_provider_jobs_wait_without_counting_attempts(tmp_path, nsin
     v.shutdown()
     prov = vendor_provider(v, bed.free_port(), token, url=f"http://127.0.0.1:{dead}/send")
     config = providers_config(tmp_path, nsink.port, {"vendor": prov}, spool_path=tmp_path / "s.sqlite3")
-    spool = SqliteSpool(tmp_path / "s.sqlite3")
+    spool = bed.spool_at(tmp_path / "s.sqlite3")
     (jid,) = add_jobs(spool, [job("+41791230321", "nobody listens")])
     d = DispatcherProc(config, tmp_path / "d.log").start()
     try:
@@ -323,14 +321,9 @@ def test_report_is_answered_only_after_it_is_stored(vb):
     wait_states(vb.spool, [jid], {"submitted"}, timeout=20, detail=vb.d.log_tail)
     path = callback_path(vb.vendor.sent("+41791230361")[0])
     doc = {"message_id": vb.spool.get(jid).provider_refs[0], "event": {"status": "delivered"}}
-    lock = sqlite3.connect(vb.spool_path, timeout=5, isolation_level=None)
-    lock.execute("BEGIN IMMEDIATE")  # the spool cannot be written: the report cannot be stored
-    try:
+    with bed.spool_locked(vb.spool_path):  # the spool cannot be written: the report cannot be stored
         status, text = vb.report(path, doc)
         assert status == 503 and "not stored" in text
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
     wait_states(vb.spool, [jid], {"delivered"}, timeout=20, detail=vb.d.log_tail)  # stored once unlocked
     assert vb.report(path, doc)[0] == 200  # the provider's retry: acknowledged (a repeat, not applied twice)
 
@@ -344,7 +337,7 @@ def test_providers_without_callbacks_are_polled(tmp_path, nsink):
                             "interval": 1, "state_json": "message.status",
                             "states": {"queued": "buffered", "sent": "ignore", "delivered": "delivered"}}
     config = providers_config(tmp_path, nsink.port, {"vendor": prov}, spool_path=tmp_path / "s.sqlite3")
-    spool = SqliteSpool(tmp_path / "s.sqlite3")
+    spool = bed.spool_at(tmp_path / "s.sqlite3")
     jid, other = add_jobs(spool, [job("+41791230371", "polled", sender="c4ca423@client.example",
                                      notify="ALWAYS"), job("+41791230372", "polled too")])
     d = DispatcherProc(config, tmp_path / "d.log").start()

@@ -108,3 +108,29 @@ def test_spool_url_in_check_config_never_shows_the_password(pg, tmp_path):
     cfg = bed.write_config(tmp_path / "w", bed.free_port(), 1, spool_url=wrong)
     r = bed.run_cli(cfg, "queue", "list")
     assert r.returncode == 1 and "Sekr3t-pw" not in r.stderr and "nosuchuser" in r.stderr
+
+
+def test_migrate_copies_voice_and_fax_jobs_with_their_files(pg, tmp_path):
+    from sms_milter.spool.files import JobFile
+    from sms_milter.spool.postgres import PostgresSpool
+
+    src = tmp_path / "old.sqlite3"
+    pdf = JobFile.of("application/pdf", "order.pdf", b"%PDF-1.4\n" + bytes(range(256)))
+    s = SqliteSpool(src)
+    jobs = [_job(1, device="fax", channel="fax", files=(pdf,)),
+            _job(2, device="mobile", channel="voice", language="de")]
+    (fax_id, voice_id) = s.add_message("k", jobs).job_ids
+    s.close()
+    url = pg.new_database("migfiles")
+    cfg = bed.write_config(tmp_path, bed.free_port(), 1, spool_url=url)
+    r = bed.run_cli(cfg, "spool", "migrate", "--from", str(src))
+    assert r.returncode == 0, r.stderr
+    p = PostgresSpool(url)
+    try:
+        fax, voice = p.get(fax_id), p.get(voice_id)
+        stored = JobFile(pdf.sha256, "application/pdf", "order.pdf", pdf.size)
+        assert (fax.channel, fax.files) == ("fax", (stored,))
+        assert (voice.channel, voice.language) == ("voice", "de")
+        assert p.file_data(pdf.sha256) == pdf.data
+    finally:
+        p.close()

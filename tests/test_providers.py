@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from bed import free_port, run_cli, wait_until
+from bed import free_port, run_cli, spool_at, wait_until
 from dispatcher_bed import DispatcherProc, Smsc, dispatcher_config, job, states, wait_states
 from sms_milter.config import ConfigError, parse
 from sms_milter.model import Route
@@ -32,7 +32,7 @@ class Bed:
     def __init__(self, base: Path, notify_port: int):
         self.base = base
         self.notify_port = notify_port
-        self.spool = SqliteSpool(base / "spool.sqlite3")
+        self.spool = spool_at(base / "spool.sqlite3")
         self.smscs: list[Smsc] = []
         self.procs: list[DispatcherProc] = []
         self.metrics = f"127.0.0.1:{free_port()}"

@@ -372,10 +372,10 @@ def test_dispatcher_rebinds_only_when_the_provider_settings_change(rig, tmp_path
     smsc = Smsc(tmp_path).start()  # its own SMSC: binds are counted
     cfg = dispatcher_config(tmp_path, smsc.port, rig["notify"].port, spool_path=tmp_path / "spool.sqlite3")
     disp = Daemon("dispatcher", cfg, tmp_path / "dispatcher.log")
+    from bed import spool_at
     from dispatcher_bed import job, wait_states
-    from sms_milter.spool.sqlite import SqliteSpool
 
-    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    spool = spool_at(tmp_path / "spool.sqlite3")
     try:
         disp.wait_log(r"bound to SMSC")
         assert len(smsc.records("bind_transceiver")) == 1

@@ -61,6 +61,18 @@ class ChannelRouter:
         room = sum(p.capacity() for p in self.providers.values() if p.ready())
         return max(0, room - waiting)
 
+    @property
+    def pipeline_per_number(self) -> int:
+        """The SMS provider's trains (SMPP sends one number's jobs in order on one bind)."""
+        sms = self.providers.get("sms")
+        return int(getattr(sms, "pipeline_per_number", 1)) if sms is not None else 1
+
+    def capacity_by_channel(self) -> dict[str, int]:
+        """Room per channel (the engine claims each channel's jobs by it)."""
+        with self._lock:
+            waiting = {c: len(b) for c, b in self._backlog.items()}
+        return {c: max(0, p.capacity() - waiting[c]) if p.ready() else 0 for c, p in self.providers.items()}
+
     def submit(self, jobs: list[Job]) -> None:
         with self._lock:
             for job in jobs:

@@ -23,6 +23,7 @@ from ..model import (
     SpoolConfig,
     XmlConfig,
 )
+from ..policy.devices import configured_channels
 from ..policy.styles import STYLES
 from .accounts import parse_account
 from .channels import parse_fax, parse_voice
@@ -95,7 +96,7 @@ def _pg_url_problem(url: str) -> str:
     return ""
 
 
-def _domains(r: Reader, node: Any) -> dict[str, Domain]:
+def _domains(r: Reader, node: Any, channels: frozenset[str]) -> dict[str, Domain]:
     d = r.mapping(node, "domains")
     out: dict[str, Domain] = {}
     for name, spec in d.items():
@@ -111,7 +112,7 @@ def _domains(r: Reader, node: Any) -> dict[str, Domain]:
         lname = name.lower().rstrip(".")
         if lname in out:
             r.bad(path, "listed twice (domain names are case-insensitive)")
-        out[lname] = Domain(name=lname, style=style or "aspsms")
+        out[lname] = Domain(name=lname, style=style or "aspsms", channels=channels)
     if not out:
         r.bad("domains", "at least one SMS domain is required")
     return out
@@ -186,10 +187,11 @@ def parse(data: Any, source: str = "<config>", words: dict[str, str] | None = No
     accounts_node = r.mapping(top.get("accounts"), "accounts")
     accounts = {str(n): parse_account(r, str(n), spec, limits) for n, spec in accounts_node.items()}
     providers, routes = parse_providers(r, top)
+    channels = configured_channels("voice" in top, "fax" in top)
     cfg = Config(
         milter=_milter(r, top.get("milter")),
         spool=_spool(r, top.get("spool")),
-        domains=_domains(r, top.get("domains")),
+        domains=_domains(r, top.get("domains"), channels),
         accounts=accounts,
         providers=providers,
         routes=routes,

@@ -49,6 +49,7 @@ def _host_bits(text: str) -> bool:
         return True
 
 
+_LANG = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$")
 _FIELD = re.compile(r"\{\{|\}\}|\{(subject|body)\}")
 
 
@@ -88,7 +89,7 @@ def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None)
     path = f"accounts.{name}"
     d = r.mapping(node, path, ("userkey", "password", "password_hash", "senders", "networks",
                                "originator", "template", "max_parts", "notify", "credits",
-                               "limits", "smtp_auth"))
+                               "limits", "smtp_auth", "voice_recordings", "voice_language"))
     senders: list[SenderRule] = []
     raw_senders = d.get("senders") or []
     if not isinstance(raw_senders, list):
@@ -146,10 +147,19 @@ def parse_account(r: Reader, name: str, node: Any, limits: Limits | None = None)
     if smtp_auth == []:
         r.bad(f"{path}.smtp_auth", "must be a non-empty list of SMTP AUTH login names")
         smtp_auth = None
+    recordings = d.get("voice_recordings", False)
+    if not isinstance(recordings, bool):
+        r.bad(f"{path}.voice_recordings", f"must be true or false, got {r.got(recordings, path)}")
+        recordings = False
+    language = (r.string(d, "voice_language", path, "") or "").strip().lower()
+    if language and not _LANG.match(language):
+        r.bad(f"{path}.voice_language", f"{language[:20]!r} is not an espeak-ng language such as en or fr-ch")
+        language = ""
     return Account(
         name=name, userkey=userkey, password=password, password_hash=password_hash,
         senders=tuple(senders), networks=tuple(networks), originator=originator, template=template,
         max_parts=r.number(d, "max_parts", path, 6, 1, 255), notify=notify, credits=credits,
         limits=parse_limits(r, d.get("limits"), f"{path}.limits", limits or Limits()),
         smtp_auth=tuple(smtp_auth) if smtp_auth is not None else None,
+        voice_recordings=recordings, voice_language=language,
     )

@@ -191,11 +191,20 @@ class Engine:
         room = self.provider.capacity() if self.provider.ready() else 0
         if room <= 0:
             return
-        limit = min(room, CLAIM_MAX)
         # A provider that sends one number's jobs in order on one connection (SMPP) takes
         # trains of them (ADR 0003); any other gets one job per number at a time.
         per_number = getattr(self.provider, "pipeline_per_number", 1)
-        jobs = self.spool.claim(self.owner, limit, self.lease_seconds, per_number=per_number)
+        # Several channels (channels.router): each claims its own jobs as it has room, so a
+        # voice/fax backlog never holds up SMS (and the reverse); trains are SMS only.
+        by_channel = getattr(self.provider, "capacity_by_channel", None)
+        if by_channel is not None:
+            asks = {ch: min(n, CLAIM_MAX) for ch, n in by_channel().items() if n > 0}
+            limit = sum(asks.values())
+            jobs = [j for ch, n in asks.items() for j in self.spool.claim(
+                self.owner, n, self.lease_seconds, per_number=per_number if ch == "sms" else 1, channel=ch)]
+        else:
+            limit = min(room, CLAIM_MAX)
+            jobs = self.spool.claim(self.owner, limit, self.lease_seconds, per_number=per_number)
         if not jobs:
             return
         now = time.time()

@@ -69,10 +69,11 @@ def build_notification(job: Job, ev: Event, sender: str) -> EmailMessage:
     """The plain-text status mail for one event (never echoes a password: the job's subject is
     stored without credentials, and nothing else from the original mail is used)."""
     label = STATUS_LABEL.get(ev.status, ev.status.capitalize())
+    what = {"voice": "voice call", "fax": "fax"}.get(job.channel, "SMS")
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = job.sender
-    msg["Subject"] = f"SMS to {job.recipient}: {label}"
+    msg["Subject"] = f"{what[0].upper()}{what[1:]} to {job.recipient}: {label}"
     msg["Date"] = formatdate(localtime=True)
     domain = sender.rpartition("@")[2] or None
     msg["Message-ID"] = make_msgid("sms-status", domain=domain)
@@ -83,7 +84,7 @@ def build_notification(job: Job, ev: Event, sender: str) -> EmailMessage:
     msg["Auto-Submitted"] = "auto-replied"
     when = format_datetime(datetime.fromtimestamp(ev.at, tz=UTC).astimezone())
     lines = [
-        f"Your SMS to {job.recipient} has the status: {label}.",
+        f"Your {what} to {job.recipient} has the status: {label}.",
         "",
         f"Recipient:  {job.recipient}",
         f"Status:     {label}",

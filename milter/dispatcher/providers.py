@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..model import Config, HttpConfig, ProviderSpec
+from ..spool.files import FileStore
 from .http import HttpProvider
 from .provider import Provider
 from .router import Router
@@ -49,8 +50,17 @@ def trivial(cfg: Config) -> bool:
         and not cfg.routes[0].accounts
 
 
-def build_dispatch(cfg: Config) -> Provider:
+def build_dispatch(cfg: Config, files: FileStore | None = None) -> Provider:
+    """The SMS provider(s); with `voice:` or `fax:` configured, a ChannelRouter in front that
+    sends each job to its channel's provider (voice/fax read the job's files from `files`)."""
     if trivial(cfg):
-        return build_provider(next(iter(cfg.providers.values())))
-    return Router({name: build_provider(spec) for name, spec in cfg.providers.items()},
-                  cfg.providers, cfg.routes)
+        sms = build_provider(next(iter(cfg.providers.values())))
+    else:
+        sms = Router({name: build_provider(spec) for name, spec in cfg.providers.items()},
+                     cfg.providers, cfg.routes)
+    if cfg.voice is None and cfg.fax is None:
+        return sms
+    from ..channels.router import ChannelRouter
+    from ..channels.wiring import channel_providers
+
+    return ChannelRouter({"sms": sms, **channel_providers(cfg, files)})

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .. import metrics, sdnotify
+from ..channels.router import ChannelRouter
 from ..model import Config
 from ..runtime import JOB_QUEUE_IDS, DaemonRuntime
 from ..spool import open_spool
@@ -43,7 +44,9 @@ class _Token:
 
 
 def members(p: Provider) -> dict[str, Provider]:
-    """The named providers behind `p`: a router's members, or `p` itself."""
+    """The named providers behind `p`: a router's members (each channel's), or `p` itself."""
+    if isinstance(p, ChannelRouter):
+        return {n: m for sub in p.providers.values() for n, m in members(sub).items()}
     return dict(p.providers()) if isinstance(p, Router) else {p.name: p}
 
 
@@ -156,6 +159,9 @@ class MeteredProvider:
 
 def link_status(cfg: Config, inner: Provider) -> str:
     """`bound to SMSC host:port` (one SMPP provider) or each provider's name and state."""
+    if isinstance(inner, ChannelRouter):
+        return "; ".join(link_status(cfg, p) if c == "sms" else f"{c} {'up' if p.ready() else 'down'}"
+                         for c, p in inner.providers.items())
     if not isinstance(inner, Router):
         s = cfg.smpp
         return f"{'bound to' if inner.ready() else 'connecting to'} SMSC {s.host}:{s.port}"
@@ -202,9 +208,10 @@ class Runtime(DaemonRuntime):
         self.engine.cfg = new
         self.notifier.cfg = new
         self.spool.validity = new.smpp.validity
-        rebind = new.providers != old.providers or new.routes != old.routes
+        rebind = ((new.providers, new.routes, new.voice, new.fax)
+                  != (old.providers, old.routes, old.voice, old.fax))
         if rebind:
-            self.provider.swap(build_dispatch(new))
+            self.provider.swap(build_dispatch(new, self.spool))
         return (f"{len(new.accounts)} account(s); provider "
                 + ("settings changed: re-binding" if rebind else "unchanged: binding kept"))
 
@@ -216,6 +223,10 @@ def describe(cfg: Config) -> str:
         what = f"SMSC {s.host}:{s.port}, window {s.window}, rate {s.rate or 'unlimited'}" + (
             f", {s.binds} binds" if s.binds > 1 else "") if s else spec.kind
         parts.append(what if len(cfg.providers) == 1 else f"provider {spec.name} ({what})")
+    if cfg.voice is not None:
+        parts.append(f"voice calls through SIP trunk {cfg.voice.trunk}")
+    if cfg.fax is not None:
+        parts.append(f"faxes through HylaFAX {cfg.fax.server}")
     return "; ".join(parts)
 
 
@@ -243,7 +254,7 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
             spool.close()
             return 1
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    provider = MeteredProvider(build_dispatch(cfg))
+    provider = MeteredProvider(build_dispatch(cfg, spool))
     notifier = Notifier(spool, cfg)
     try:
         lease = float(os.environ.get("SMS_MILTER_LEASE_SECONDS", "") or 45.0)

@@ -64,7 +64,8 @@ UNKNOWN_DEVICE = _R("550", "5.1.1", "rcpt",
 NO_CHANNEL = _R("550", "5.3.3", "rcpt",
                 "Recipient {address}: the {device} device has no delivery channel on this gateway; send "
                 "to {local}@SMS.{domain} instead.",
-                "a device without a delivery channel (`policy/devices.py` says which have one)",
+                "a device whose channel is not configured (Business, Mobile, Home need `voice:`, Fax needs "
+                "`fax:`; `policy/devices.py`)",
                 {"address": "...@Fax.tm.example.com", "device": "Fax", "local": "...",
                  "domain": "tm.example.com"})
 NOT_TELEMESSAGE_ADDRESS = _R("550", "5.1.3", "rcpt",
@@ -185,6 +186,37 @@ TOO_MANY_PARTS = _R("552", "5.3.4", "eom",
                     "shorten the text.",
                     "longer than `max_parts` (GSM-7 153/160, UCS-2 67/70)",
                     {"parts": 9, "max_parts": 6})
+# -- end of message: voice and fax (policy/channelcheck.py) ---------------------------------------
+VOICE_TOO_LONG = _R("552", "5.3.4", "eom",
+                    "The text is {chars} characters, about {seconds} seconds of speech; a voice call plays "
+                    "at most {max_seconds} seconds (about {max_chars} characters).",
+                    "longer than `voice.max_seconds` at `voice.words_per_minute`",
+                    {"chars": 2400, "seconds": 300, "max_seconds": 120, "max_chars": 1920})
+VOICE_ATTACHMENT = _R("550", "5.6.1", "eom",
+                      "The message contains an attachment ({ctype}); a voice call speaks the text, or plays "
+                      "one recording ({formats}) where the account allows it.",
+                      "voice: any attachment but one recording in a format sox decodes here",
+                      {"ctype": "application/pdf", "formats": "WAV, MP3, OGG"})
+VOICE_RECORDINGS_OFF = _R("550", "5.7.1", "eom",
+                          "This account does not send recordings ({ctype}) as voice calls; send the text "
+                          "to be spoken instead.",
+                          "voice: audio attachment, account without `voice_recordings: true`",
+                          {"ctype": "audio/wav"})
+FAX_ATTACHMENT = _R("550", "5.6.1", "eom",
+                    "The message contains an attachment ({ctype}) that cannot be faxed; send text, PDF, PNG, "
+                    "JPEG, GIF or TIFF{office}.",
+                    "fax: an attachment of another type", {"ctype": "video/mp4", "office": ""})
+FAX_NO_OFFICE = _R("550", "5.6.1", "eom",
+                   "{kind} documents ({ctype}) cannot be faxed here: LibreOffice is not installed; send "
+                   "a PDF.",
+                   "fax: an office document without `soffice` on the gateway",
+                   {"kind": "Word", "ctype": "application/msword"})
+FAX_TOO_BIG = _R("552", "5.3.4", "eom",
+                 "The documents are {size} bytes; a fax may carry at most {limit} bytes.",
+                 "fax: attachments larger than `fax.max_bytes`", {"size": "N", "limit": "M"})
+CHANNEL_EMPTY = _R("550", "5.6.0", "eom", "The message is empty: a {channel} needs {needs}.",
+                   "voice/fax: no text (and no recording or document)",
+                   {"channel": "fax", "needs": "text or a document (PDF, PNG, JPEG, TIFF)"})
 # -- end of message: the textsms@ Subject -----------------------------------------------------
 SUBJECT_MISSING = _R("550", "5.5.4", "eom",
                      "The Subject has no {label}= (or {short}=) keyword; textsms@ needs Userkey, Password "

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from ..model import Account
-from ..spool.base import NewJob
+from ..spool.base import JobFile, NewJob
 from . import catalogue as replies
 from .addresses import normalize_originator, originator_problem
 from .content import latin1_problem
@@ -68,9 +68,21 @@ def prepare(draft: Draft, account: Account) -> Prepared | Refusal:
                     notify=draft.notify, subject=draft.subject, parts=parts)
 
 
-def build(prepared: Prepared, numbers: Iterable[str], device: str, envelope: Envelope) -> list[NewJob]:
+def prepare_call(draft: Draft, account: Account) -> Prepared | Refusal:
+    """The checks of a voice or fax job before its own (policy/channelcheck.py): the originator.
+    No SMS part count: the job is one call or one fax (`parts` 1, for the limits)."""
+    bad = originator_problem(draft.originator)
+    if bad:
+        return replies.BAD_ORIGINATOR(problem=bad)
+    return Prepared(account=account.name, text=draft.text, originator=normalize_originator(draft.originator),
+                    notify=draft.notify, subject=draft.subject, parts=1)
+
+
+def build(prepared: Prepared, numbers: Iterable[str], device: str, envelope: Envelope, channel: str = "sms",
+          language: str = "", files: tuple[JobFile, ...] = ()) -> list[NewJob]:
     """One job per destination number (E.164), in the given order."""
     p, e = prepared, envelope
     return [NewJob(recipient=n, originator=p.originator, text=p.text, parts=p.parts, account=p.account,
                    device=device, sender=e.sender, subject=p.subject, message_id=e.message_id,
-                   notify=p.notify, queue_id=e.queue_id) for n in numbers]
+                   notify=p.notify, queue_id=e.queue_id, channel=channel, language=language, files=files)
+            for n in numbers]

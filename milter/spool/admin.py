@@ -3,7 +3,7 @@ from a spool: values only (the `QueueAdmin` interface is in `base`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -64,3 +64,4 @@ class SpoolStats:
     states: dict[str, int]  # every state in STATES, 0 included
     accounts: dict[str, AccountStats]
     oldest_queued_at: float | None  # created_at of the oldest `queued` job
+    channels: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> state -> jobs

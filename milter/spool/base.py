@@ -1,7 +1,6 @@
 """The spool's interface: what the milter, the dispatcher and the CLI may ask of a queue.
 
-SQLite implements it today (`sqlite.SqliteSpool`); a PostgreSQL spool shared by several
-hosts implements the same methods later. Nothing outside `spool/` knows SQL.
+`sqlite.SqliteSpool` and `postgres.PostgresSpool` implement it; nothing outside `spool/` knows SQL.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from .admin import JobDetail as JobDetail
 from .admin import Notification as Notification
 from .admin import Part as Part
 from .admin import SpoolStats as SpoolStats
+from .files import FileStore, JobFile
 from .lifecycle import FINAL_STATES as FINAL_STATES  # the states are the lifecycle's
 from .lifecycle import STATES as STATES
 from .lifecycle import normalize_ref as normalize_ref
@@ -69,6 +69,9 @@ class NewJob:
     trans_ref: str | None = None  # xml@ TransRefNumber
     flash: bool = False  # class-0 SMS
     urls: dict[str, str] = field(default_factory=dict)  # xml@: state -> callback URL
+    channel: str = "sms"  # sms | voice | fax (policy/devices.py: the device's channel)
+    language: str = ""  # voice: text-to-speech language ("" = the channel's default)
+    files: tuple[JobFile, ...] = ()  # voice recording / fax documents (spool/files.py)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Job(NewJob):
         """The fields `queue list --json` promises (and a few more)."""
         d = asdict(self)
         d["provider_refs"] = list(self.provider_refs)
+        d["files"] = [{k: v for k, v in f.items() if k != "data"} for f in d["files"]]
         return d
 
 
@@ -289,17 +293,17 @@ class MilterSpool(CommitSpool, ReadSpool, Protocol):
     """The milter's gateway: it commits, and xml@ reads (credits, TransRefNumber lookups)."""
 
 
-class DispatchSpool(Protocol):
+class DispatchSpool(FileStore, Protocol):
     """The dispatcher: claims, submits, receipts, leases, expiry, notifications, housekeeping."""
 
     validity: float
 
     def wait_for_work(self, timeout: float) -> None: ...
 
-    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1) -> list[Job]:
-        """Lease due jobs, in order per recipient: one in flight per number, or (per_number > 1)
-        a head and up to per_number - 1 consecutive jobs of its number (a train, for an owner
-        that sends them in order on one connection)."""
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1,
+              channel: str | None = None) -> list[Job]:
+        """Lease due jobs in order per recipient: one per number, or trains of up to per_number
+        (a head and the jobs behind it); with `channel`, that channel's jobs only."""
 
     def mark_submitted_many(self, items: list[Submitted]) -> list[AppliedOrphan]:
         """Record jobs' parts as submitted with their message ids (and the provider that took

@@ -212,6 +212,43 @@ def test_a_backlog_to_one_number_does_not_hide_the_others(spool):
     assert later[0] not in got
 
 
+def test_jobs_keep_channel_language_and_files(spool):
+    """Voice/fax (issue 15): the files are stored with the commit, content-addressed (one copy
+    for two jobs), and come back by hash; the job reads back its channel and language."""
+    from sms_milter.spool.files import JobFile
+
+    pdf = JobFile.of("application/pdf", "doc.pdf", b"%PDF-1.4\n" + bytes(range(256)) * 40)
+    wav = JobFile.of("audio/wav", "r.wav", b"RIFF....WAVE")
+    key_jobs = [_job("+41441234567", "cover", device="fax", channel="fax", files=(pdf,)),
+                _job("+41441234568", "cover", device="fax", channel="fax", files=(pdf,)),
+                _job("+41791234567", "", device="mobile", channel="voice", language="de", files=(wav,))]
+    ids = spool.add_message("k-files", key_jobs).job_ids
+    by_id = {j.id: j for j in spool.list_jobs()}
+    fax, voice = by_id[ids[0]], by_id[ids[2]]
+    assert (fax.channel, fax.device, fax.language) == ("fax", "fax", "")
+    assert fax.files == (JobFile(pdf.sha256, "application/pdf", "doc.pdf", pdf.size),)
+    assert (voice.channel, voice.language, [f.sha256 for f in voice.files]) == ("voice", "de", [wav.sha256])
+    other = spool.reopen()  # another process (the dispatcher) reads the content by hash
+    assert other.file_data(pdf.sha256) == pdf.data and other.file_data(wav.sha256) == wav.data
+    with pytest.raises(KeyError):
+        other.file_data("0" * 64)
+    (sms,) = [j for j in (spool.get(i) for i in add_jobs(spool, [_job("+41790000000")]))]
+    assert (sms.channel, sms.files) == ("sms", ())
+
+
+def test_claim_by_channel_lets_sms_pass_a_voice_backlog(spool):
+    """A backlog of older voice jobs (other numbers) does not hold up an SMS: the engine claims
+    each channel's jobs as that channel has room (claim(..., channel=))."""
+    voice = [_job(f"+4179123{i:04d}", "call", device="mobile", channel="voice") for i in range(30)]
+    add_jobs(spool, voice)
+    (sms_id,) = add_jobs(spool, [_job("+41790000001", "sms")])
+    assert [j.id for j in spool.claim("o", 1, 60, channel="sms")] == [sms_id]
+    got = spool.claim("o", 2, 60, channel="voice")
+    assert len(got) == 2 and {j.channel for j in got} == {"voice"}
+    assert spool.claim("o", 5, 60, channel="fax") == []
+    assert len(spool.claim("o", 100, 60)) == 28  # no channel: every due job, as before
+
+
 def test_trains_hand_out_one_numbers_jobs_in_order_to_one_owner(spool):
     """Issue 16: per_number > 1 claims a head and the jobs behind it (a train); nothing of that
     number is claimable by anyone else meanwhile; a job released with a delay stops the train

@@ -103,11 +103,57 @@ def test_old_spool_migrates_and_keeps_its_queue_order(tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == 0
     db.close()
     s = SqliteSpool(path)
-    assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS)  # noqa: SLF001
+    assert [tuple(r) for r in s._read("SELECT version FROM schema_version")] == [(len(MIGRATIONS),)]  # noqa: SLF001
     assert [j.text for j in s.claim("o", 10, 60)] == ["t0", "t2"]
     s.mark_submitted_many([(1, ["a"])])
     assert [j.text for j in s.claim("o", 10, 60)] == ["t1"]
     s.close()
     s = SqliteSpool(path)  # opening again migrates nothing twice
-    assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS)  # noqa: SLF001
+    assert [tuple(r) for r in s._read("SELECT version FROM schema_version")] == [(len(MIGRATIONS),)]  # noqa: SLF001
     s.close()
+
+
+def _spool_at_version(path, version: int) -> None:
+    """A spool as a release before schema_version left it: SCHEMA, MIGRATIONS[:version], the
+    count in PRAGMA user_version, one queued job."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(SCHEMA)
+    for migration in MIGRATIONS[:version]:
+        for stmt in migration:
+            db.execute(stmt)
+    db.execute(f"PRAGMA user_version={version}")
+    now = time.time()
+    db.execute("INSERT INTO jobs(recipient, originator, text, parts, account, created_at, not_before,"
+               " expires_at) VALUES (?,?,?,?,?,?,?,?)",
+               ("+41796", "SMS", "old", 1, "acme", now, now, now + 3600))
+    db.close()
+
+
+def test_spool_versioned_by_user_version_gets_the_schema_version_table(tmp_path):
+    for version in range(1, len(MIGRATIONS) + 1):
+        path = tmp_path / f"v{version}.sqlite3"
+        _spool_at_version(path, version)
+        s = SqliteSpool(path)
+        assert [tuple(r) for r in s._read("SELECT version FROM schema_version")] == [(len(MIGRATIONS),)]  # noqa: SLF001
+        assert s._read("PRAGMA user_version")[0][0] == len(MIGRATIONS)  # noqa: SLF001 (older releases read it)
+        assert [(j.text, j.state) for j in s.list_jobs()] == [("old", "queued")]
+        assert [j.text for j in s.claim("o", 10, 60)] == ["old"]
+        s.close()
+
+
+def test_spool_newer_than_the_code_is_refused_with_a_clear_error(tmp_path):
+    import pytest
+    from sms_milter.spool.base import SpoolError
+    path = tmp_path / "newer.sqlite3"
+    SqliteSpool(path).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE schema_version SET version=?", (len(MIGRATIONS) + 1,))
+    db.close()
+    with pytest.raises(SpoolError) as e:
+        SqliteSpool(path)
+    assert str(e.value) == (f"spool {path} has schema version {len(MIGRATIONS) + 1}, newer than this"
+                            f" sms-milter knows ({len(MIGRATIONS)}): it was written by a later release;"
+                            " upgrade sms-milter")
+    db = sqlite3.connect(path, isolation_level=None)  # refused, not changed
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS) + 1,)]
+    db.close()

@@ -48,6 +48,19 @@ def test_schema_version_table_and_migrations_run_once(url):
         s.close()
 
 
+def test_a_database_newer_than_the_code_is_refused_with_a_clear_error(url):
+    from sms_milter.spool.base import SpoolError
+    from sms_milter.spool.postgres.schema import MIGRATIONS
+    s = _open(url)
+    s._run(lambda c: c.execute("UPDATE schema_version SET version=%s", (len(MIGRATIONS) + 1,)))  # noqa: SLF001
+    s.close()
+    with pytest.raises(SpoolError) as e:
+        _open(url, create=False)
+    assert str(e.value) == (f"the spool database has schema version {len(MIGRATIONS) + 1}, newer than this"
+                            f" sms-milter knows ({len(MIGRATIONS)}): it was written by a later release;"
+                            " upgrade sms-milter")
+
+
 def test_a_commit_batch_wakes_a_waiting_dispatcher_with_one_notify(url):
     milter, disp = _open(url), _open(url)
     disp.wait_for_work(0.01)  # LISTEN now

@@ -46,18 +46,31 @@ def test_devices_one_table_and_only_channels_are_accepted():
     assert [d for d in devices.DEVICES if devices.channel_of(d)] == ["sms"]
     for name, dev in devices.DEVICES.items():
         r = styles.classify_recipient(f"41791234567@{dev.label}.tm.example.com", DOMAINS)
-        if dev.channel is None:
+        if name != "sms":
             assert isinstance(r, Refusal) and r.xcode == "5.3.3" and f"the {dev.label} device" in r.text
         else:
             assert r == SmsTarget(kind="number", domain=TM, device=name, number="+41791234567")
 
 
-def test_a_new_channel_is_one_entry_in_the_device_table(monkeypatch):
-    table = dict(devices.DEVICES)
-    table["fax"] = devices.Device("fax", "Fax", "fax")
-    monkeypatch.setattr(devices, "DEVICES", table)
-    r = styles.classify_recipient("41791234567@FAX.tm.example.com", DOMAINS)
-    assert r == SmsTarget(kind="number", domain=TM, device="fax", number="+41791234567")
+@pytest.mark.parametrize("voice,fax,open_", [
+    (False, False, {"sms"}), (True, False, {"sms", "business", "mobile", "home"}),
+    (False, True, {"sms", "fax"}), (True, True, {"sms", "business", "mobile", "home", "fax"})])
+def test_devices_open_by_configured_channel(voice, fax, open_):
+    channels = devices.configured_channels(voice, fax)
+    tm = Domain("tm.example.com", "telemessage", channels=channels)
+    for name, dev in devices.DEVICES.items():
+        r = styles.classify_recipient(f"41791234567@{dev.label}.tm.example.com", {tm.name: tm})
+        if name in open_:
+            assert r == SmsTarget(kind="number", domain=tm, device=name, number="+41791234567")
+        else:
+            assert isinstance(r, Refusal) and r.xcode == "5.3.3", (name, r)
+
+
+def test_config_sections_open_the_channels():
+    sections = {**_SECTIONS, "domains": {"tm.example.com": {"style": "telemessage"}}}
+    assert config.parse(sections).domains["tm.example.com"].channels == {"sms"}
+    cfg = config.parse({**sections, "voice": {}, "fax": {}})
+    assert cfg.domains["tm.example.com"].channels == {"sms", "voice", "fax"}
 
 
 def test_device_labels_only_where_the_style_takes_them():

@@ -37,7 +37,7 @@ class Telemessage:
         number = e164(digits)
         if number is None:
             return replies.INVALID_NUMBER(address=address, digits=digits)
-        if devices.channel_of(device) is None:
+        if devices.channel_of(device, domain.channels) is None:
             return replies.NO_CHANNEL(address=address, device=devices.DEVICES[device].label, local=local,
                                       domain=domain.name)
         return SmsTarget(kind="number", domain=domain, device=device, number=number)

@@ -6,7 +6,7 @@ key, its xml@ reply mails and its limit counters; each session gets its 250 only
 that COMMIT returned. Several milters share one database: before reading keys and counters
 the transaction takes advisory locks on the batch's keys, dedupe keys and accounts (sorted,
 in one statement: no deadlock between milters), so a resend through another MX host is one
-message and limits count exactly. The locks are waited for at most LOCK_WAIT: the event loop
+message and limits count exactly. The locks are waited for at most LOCK_WAIT_MS: the event loop
 is never stalled by another milter; try_commit then answers False and the loop retries.
 At most one NOTIFY per batch wakes the dispatchers (NOTIFY serialises commits on a lock).
 """
@@ -28,12 +28,17 @@ from ..base import (
     SpoolDataError,
     SpoolError,
 )
+from ..files import files_to_json
 from ..unstorable import unstorable
 from .core import CHANNEL, log
 from .db import Conn, enc, enc_opt
 from .limits import LimitSide, Tally, Usage
 
-LOCK_WAIT_MS = 50  # a lock held by another milter's commit: give the loop back after this
+# A lock held by another milter's commit (or an operator's LOCK TABLE): give the loop back
+# after this. Each try blocks the event loop this long and the loop retries every 2-50 ms, so
+# with 50 ms an unrelated SMTP session waited ~0.2 s while the spool stayed locked (the
+# locked-spool test of test_loop_hardening.py); 10 ms is a few commits' WAL flushes.
+LOCK_WAIT_MS = 10
 # Simple-protocol strings (one round trip each): the transaction's start, and its end with the wake-up.
 BEGIN = f"BEGIN; SET LOCAL lock_timeout = {LOCK_WAIT_MS}"
 NOTIFY_COMMIT = f"SELECT pg_notify('{CHANNEL}', ''); COMMIT"
@@ -255,20 +260,27 @@ class CommitSide(LimitSide):
                          enc(j.device), enc(j.sender), enc(j.subject), enc(j.message_id), enc(j.notify),
                          enc(j.queue_id), enc_opt(j.trans_ref), bool(j.flash),
                          json.dumps(j.urls) if j.urls else "{}",
-                         bool(j.not_before is not None and j.not_before > now), now, not_before, expires))
+                         bool(j.not_before is not None and j.not_before > now), now, not_before, expires,
+                         j.channel, j.language, files_to_json(j.files)))
         if not rows:
             return ()
+        blobs = {f.sha256: f.data for j in jobs for f in j.files if f.data is not None}
+        if blobs:  # voice/fax files: in the same transaction as the jobs that name them
+            with c.cursor() as cur:
+                cur.executemany("INSERT INTO file_blobs(sha256, data) VALUES (%s,%s) ON CONFLICT DO NOTHING",
+                                list(blobs.items()))
         cols = ("recipient, originator, text, parts, account, device, sender, subject, message_id, notify,"
-                " queue_id, trans_ref, flash, urls, deferred, created_at, not_before, expires_at")
+                " queue_id, trans_ref, flash, urls, deferred, created_at, not_before, expires_at, channel,"
+                " language, files")
         if len(rows) == 1:
-            row = c.execute(f"INSERT INTO jobs({cols}) VALUES ({','.join(['%s'] * 18)}) RETURNING id",
+            row = c.execute(f"INSERT INTO jobs({cols}) VALUES ({','.join(['%s'] * 21)}) RETURNING id",
                             rows[0]).fetchone()
             assert row is not None
             return (int(row["id"]),)
         # Several jobs: one statement; ids in the order given (WITH ORDINALITY keeps it).
         arrays = [list(col) for col in zip(*rows, strict=True)]
         types = ("text", "text", "text", "int", "text", "text", "text", "text", "text", "text", "text",
-                 "text", "bool", "text", "bool", "float8", "float8", "float8")
+                 "text", "bool", "text", "bool", "float8", "float8", "float8", "text", "text", "text")
         unn = ", ".join(f"%s::{t}[]" for t in types)
         got = c.execute(f"INSERT INTO jobs({cols}) SELECT {cols} FROM unnest({unn}) WITH ORDINALITY"
                         f" AS u({cols}, n) ORDER BY n RETURNING id", arrays).fetchall()

@@ -14,6 +14,7 @@ import psycopg
 
 from .. import lifecycle
 from ..base import Job, SpoolError
+from ..files import files_from_json
 from .db import Conn, Db, dec, enc, redact
 from .schema import migrate
 
@@ -24,7 +25,7 @@ DEFAULT_VALIDITY = 48 * 3600.0
 JOB_COLUMNS = (
     "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
     "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
-    "last_error, submitted_at, done_at, provider"
+    "last_error, submitted_at, done_at, provider, channel, language, files"
 )
 # The hot paths' plans must not depend on table statistics (a queue filled since autovacuum's
 # last ANALYZE would get sorts and scans of whole tables): index walks, parametrised probes.
@@ -43,7 +44,8 @@ def job_of(r: dict[str, Any], refs: Iterable[str] = ()) -> Job:
         flash=bool(r["flash"]), urls=json.loads(urls) if urls not in ("{}", "", None) else {},
         created_at=r["created_at"], not_before=r["not_before"], expires_at=r["expires_at"],
         attempts=r["attempts"], last_error=dec(r["last_error"]), submitted_at=r["submitted_at"],
-        done_at=r["done_at"], provider_refs=tuple(refs), provider=r["provider"] or "")
+        done_at=r["done_at"], provider_refs=tuple(refs), provider=r["provider"] or "",
+        channel=r["channel"], language=r["language"], files=files_from_json(r["files"]))
 
 
 def events_for(job_id: int, state: str, notify: str, sender: str, urls: str,
@@ -98,6 +100,13 @@ class Core:
 
     def _read(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
         return self.db.read(sql, params)
+
+    def file_data(self, sha256: str) -> bytes:
+        """A stored file's content (spool.files.FileStore); KeyError if the store does not have it."""
+        rows = self._read("SELECT data FROM file_blobs WHERE sha256=%s", (sha256,))
+        if not rows:
+            raise KeyError(sha256)
+        return bytes(rows[0]["data"])
 
     def close(self) -> None:
         self.db.close()

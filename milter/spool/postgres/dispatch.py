@@ -34,8 +34,9 @@ _LEASE = (" UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, attemp
 # The candidates in a MATERIALIZED CTE: a LIMIT ... SKIP LOCKED subquery under IN may be run
 # more than once by the plan and then yields more rows than LIMIT.
 # Candidates as an id array (= ANY(ARRAY(...))): the plan looks up just those rows by key.
+_CHANNEL = " AND (%(channel)s::text IS NULL OR j.channel = %(channel)s::text)"  # claim(channel=...)
 CLAIM_WALK = (f"WITH pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM jobs"
-              f" WHERE state='queued' ORDER BY id LIMIT {WALK})) AND {_READY}"
+              f" WHERE state='queued' ORDER BY id LIMIT {WALK})) AND {_READY}{_CHANNEL}"
               f" ORDER BY j.id LIMIT %(limit)s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 CLAIM_HEADS = (
     "WITH RECURSIVE heads(recipient, id) AS ("
@@ -45,17 +46,19 @@ CLAIM_HEADS = (
     " cand AS (SELECT id FROM heads UNION ALL SELECT id FROM jobs WHERE state='queued' AND deferred"
     "  AND not_before<=%(now)s AND (lease_until IS NULL OR lease_until<%(now)s)),"
     " pick AS MATERIALIZED (SELECT j.id FROM jobs j WHERE j.id = ANY(ARRAY(SELECT id FROM cand))"
-    f" AND {_READY}"
+    f" AND {_READY}{_CHANNEL}"
     f" ORDER BY j.id LIMIT %(limit)s FOR UPDATE OF j SKIP LOCKED){_LEASE}")
 EVENT_LEASE = 120.0  # seconds a dispatcher has to send a notification before another may
 
 
 class DispatchSide(Core):
-    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1) -> list[Job]:
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1,
+              channel: str | None = None) -> list[Job]:
         """Lease up to `limit` due jobs, oldest first, never one whose recipient has an older job
         still waiting. `per_number` 1: at most one in flight per recipient; more: each claimed
         head takes up to per_number - 1 consecutive jobs of its number along (`lifecycle.train`),
-        for an owner that sends them in order on one connection.
+        for an owner that sends them in order on one connection. With `channel`, that channel's
+        jobs only (a voice/fax backlog must not hold up SMS).
 
         First the oldest WALK (500) queued jobs are looked at (the usual case: enough ready ones
         among them); if that does not fill the claim, the candidates are the per-recipient heads
@@ -66,7 +69,8 @@ class DispatchSide(Core):
             now = time.time()
             # Plans that do not depend on table statistics (index walks, parametrised probes).
             c.execute(PLAN_BY_INDEX)
-            args = {"now": now, "limit": limit, "owner": owner, "until": now + lease_seconds}
+            args = {"now": now, "limit": limit, "owner": owner, "until": now + lease_seconds,
+                    "channel": channel}
             rows = c.execute(CLAIM_WALK, args).fetchall()
             if len(rows) < limit:
                 rows += c.execute(CLAIM_HEADS, {**args, "limit": limit - len(rows)}).fetchall()
@@ -90,7 +94,8 @@ class DispatchSide(Core):
             seen.add(head.recipient)
             rows = c.execute(
                 "SELECT id, deferred, not_before, lease_until FROM jobs WHERE recipient=%s AND state='queued'"
-                " AND id>%s ORDER BY id LIMIT %s", (enc(head.recipient), head.id, per_head + 1)).fetchall()
+                " AND id>%s AND (%s::text IS NULL OR channel=%s::text) ORDER BY id LIMIT %s",
+                (enc(head.recipient), head.id, args["channel"], args["channel"], per_head + 1)).fetchall()
             per_head = min(per_head, budget - len(ids))
             found = ((r["id"], bool(r["deferred"]), r["not_before"], r["lease_until"]) for r in rows)
             ids += train(head.id, found, args["now"], per_head)

@@ -21,13 +21,15 @@ from typing import Any
 from urllib.parse import quote
 
 from ..base import SpoolError
+from ..files import files_from_json
+from ..sqlite.files import path_of
 from .core import Core
 from .db import Conn, enc, enc_opt
 
 JOB_FIELDS = ("state", "recipient", "originator", "text", "parts", "account", "device", "sender", "subject",
               "message_id", "notify", "queue_id", "trans_ref", "flash", "urls", "deferred", "created_at",
               "not_before", "expires_at", "attempts", "last_error", "lease_owner", "lease_until",
-              "submitted_at", "done_at", "query_at", "provider")
+              "submitted_at", "done_at", "query_at", "provider", "channel", "language", "files")
 TABLES = ("jobs", "parts", "messages", "events", "outbox", "orphan_receipts", "limit_slots", "limit_periods",
           "limit_dedupe")
 TEXT_FIELDS = {"recipient", "originator", "text", "account", "device", "sender", "subject", "message_id",
@@ -118,6 +120,7 @@ class MigrateSide(Core):
         c.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), greatest(1, (SELECT max(id)"
                   " FROM jobs)))")
         fresh = {r["id"] for r in jobs}
+        _copy_files(c, source, jobs)
         for p in src["parts"]:
             if p["job_id"] in fresh:
                 c.execute("INSERT INTO parts(job_id, seq, ref, state, wire_ref, provider) VALUES"
@@ -200,4 +203,19 @@ def _value(key: str, r: dict[str, Any]) -> Any:
         return enc(v or "")
     if key == "urls":
         return v or "{}"
+    if key in _DEFAULTS:  # a spool from before voice/fax (SQLite migration 4) has none of these
+        return v or _DEFAULTS[key]
     return v
+
+
+_DEFAULTS = {"channel": "sms", "language": "", "files": "[]"}
+
+
+def _copy_files(c: Conn, source: str, jobs: list[dict[str, Any]]) -> None:
+    """The voice/fax files of the copied jobs, from beside the SQLite file into file_blobs."""
+    for sha in sorted({f.sha256 for r in jobs for f in files_from_json(r.get("files"))}):
+        try:
+            data = path_of(source, sha).read_bytes()
+        except OSError as e:
+            raise SpoolError(f"{path_of(source, sha)}: a job's file cannot be read: {e.strerror}") from None
+        c.execute("INSERT INTO file_blobs(sha256, data) VALUES (%s,%s) ON CONFLICT DO NOTHING", (sha, data))

@@ -3,13 +3,15 @@
 `schema_version` holds one row, the number of MIGRATIONS applied. Each migration runs in
 one transaction with the version bump, under a transaction-level advisory lock, so several
 milters and dispatchers starting at once against one database migrate it exactly once; an
-older database is brought up to date when a process opens it. Times are epoch seconds
+older database is brought up to date when a process opens it; a newer one is refused. Times are epoch seconds
 (`double precision`), as in the SQLite spool, so `spool migrate` copies them unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..base import SpoolError
 
 SCHEMA_LOCK = 0x534D53_4D494C  # pg_advisory_xact_lock key of the migration ("SMS MIL")
 
@@ -143,6 +145,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("CREATE INDEX jobs_deferred ON jobs(id) WHERE state = 'queued' AND deferred",),
     # 4: jobs in flight (leased) by number: the claim sends one job per number at a time.
     ("CREATE INDEX jobs_leased ON jobs(recipient) WHERE state = 'queued' AND lease_until IS NOT NULL",),
+    # 5: voice and fax (issue 15; the SQLite spool's 5): the job's channel, TTS language and file
+    # references (JSON); the files' content by hash in file_blobs (bytea), written in the job's commit.
+    ("ALTER TABLE jobs ADD COLUMN channel text NOT NULL DEFAULT 'sms'",
+     "ALTER TABLE jobs ADD COLUMN language text NOT NULL DEFAULT ''",
+     "ALTER TABLE jobs ADD COLUMN files text NOT NULL DEFAULT '[]'",
+     "CREATE TABLE file_blobs (sha256 text PRIMARY KEY, data bytea NOT NULL)"),
 )
 
 
@@ -159,7 +167,11 @@ def migrate(conn: Any) -> int:
                 version = 0
             else:
                 version = int(row["version"] if isinstance(row, dict) else row[0])
-            if version >= len(MIGRATIONS):
+            if version > len(MIGRATIONS):
+                raise SpoolError(f"the spool database has schema version {version}, newer than this"
+                                 f" sms-milter knows ({len(MIGRATIONS)}): it was written by a later"
+                                 " release; upgrade sms-milter")
+            if version == len(MIGRATIONS):
                 return version
             for stmt in MIGRATIONS[version]:
                 conn.execute(stmt)

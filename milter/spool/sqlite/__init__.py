@@ -15,6 +15,7 @@ from ..lifecycle import NOTIFY_STATES, number_key, same_number
 from .admin import AdminSide
 from .commit import CommitSide
 from .dispatch import DispatchSide
+from .files import FilesSide
 from .receipts import ReceiptSide
 from .schema import JOB_COLUMNS, MIGRATIONS, SCHEMA
 from .store import DEFAULT_VALIDITY, WAKE_SLOTS
@@ -23,5 +24,5 @@ __all__ = ["DEFAULT_VALIDITY", "JOB_COLUMNS", "MIGRATIONS", "NOTIFY_STATES", "SC
            "SqliteSpool", "number_key", "same_number"]
 
 
-class SqliteSpool(CommitSide, DispatchSide, ReceiptSide, AdminSide):
+class SqliteSpool(CommitSide, DispatchSide, ReceiptSide, AdminSide, FilesSide):
     """The SQLite spool: every method of `spool.base.Spool`."""

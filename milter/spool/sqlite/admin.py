@@ -218,4 +218,7 @@ class AdminSide(Store):
             " sum(parts) AS month FROM jobs WHERE submitted_at>=? GROUP BY account",
             (day_start, month_start))}
         oldest = self._read("SELECT min(created_at) AS t FROM jobs WHERE state='queued'")[0]["t"]
-        return admin.SpoolStats(states, accounts, oldest)
+        channels: dict[str, dict[str, int]] = {}
+        for r in self._read("SELECT channel, state, count(*) AS n FROM jobs GROUP BY channel, state"):
+            channels.setdefault(r["channel"], {})[r["state"]] = int(r["n"])
+        return admin.SpoolStats(states, accounts, oldest, channels)

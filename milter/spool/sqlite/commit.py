@@ -18,7 +18,9 @@ from ..base import (
     SpoolDataError,
     SpoolError,
 )
+from ..files import files_to_json
 from ..unstorable import unstorable
+from .files import store as store_files
 from .limits import LimitSide
 from .schema import SCHEMA, migrate
 from .store import _busy, log
@@ -87,6 +89,12 @@ class CommitSide(LimitSide):
                     return self._fail_all(batch, e)  # the next commit tries to open it again
                 if db is None:
                     return False  # busy while initialising: try again
+            files = [f for r in batch for j in r.jobs for f in j.files]
+            if files:  # voice/fax files: on disk and fsynced before the jobs naming them commit
+                try:
+                    store_files(self.path, files)
+                except SpoolError as e:
+                    return self._fail_all(batch, e)
             for isolate in (False, True):
                 try:
                     db.execute("BEGIN IMMEDIATE")
@@ -226,10 +234,10 @@ class CommitSide(LimitSide):
         cur = db.execute(
             "INSERT INTO jobs(recipient, originator, text, parts, account, device, sender, subject, "
             "message_id, notify, queue_id, trans_ref, flash, urls, deferred, created_at, not_before, "
-            "expires_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "expires_at, channel, language, files) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (j.recipient, j.originator, j.text, j.parts, j.account, j.device, j.sender, j.subject,
              j.message_id, j.notify, j.queue_id, j.trans_ref, int(j.flash),
              json.dumps(j.urls) if j.urls else "{}",
-             int(deferred), now, not_before, expires),
+             int(deferred), now, not_before, expires, j.channel, j.language, files_to_json(j.files)),
         )
         return int(cur.lastrowid or 0)

@@ -19,11 +19,13 @@ from .store import Store
 
 
 class DispatchSide(Store):
-    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1) -> list[Job]:
+    def claim(self, owner: str, limit: int, lease_seconds: float, *, per_number: int = 1,
+              channel: str | None = None) -> list[Job]:
         """Lease up to `limit` due jobs, oldest first, never one whose recipient has an older job
         still waiting (order per recipient). `per_number` 1: at most one in flight per recipient;
         more: each claimed head takes up to per_number - 1 consecutive jobs of its number along
-        (`lifecycle.train`), for an owner that sends them in order on one connection."""
+        (`lifecycle.train`), for an owner that sends them in order on one connection. With
+        `channel`, jobs of that channel only (a voice/fax backlog must not hold up SMS)."""
 
         def fn(db: sqlite3.Connection) -> list[Job]:
             now = time.time()
@@ -32,20 +34,21 @@ class DispatchSide(Store):
             rows = db.execute(
                 f"UPDATE jobs SET lease_owner=?, lease_until=?, attempts=attempts+1 WHERE id IN ("
                 " SELECT id FROM jobs WHERE ready=1 AND state='queued' AND not_before<=?"
-                "  AND (lease_until IS NULL OR lease_until<?) ORDER BY id LIMIT ?)"
+                "  AND (lease_until IS NULL OR lease_until<?) AND (? IS NULL OR channel=?)"
+                " ORDER BY id LIMIT ?)"
                 f" RETURNING {JOB_COLUMNS}",
-                (owner, now + lease_seconds, now, now, limit),
+                (owner, now + lease_seconds, now, now, channel, channel, limit),
             ).fetchall()
             heads = [job_from_row(r) for r in rows]
             if per_number > 1 and heads:
                 heads += self._trains(db, heads, owner, now, lease_seconds, min(per_number - 1, limit),
-                                      limit - len(heads))
+                                      limit - len(heads), channel)
             return sorted(heads, key=lambda j: j.id)
 
         return self._run(fn)
 
     def _trains(self, db: sqlite3.Connection, heads: list[Job], owner: str, now: float, lease_seconds: float,
-                per_head: int, budget: int) -> list[Job]:
+                per_head: int, budget: int, channel: str | None = None) -> list[Job]:
         """The followers of each claimed head of a number (jobs_recipient: one index range each)."""
         ids: list[int] = []
         seen: set[str] = set()
@@ -57,7 +60,8 @@ class DispatchSide(Store):
             seen.add(head.recipient)
             rows = db.execute(
                 "SELECT id, deferred, not_before, lease_until FROM jobs WHERE recipient=? AND state='queued'"
-                " AND id>? ORDER BY id LIMIT ?", (head.recipient, head.id, per_head + 1)).fetchall()
+                " AND id>? AND (? IS NULL OR channel=?) ORDER BY id LIMIT ?",
+                (head.recipient, head.id, channel, channel, per_head + 1)).fetchall()
             per_head = min(per_head, budget - len(ids))
             ids += train(head.id, ((r[0], bool(r[1]), r[2], r[3]) for r in rows), now, per_head)
         taken = {j.id for j in heads}

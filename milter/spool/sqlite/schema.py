@@ -9,7 +9,9 @@ from collections.abc import Iterable
 
 from ..base import (
     Job,
+    SpoolError,
 )
+from ..files import files_from_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,8 +98,8 @@ CREATE INDEX IF NOT EXISTS orphan_receipts_at ON orphan_receipts(at);
 """
 
 
-# Ordered schema migrations: MIGRATIONS[i] takes a spool from `PRAGMA user_version` i to i+1
-# (SCHEMA above is version 0 and stays as it is). Each runs in one BEGIN IMMEDIATE
+# Ordered schema migrations: MIGRATIONS[i] takes a spool from schema_version i to i+1 (SCHEMA
+# above is version 0 and stays as it is; see migrate()). Each runs in one BEGIN IMMEDIATE
 # transaction with the version bump, so processes opening the same spool at once migrate it
 # exactly once; an older spool is brought up to date when it is opened.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -175,24 +177,62 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # queued, its scan of every job, every 2 s, was a third of the dispatcher's busy time; with
     # 200,000 queued: 408 ms -> 0.1 ms a look). PostgreSQL has had jobs_queued_expiry from the start.
     ("CREATE INDEX IF NOT EXISTS jobs_queued_expiry ON jobs(expires_at) WHERE state='queued'",),
+    # 5: voice and fax (issue 15): the job's channel, its TTS language and its files (JSON list of
+    # {sha256, content_type, name, size}; the content is in `<spool>.files/`, sqlite/files.py).
+    ("ALTER TABLE jobs ADD COLUMN channel TEXT NOT NULL DEFAULT 'sms'",
+     "ALTER TABLE jobs ADD COLUMN language TEXT NOT NULL DEFAULT ''",
+     "ALTER TABLE jobs ADD COLUMN files TEXT NOT NULL DEFAULT '[]'"),
 )
 
 JOB_COLUMNS = (
     "id, state, recipient, originator, text, parts, account, device, sender, subject, message_id, "
     "notify, queue_id, trans_ref, flash, urls, created_at, not_before, expires_at, attempts, "
-    "last_error, submitted_at, done_at, provider"
+    "last_error, submitted_at, done_at, provider, channel, language, files"
 )
 
 
+def _stored_version(db: sqlite3.Connection) -> int | None:
+    """The number in schema_version; None for a spool from before the table (its number is
+    `PRAGMA user_version`, read once by migrate())."""
+    there = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    if db.execute(there).fetchone() is None:
+        return None
+    row = db.execute("SELECT version FROM schema_version").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _refuse_newer(db: sqlite3.Connection, version: int) -> None:
+    if version > len(MIGRATIONS):
+        path = db.execute("PRAGMA database_list").fetchone()[2]
+        raise SpoolError(f"spool {path} has schema version {version}, newer than this sms-milter knows"
+                         f" ({len(MIGRATIONS)}): it was written by a later release; upgrade sms-milter")
+
+
 def migrate(db: sqlite3.Connection) -> None:
-    """Bring the schema to len(MIGRATIONS), one version per transaction, in order."""
-    while db.execute("PRAGMA user_version").fetchone()[0] < len(MIGRATIONS):
+    """Bring the schema to len(MIGRATIONS), one version per transaction, in order.
+    `schema_version` holds one row, the number of MIGRATIONS applied (as on PostgreSQL); a
+    spool from before that table counted them in `PRAGMA user_version`, which is copied into
+    the table once. A spool newer than this code is refused (SpoolError)."""
+    while True:
+        version = _stored_version(db)
+        if version is not None:
+            _refuse_newer(db, version)
+            if version == len(MIGRATIONS):
+                return
         db.execute("BEGIN IMMEDIATE")  # busy: raised as it is (the caller may retry later)
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have run it
+            version = _stored_version(db)  # another process may have run it
+            if version is None:
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version(version) VALUES (?)", (version,))
+            _refuse_newer(db, version)
             if version < len(MIGRATIONS):
                 for stmt in MIGRATIONS[version]:
                     db.execute(stmt)
+                db.execute("UPDATE schema_version SET version=?", (version + 1,))
+                # kept equal, for a release from before schema_version opening this spool
                 db.execute(f"PRAGMA user_version={version + 1}")
             db.execute("COMMIT")
         except BaseException:
@@ -211,4 +251,5 @@ def job_from_row(row: sqlite3.Row, refs: Iterable[str] = ()) -> Job:
         not_before=row["not_before"], expires_at=row["expires_at"], attempts=row["attempts"],
         last_error=row["last_error"], submitted_at=row["submitted_at"], done_at=row["done_at"],
         provider_refs=tuple(refs), provider=row["provider"] or "",
+        channel=row["channel"], language=row["language"], files=files_from_json(row["files"]),
     )
