@@ -282,6 +282,38 @@ def test_purge_against_a_running_dispatcher_keeps_jobs_in_flight(tb):
     assert tb.spool.get(done) is None and tb.spool.get(pending).state == "submitted"
 
 
+def test_purge_removes_stored_files_with_their_jobs_and_old_orphans(tb):
+    """Voice/fax files (issue 15): a file goes with the last job naming it; an unreferenced file
+    older than the grace period (a crash between the file and its commit) goes too; the summary
+    line says how many and how many bytes."""
+    import os
+
+    from sms_milter.spool.base import NewJob
+    from sms_milter.spool.files import JobFile
+    from sms_milter.spool.sqlite import files
+
+    pdf = JobFile.of("application/pdf", "a.pdf", b"%PDF-1.4\n" + b"x" * 5000)
+    wav = JobFile.of("audio/wav", "r.wav", b"RIFF" + b"y" * 300)
+    lost = JobFile.of("application/pdf", "lost.pdf", b"%PDF-1.4\n" + b"z" * 700)
+    fax = [NewJob(recipient=f"+4144123450{i}", originator="SMS", text="", parts=1, account="acme",
+                  device="fax", channel="fax", files=(f,)) for i, f in enumerate((pdf, pdf, wav))]
+    ids = add_jobs(tb.spool, fax)
+    assert {j.id for j in tb.spool.claim("t", 10, 60)} == set(ids)
+    tb.spool.mark_submitted_many([(ids[0], ["r0"]), (ids[1], ["r1"])])
+    record_receipt(tb.spool, "r0", "delivered")
+    record_receipt(tb.spool, "r1", "failed")
+    files.store(str(tb.spool_path), [lost])
+    old = time.time() - 2 * 3600
+    os.utime(files.path_of(str(tb.spool_path), lost.sha256), (old, old))
+    out = ok(tb.cli("queue", "purge", "--older-than", "0s")).splitlines()
+    assert sorted(out[:-1]) == sorted([f"job {ids[0]}: delivered -> purged", f"job {ids[1]}: failed -> purged"])
+    assert out[-1].startswith("2 job(s) purged") and out[-1].endswith(
+        f"stored files removed: 1 with their jobs ({pdf.size} bytes), 1 no job named for 1h ({lost.size} bytes)")
+    assert not files.path_of(str(tb.spool_path), pdf.sha256).exists()
+    assert not files.path_of(str(tb.spool_path), lost.sha256).exists()
+    assert tb.spool.file_data(wav.sha256) == wav.data  # its job is still queued
+
+
 # --------------------------------------------------------------------------- the command itself
 
 

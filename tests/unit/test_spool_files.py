@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from sms_milter.spool.base import NewJob
 from sms_milter.spool.files import JobFile
 from sms_milter.spool.sqlite import SqliteSpool
