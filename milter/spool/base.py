@@ -253,6 +253,10 @@ class ReadSpool(Protocol):
         """Jobs by state, read without ever taking (or waiting for) the lock the daemon's own
         spool work takes: for the metrics thread."""
 
+    def channel_counts_apart(self) -> dict[str, dict[str, int]]:
+        """Jobs by channel (sms, voice, fax) and state (channel -> state -> jobs, only what is
+        there), read like `counts_apart`: for the metrics thread."""
+
     def close(self) -> None: ...
 
 

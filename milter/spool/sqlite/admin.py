@@ -65,19 +65,30 @@ class AdminSide(Store):
                           " AND state NOT IN ('failed','expired')", (account,))
         return int(rows[0]["n"])
 
-    def counts_apart(self) -> dict[str, int]:
-        """Jobs by state, on a read-only connection of its own: for the metrics thread, which must
-        never hold the lock the daemon's own spool work takes."""
+    def _read_apart(self, sql: str) -> list[tuple]:
+        """On a read-only connection of its own: for the metrics thread, which must never hold
+        the lock the daemon's own spool work takes."""
         try:
             db = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True, timeout=self.busy_timeout,
                                  check_same_thread=False)
             try:
-                rows = db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+                return db.execute(sql).fetchall()
             finally:
                 db.close()
         except sqlite3.Error as e:
             raise SpoolError(f"spool read failed: {e}") from None
-        return {state: n for state, n in rows}
+
+    def counts_apart(self) -> dict[str, int]:
+        """Jobs by state (the metrics thread)."""
+        return {state: n for state, n in self._read_apart("SELECT state, count(*) FROM jobs GROUP BY state")}
+
+    def channel_counts_apart(self) -> dict[str, dict[str, int]]:
+        """Jobs by channel and state (the metrics thread)."""
+        out: dict[str, dict[str, int]] = {}
+        for channel, state, n in self._read_apart(
+                "SELECT channel, state, count(*) FROM jobs GROUP BY channel, state"):
+            out.setdefault(channel, {})[state] = int(n)
+        return out
 
     # -- administrator's queue tools (QueueAdmin) ------------------------------------------
     @staticmethod
