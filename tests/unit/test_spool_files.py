@@ -112,6 +112,8 @@ def test_a_commit_reusing_a_file_removed_meanwhile_stores_it_again(spool_factory
     """The race a purge has with the milter: the milter finds the file (it was stored before)
     and waits for the write lock, which the purge holds while it removes that file; the job the
     milter then commits must find its file."""
+    from bed import wait_until
+
     s = spool_factory()
     (old,) = add_jobs(s, [_fax("+41441234567")])
     if isinstance(s, SqliteSpool):
@@ -119,26 +121,66 @@ def test_a_commit_reusing_a_file_removed_meanwhile_stores_it_again(spool_factory
 
         from sms_milter.spool.sqlite import files
 
+        stored = files.path_of(s.path, PDF.sha256)
+        os.utime(stored, (time.time() - 7200,) * 2)
         lock = sqlite3.connect(s.path, isolation_level=None)
         lock.execute("BEGIN IMMEDIATE")  # the purge's transaction
+
+        def waiting() -> bool:  # the commit touched the file it found, then waits for the lock
+            return stored.stat().st_mtime > time.time() - 60
+
         def remove() -> None:
-            files.path_of(s.path, PDF.sha256).unlink()
+            stored.unlink()
             lock.execute("COMMIT")
     else:
         import psycopg
 
-        lock = psycopg.connect(s.url)
+        lock = psycopg.connect(s.url, autocommit=True)
+        lock.execute("BEGIN")
         lock.execute("LOCK TABLE file_blobs IN SHARE ROW EXCLUSIVE MODE")
+        watch = psycopg.connect(s.url, autocommit=True)
+
+        def waiting() -> bool:  # the commit's INSERT INTO file_blobs waits for the lock
+            row = watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type='Lock'"
+                                " AND query LIKE 'INSERT INTO file_blobs%%'").fetchone()
+            return bool(row and row[0])
+
         def remove() -> None:
             lock.execute("DELETE FROM file_blobs WHERE sha256=%s", (PDF.sha256,))
-            lock.commit()
+            lock.execute("COMMIT")
+            watch.close()
     out: list[int] = []
     t = threading.Thread(target=lambda: out.extend(add_jobs(s, [_fax("+41441234568")])))
     t.start()
-    time.sleep(0.3)  # give the commit time to find the file and wait for the lock (any order is safe)
+    wait_until(waiting, 20, "the commit waiting for the purge's lock")
     remove()
     t.join(30)
     lock.close()
     assert not t.is_alive() and len(out) == 1
     assert s.get(out[0]) is not None and s.file_data(PDF.sha256) == PDF.data
     assert old != out[0]
+
+
+def test_sqlite_commit_stores_its_files_again_once_it_holds_the_lock(tmp_path, monkeypatch):
+    """SQLite: a purge that runs between the milter storing (touching) a file and its BEGIN
+    IMMEDIATE removes it; the commit checks again under the lock and writes it anew."""
+    from sms_milter.spool.sqlite import commit, files
+
+    s = SqliteSpool(tmp_path / "s.sqlite3")
+    try:
+        add_jobs(s, [_fax("+41441234567")])
+        real = commit.store_files
+        calls: list[int] = []
+
+        def store_then_purged(path: str, fs) -> None:
+            real(path, fs)
+            calls.append(1)
+            if len(calls) == 1:  # a purge removing the file right after the milter touched it
+                files.path_of(path, PDF.sha256).unlink()
+
+        monkeypatch.setattr(commit, "store_files", store_then_purged)
+        (jid,) = add_jobs(s, [_fax("+41441234568")])
+        assert len(calls) == 2 and s.get(jid) is not None
+        assert s.file_data(PDF.sha256) == PDF.data
+    finally:
+        s.close()
