@@ -122,6 +122,8 @@ def _open_spool(cfg: Config, create: bool = True):
     if not create and not cfg.spool.url and not os.path.exists(cfg.spool.path):
         raise Fatal(f"the spool {cfg.spool.path} does not exist (nothing has been spooled yet, or "
                     "spool.path is wrong)")
+    if not create and not cfg.spool.url and not os.access(cfg.spool.path, os.R_OK | os.W_OK):
+        raise Fatal(f"spool {cfg.spool.path}: permission denied (run as root or as the daemons' user)")
     try:
         return open_spool(cfg, create=create)
     except SpoolError as e:
@@ -309,7 +311,16 @@ def cmd_spool(cfg: Config, args: argparse.Namespace) -> int:
         print("sms-milter: spool migrate: the configuration has no spool.url (the PostgreSQL spool to copy "
               "into)", file=sys.stderr)
         return 2
-    spool = _open_spool(cfg)
+    if not os.path.isfile(args.source):  # the operator's typo: said before any connection is tried
+        raise Fatal(f"{args.source}: no such SQLite spool file")
+    # A daemon starting while the database is down logs it and waits; this one-shot command
+    # says it once, as its own error line (below), and exits 1.
+    spool_log = logging.getLogger("sms_milter.spool")
+    spool_log.disabled = True
+    try:
+        spool = _open_spool(cfg)
+    finally:
+        spool_log.disabled = False
     try:
         copied = spool.import_sqlite(args.source)
     except SpoolError as e:
@@ -340,6 +351,11 @@ COMMANDS = {"milter": cmd_milter, "dispatcher": cmd_dispatcher, "queue": cmd_que
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A terminal that cannot show a job's text (an ASCII or Latin-1 locale) gets \uXXXX escapes,
+    # which keep `--json` valid JSON, instead of a UnicodeEncodeError traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return cmd_hash_password(args)
@@ -353,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](cfg, args)
     except Fatal as e:
-        print(f"sms-milter: {args.command}: {e}", file=sys.stderr)
+        action = getattr(args, "queue_command", None) or getattr(args, "spool_command", None)
+        print(f"sms-milter: {args.command}{' ' + action if action else ''}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

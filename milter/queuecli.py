@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -32,7 +33,7 @@ from .spool.base import FILE_GRACE, FINAL_STATES, Change, JobDetail, QueueAdmin,
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 100 * 365 * 86400  # seconds; anything longer overflows dates and means "everything"
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")  # ASCII digits only, like job ids
 PURGE_BATCH = 5000  # jobs per transaction: the milter never waits long for the write lock
 
 
@@ -113,6 +114,9 @@ def open_existing(cfg: Config) -> QueueAdmin:
     path = Path(cfg.spool.path)
     if not cfg.spool.url and not path.exists():
         raise SpoolError(f"spool {path} does not exist (nothing has been spooled yet)")
+    if not cfg.spool.url and path.is_file() and not os.access(path, os.R_OK | os.W_OK):
+        # SQLite would only say "unable to open database file" or "readonly database"
+        raise SpoolError(f"spool {path}: permission denied (run as root or as the daemons' user)")
     return open_spool(cfg, create=False)
 
 

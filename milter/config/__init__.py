@@ -230,10 +230,20 @@ def _cross_checks(r: Reader, cfg: Config) -> None:
                 r.bad(f"accounts.{acc.name}.userkey", f"same userkey as account {other}")
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # far above any real configuration; -c /dev/zero stops here
+
+
 def load(path: str | Path) -> Config:
+    if not str(path):
+        raise ConfigError(["the configuration file name is empty (-c '')"])
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            mib = MAX_CONFIG_BYTES // (1024 * 1024)
+            raise ConfigError([f"{p}: larger than {mib} MiB: not a configuration file"])
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{p}: no such file"]) from None
     except OSError as e:
