@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ("milter_path", "dispatcher_drain", "end_to_end", "footprint", "claim_cost", "http_kannel",
-           "burst_one_number")
+           "burst_one_number", "file_gc")
 
 
 def run(name: str, quick: bool) -> tuple[int, list[dict], float]:

@@ -140,7 +140,7 @@ def cmd_milter(cfg: Config, args: argparse.Namespace) -> int:
     # Before listening: a SIGTERM right after start still exits 0, a SIGHUP is not fatal.
     _on_signals(stopping.set, reload.set)
     spool = _open_spool(cfg)
-    metrics.watch_spool(spool.counts_apart, STATES)
+    metrics.watch_spool(spool.counts_apart, STATES, spool.channel_counts_apart)
     try:
         server = Server(cfg.milter.socket, Gateway(cfg, spool), stopping=stopping)
     except OSError as e:

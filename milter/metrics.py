@@ -8,6 +8,7 @@ scrape time (one GROUP BY, cached for a second).
 
     decisions_total{outcome,reason}   milter: accepted | rejected | tempfailed, and why
     jobs{state}                       jobs in the spool by state (both daemons)
+    channel_jobs{channel,state}       the same by channel: sms | voice | fax (every state, 0 included)
     submits_total{provider,result}    dispatcher: ok | temporary | failed | unavailable (the provider
                                       was not bound/connected: not handed over), per job
     receipts_total{provider,result}   dispatcher: delivered | buffered | failed | expired, per part
@@ -121,30 +122,59 @@ def decision(refusal: Refusal | None) -> None:
     TALLY[key[0]] += 1
 
 
-class SpoolStates(Collector):
-    """`sms_milter_jobs{state}` read from the spool at scrape time (cached for a second)."""
+CHANNELS = ("sms", "voice", "fax")  # always in sms_milter_channel_jobs (with 0s), with any other found
 
-    def __init__(self, counts: Callable[[], dict[str, int]], states: Iterable[str]):
+
+class SpoolStates(Collector):
+    """`sms_milter_jobs{state}` and `sms_milter_channel_jobs{channel,state}` read from the spool at
+    scrape time (cached for a second): one GROUP BY channel, state when `by_channel` is given,
+    the totals by state summed from it (so the two families always agree)."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]], states: Iterable[str],
+                 by_channel: Callable[[], dict[str, dict[str, int]]] | None = None):
         self.counts = counts
+        self.by_channel = by_channel
         self.states = tuple(states)
         self._lock = threading.Lock()
         self._at = 0.0
         self._last: dict[str, int] = {}
+        self._last_channels: dict[str, dict[str, int]] = {}
+
+    def _read(self) -> None:
+        if self.by_channel is None:
+            self._last = self.counts()
+            return
+        channels = self.by_channel()
+        totals: dict[str, int] = {}
+        for per_state in channels.values():
+            for state, n in per_state.items():
+                totals[state] = totals.get(state, 0) + n
+        self._last, self._last_channels = totals, channels
 
     def collect(self):  # noqa: ANN201 (prometheus_client's interface)
         with self._lock:
             now = time.monotonic()
             if now - self._at >= 1.0:
                 try:
-                    self._last = self.counts()
+                    self._read()
                 except Exception as e:  # noqa: BLE001 (a scrape must not fail because the spool is busy)
                     log.warning("metrics: cannot count jobs: %s", e)
                 self._at = now
             counts = dict(self._last)
+            channels = {c: dict(n) for c, n in self._last_channels.items()}
         g = GaugeMetricFamily("sms_milter_jobs", "Jobs in the spool by state", labels=["state"])
         for state in dict.fromkeys((*self.states, *counts)):
             g.add_metric([state], counts.get(state, 0))
         yield g
+        if self.by_channel is None:
+            return
+        c = GaugeMetricFamily("sms_milter_channel_jobs", "Jobs in the spool by channel and state",
+                              labels=["channel", "state"])
+        for channel in dict.fromkeys((*CHANNELS, *channels)):
+            per_state = channels.get(channel, {})
+            for state in dict.fromkeys((*self.states, *per_state)):
+                c.add_metric([channel, state], per_state.get(state, 0))
+        yield c
 
     def describe(self):  # noqa: ANN201
         return []
@@ -153,12 +183,14 @@ class SpoolStates(Collector):
 _collector: SpoolStates | None = None
 
 
-def watch_spool(counts: Callable[[], dict[str, int]], states: Iterable[str]) -> None:
-    """Serve `sms_milter_jobs` from this spool (one spool per process)."""
+def watch_spool(counts: Callable[[], dict[str, int]], states: Iterable[str],
+                by_channel: Callable[[], dict[str, dict[str, int]]] | None = None) -> None:
+    """Serve `sms_milter_jobs` (and `sms_milter_channel_jobs` given `by_channel`) from this spool
+    (one spool per process)."""
     global _collector
     if _collector is not None:
         REGISTRY.unregister(_collector)
-    _collector = SpoolStates(counts, states)
+    _collector = SpoolStates(counts, states, by_channel)
     REGISTRY.register(_collector)
 
 

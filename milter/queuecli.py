@@ -29,7 +29,7 @@ from typing import Any
 
 from .model import Config
 from .policy.limits import usage_report
-from .spool.base import FINAL_STATES, Change, JobDetail, QueueAdmin, SpoolError
+from .spool.base import FILE_GRACE, FINAL_STATES, Change, JobDetail, QueueAdmin, SpoolError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_DURATION = 100 * 365 * 86400  # seconds; anything longer overflows dates and means "everything"
@@ -178,7 +178,11 @@ def _purge(spool: QueueAdmin, args: argparse.Namespace) -> int:
         total += len(batch)
         if len(batch) < PURGE_BATCH:
             break
-    print(f"{total} job(s) purged (finished before {iso(before)})")
+    with_jobs = spool.files_removed.files, spool.files_removed.bytes
+    orphans = spool.sweep_files()
+    print(f"{total} job(s) purged (finished before {iso(before)}); stored files removed:"
+          f" {with_jobs[0]} with their jobs ({with_jobs[1]} bytes), {orphans.files} no job named"
+          f" for {FILE_GRACE / 3600:g}h ({orphans.bytes} bytes)")
     return 0
 
 

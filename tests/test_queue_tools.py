@@ -282,6 +282,93 @@ def test_purge_against_a_running_dispatcher_keeps_jobs_in_flight(tb):
     assert tb.spool.get(done) is None and tb.spool.get(pending).state == "submitted"
 
 
+def test_purge_removes_stored_files_with_their_jobs_and_old_orphans(tb):
+    """Voice/fax files (issue 15): a file goes with the last job naming it; an unreferenced file
+    older than the grace period (a crash between the file and its commit) goes too; the summary
+    line says how many and how many bytes."""
+    import os
+
+    from sms_milter.spool.base import NewJob
+    from sms_milter.spool.files import JobFile
+    from sms_milter.spool.sqlite import files
+
+    pdf = JobFile.of("application/pdf", "a.pdf", b"%PDF-1.4\n" + b"x" * 5000)
+    wav = JobFile.of("audio/wav", "r.wav", b"RIFF" + b"y" * 300)
+    lost = JobFile.of("application/pdf", "lost.pdf", b"%PDF-1.4\n" + b"z" * 700)
+    fax = [NewJob(recipient=f"+4144123450{i}", originator="SMS", text="", parts=1, account="acme",
+                  device="fax", channel="fax", files=(f,)) for i, f in enumerate((pdf, pdf, wav))]
+    ids = add_jobs(tb.spool, fax)
+    assert {j.id for j in tb.spool.claim("t", 10, 60)} == set(ids)
+    tb.spool.mark_submitted_many([(ids[0], ["r0"]), (ids[1], ["r1"])])
+    record_receipt(tb.spool, "r0", "delivered")
+    record_receipt(tb.spool, "r1", "failed")
+    files.store(str(tb.spool_path), [lost])
+    old = time.time() - 2 * 3600
+    os.utime(files.path_of(str(tb.spool_path), lost.sha256), (old, old))
+    out = ok(tb.cli("queue", "purge", "--older-than", "0s")).splitlines()
+    assert sorted(out[:-1]) == [f"job {ids[0]}: delivered -> purged", f"job {ids[1]}: failed -> purged"]
+    assert out[-1].startswith("2 job(s) purged") and out[-1].endswith(
+        f"stored files removed: 1 with their jobs ({pdf.size} bytes),"
+        f" 1 no job named for 1h ({lost.size} bytes)")
+    assert not files.path_of(str(tb.spool_path), pdf.sha256).exists()
+    assert not files.path_of(str(tb.spool_path), lost.sha256).exists()
+    assert tb.spool.file_data(wav.sha256) == wav.data  # its job is still queued
+
+
+def _scrape(address: str) -> dict[tuple[str, frozenset], float]:
+    """GET the dispatcher's /metrics; {(name, labels): value}."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, frozenset], float] = {}
+    for m in re.finditer(r'^(\w+)(?:\{(.*)\})? (\S+)$', text, re.M):
+        out[(m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))] = float(m.group(3))
+    return out
+
+
+def test_dispatcher_metrics_count_jobs_per_channel_as_stats_json_does(tmp_path, nsink):
+    """`sms_milter_channel_jobs{channel,state}` on the dispatcher's /metrics agrees with
+    `sms-milter stats --json`'s channels, and sums to `sms_milter_jobs{state}`."""
+    from sms_milter.spool.base import NewJob
+    from sms_milter.spool.files import JobFile
+
+    b = Bed(tmp_path, nsink.port)
+    try:
+        b.smsc = Smsc(b.base, password=SMPP_PASSWORD).start()
+        address = f"127.0.0.1:{free_port()}"
+        b.config = dispatcher_config(b.base, b.smsc.port, b.notify_port, spool_path=b.spool_path,
+                                     smpp={"password": SMPP_PASSWORD},
+                                     extra={"metrics": {"dispatcher": address}})
+        pdf = JobFile.of("application/pdf", "a.pdf", b"%PDF-1.4\n")
+        other = [NewJob(recipient=f"+4144123460{i}", originator="SMS", text="", parts=1, account="acme",
+                        device="fax", channel="fax", files=(pdf,)) for i in range(2)]
+        other.append(NewJob(recipient="+41791234600", originator="SMS", text="hello", parts=1, account="acme",
+                            device="mobile", channel="voice", language="de"))
+        held = add_jobs(b.spool, other)
+        assert all(c.changed for c in b.spool.hold_jobs(held))  # the dispatcher leaves them alone
+        b.proc = DispatcherProc(b.config, b.base / "d.log").start()
+        (sms,) = add_jobs(b.spool, [job("+41791170001", "hi")])
+        wait_states(b.spool, [sms], {"delivered"}, detail=b.detail)
+        channels = json.loads(ok(b.cli("stats", "--json")))["channels"]
+        assert channels == {"fax": {"held": 2}, "sms": {"delivered": 1}, "voice": {"held": 1}}
+
+        def agree() -> dict | None:
+            got = _scrape(address)
+            per = {(dict(ls)["channel"], dict(ls)["state"]): v for (n, ls), v in got.items()
+                   if n == "sms_milter_channel_jobs"}
+            want = {(c, st): float(channels.get(c, {}).get(st, 0)) for c in ("sms", "voice", "fax")
+                    for st in STATES}
+            totals = {dict(ls)["state"]: v for (n, ls), v in got.items() if n == "sms_milter_jobs"}
+            sums = {st: sum(v for (_, s2), v in per.items() if s2 == st) for st in STATES}
+            return got if per == want and totals == sums else None
+
+        wait_until(agree, 15, "channel_jobs on /metrics agreeing with stats --json", detail=b.detail)
+    finally:
+        b.close()
+
+
 # --------------------------------------------------------------------------- the command itself
 
 

@@ -245,7 +245,7 @@ def run(cfg: Config, stop: threading.Event | None = None, reload: threading.Even
     except SpoolError as e:
         log.error("%s", e)
         return 1
-    metrics.watch_spool(spool.counts_apart, STATES)
+    metrics.watch_spool(spool.counts_apart, STATES, spool.channel_counts_apart)
     if cfg.metrics.dispatcher:
         try:
             metrics.serve(cfg.metrics.dispatcher)

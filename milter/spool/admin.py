@@ -65,3 +65,18 @@ class SpoolStats:
     accounts: dict[str, AccountStats]
     oldest_queued_at: float | None  # created_at of the oldest `queued` job
     channels: dict[str, dict[str, int]] = field(default_factory=dict)  # channel -> state -> jobs
+
+
+FILE_GRACE = 3600.0  # seconds: an unreferenced stored file younger than this is left to a later sweep
+
+
+@dataclass
+class FilesRemoved:
+    """Stored voice/fax files removed because no job names them any more (`queue purge/delete`)."""
+
+    files: int = 0
+    bytes: int = 0
+
+    def add(self, size: int) -> None:
+        self.files += 1
+        self.bytes += size

@@ -9,8 +9,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Protocol
 
+from .admin import FILE_GRACE as FILE_GRACE
 from .admin import AccountStats as AccountStats
 from .admin import Change as Change
+from .admin import FilesRemoved as FilesRemoved
 from .admin import JobDetail as JobDetail
 from .admin import Notification as Notification
 from .admin import Part as Part
@@ -251,6 +253,10 @@ class ReadSpool(Protocol):
         """Jobs by state, read without ever taking (or waiting for) the lock the daemon's own
         spool work takes: for the metrics thread."""
 
+    def channel_counts_apart(self) -> dict[str, dict[str, int]]:
+        """Jobs by channel (sms, voice, fax) and state (channel -> state -> jobs, only what is
+        there), read like `counts_apart`: for the metrics thread."""
+
     def close(self) -> None: ...
 
 
@@ -390,6 +396,15 @@ class QueueAdmin(ReadSpool, Protocol):
         """Retention: remove up to `limit` final jobs finished before `before` (epoch seconds),
         with their parts and owed notifications, in one transaction; (id, state) of each.
         Never a job in a state that is not final, whatever `states` says."""
+
+    def sweep_files(self, grace: float = FILE_GRACE) -> FilesRemoved:
+        """Remove stored files no job names that are older than `grace` seconds (left by a crash,
+        or by a milter commit rolled back after its files were written); what it removed."""
+
+    # Stored files removed by this spool object so far: by delete_jobs and purge (the files of
+    # the jobs they removed that no other job names) and by sweep_files.
+    @property
+    def files_removed(self) -> FilesRemoved: ...
 
     def stats(self, day_start: float, month_start: float) -> SpoolStats: ...
 

@@ -23,7 +23,7 @@ def _exprs(node: object) -> list[str]:
 
 
 def test_dashboard_uses_only_exposed_names():
-    metrics.watch_spool(lambda: {"queued": 1}, STATES)
+    metrics.watch_spool(lambda: {"queued": 1}, STATES, lambda: {"fax": {"queued": 1}})
     exposed = set(re.findall(r"^# TYPE (\S+) (\w+)", generate_latest(metrics.REGISTRY).decode(), re.M))
     names = set()
     for name, kind in exposed:
@@ -38,7 +38,8 @@ def test_dashboard_uses_only_exposed_names():
     assert used, exprs
     assert used <= names, used - names
     # the contract's minimum is on the dashboard
-    for want in ("sms_milter_decisions_total", "sms_milter_jobs", "sms_milter_submits_total",
+    for want in ("sms_milter_decisions_total", "sms_milter_jobs", "sms_milter_channel_jobs",
+                 "sms_milter_submits_total",
                  "sms_milter_receipts_total", "sms_milter_smtp_to_commit_seconds_bucket",
                  "sms_milter_commit_to_submit_seconds_bucket", "sms_milter_submit_to_receipt_seconds_bucket"):
         assert want in used, want

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import admin
+from ..admin import FILE_GRACE, FilesRemoved
 from ..base import FINAL_STATES, STATES, Job
 from .core import JOB_COLUMNS, Core, job_of
 from .db import Conn, dec, enc
@@ -136,15 +137,55 @@ class AdminSide(Core):
                                     "is submitted (its receipt is pending); not deleted")
             if self._in_flight(row, now):
                 return admin.Change(jid, "queued", None, IN_FLIGHT)
-            self._delete(c, [jid])
+            self._delete(c, [jid], self.files_removed)
             return admin.Change(jid, row["state"], "deleted")
 
         return self._change(job_ids, fn)
 
     @staticmethod
-    def _delete(c: Conn, ids: list[int]) -> None:
+    def _delete(c: Conn, ids: list[int], removed: FilesRemoved) -> None:
+        """Remove these jobs, and the stored files they named that no other job names."""
+        shas = [r["sha"] for r in c.execute(
+            "SELECT DISTINCT f->>0 AS sha FROM jobs, jsonb_array_elements(jobs.files::jsonb) AS f"
+            " WHERE jobs.id = ANY(%s) AND jobs.files<>'[]'", (ids,))]
         for table, col in (("parts", "job_id"), ("events", "job_id"), ("jobs", "id")):
             c.execute(f"DELETE FROM {table} WHERE {col} = ANY(%s)", (ids,))
+        if shas:
+            AdminSide._drop_blobs(c, shas, removed)
+
+    @staticmethod
+    def _drop_blobs(c: Conn, shas: list[str] | None, removed: FilesRemoved) -> None:
+        """Delete the blobs (None: every blob) no job names, in the caller's transaction. The lock
+        waits for the milter transactions inserting blobs to commit, and makes new ones wait for
+        this one: the jobs read next are every job that can name a blob (a milter that finds its
+        blob deleted inserts it again, ON CONFLICT DO NOTHING)."""
+        c.execute("LOCK TABLE file_blobs IN SHARE ROW EXCLUSIVE MODE")
+        named = [r["sha"] for r in c.execute(
+            "SELECT DISTINCT f->>0 AS sha FROM jobs, jsonb_array_elements(jobs.files::jsonb) AS f"
+            " WHERE jobs.files<>'[]'")]
+        if shas is None:
+            rows = c.execute("DELETE FROM file_blobs WHERE NOT (sha256 = ANY(%s))"
+                             " RETURNING octet_length(data) AS n", (named,)).fetchall()
+        else:
+            rows = c.execute("DELETE FROM file_blobs WHERE sha256 = ANY(%s) AND NOT (sha256 = ANY(%s))"
+                             " RETURNING octet_length(data) AS n", (shas, named)).fetchall()
+        for r in rows:
+            removed.add(int(r["n"]))
+
+    @property
+    def files_removed(self) -> FilesRemoved:
+        if not hasattr(self, "_files_removed"):
+            self._files_removed = FilesRemoved()
+        return self._files_removed
+
+    def sweep_files(self, grace: float = FILE_GRACE) -> FilesRemoved:
+        """Every blob no job names (blobs are written in their jobs' transaction: none is ever
+        waiting for a commit, so `grace` does not apply here)."""
+        out = FilesRemoved()
+        self._run(lambda c: self._drop_blobs(c, None, out))
+        self.files_removed.files += out.files
+        self.files_removed.bytes += out.bytes
+        return out
 
     def purge(self, before: float, states: tuple[str, ...] = FINAL_STATES, limit: int = 5000,
               ) -> list[tuple[int, str]]:
@@ -157,11 +198,16 @@ class AdminSide(Core):
                 "SELECT id, state FROM jobs WHERE state = ANY(%s) AND coalesce(done_at, created_at)<%s"
                 " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED", (wanted, before, limit)).fetchall()
             out = [(int(r["id"]), r["state"]) for r in rows]
+            got.files = got.bytes = 0  # counted again if the transaction is run again
             if out:
-                self._delete(c, [i for i, _ in out])
+                self._delete(c, [i for i, _ in out], got)
             return out
 
-        return list(self._run(fn))
+        got = FilesRemoved()
+        purged = list(self._run(fn))
+        self.files_removed.files += got.files
+        self.files_removed.bytes += got.bytes
+        return purged
 
     def detail(self, job_id: int) -> admin.JobDetail | None:
         job = self.get(job_id)

@@ -185,3 +185,10 @@ class Core:
         return {r["state"]: int(r["n"]) for r in self._apart.read(
             "SELECT state, count(*) AS n FROM jobs GROUP BY state")}
 
+    def channel_counts_apart(self) -> dict[str, dict[str, int]]:
+        """Jobs by channel and state on a connection of its own (the metrics thread)."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._apart.read("SELECT channel, state, count(*) AS n FROM jobs GROUP BY channel, state"):
+            out.setdefault(r["channel"], {})[r["state"]] = int(r["n"])
+        return out
+

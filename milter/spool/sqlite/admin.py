@@ -9,11 +9,13 @@ import time
 from urllib.parse import quote
 
 from .. import base as admin
+from ..admin import FILE_GRACE, FilesRemoved
 from ..base import (
     FINAL_STATES,
     Job,
     SpoolError,
 )
+from . import files as stored_files
 from .schema import JOB_COLUMNS, job_from_row
 from .store import Store
 
@@ -63,19 +65,30 @@ class AdminSide(Store):
                           " AND state NOT IN ('failed','expired')", (account,))
         return int(rows[0]["n"])
 
-    def counts_apart(self) -> dict[str, int]:
-        """Jobs by state, on a read-only connection of its own: for the metrics thread, which must
-        never hold the lock the daemon's own spool work takes."""
+    def _read_apart(self, sql: str) -> list[tuple]:
+        """On a read-only connection of its own: for the metrics thread, which must never hold
+        the lock the daemon's own spool work takes."""
         try:
             db = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True, timeout=self.busy_timeout,
                                  check_same_thread=False)
             try:
-                rows = db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+                return db.execute(sql).fetchall()
             finally:
                 db.close()
         except sqlite3.Error as e:
             raise SpoolError(f"spool read failed: {e}") from None
-        return {state: n for state, n in rows}
+
+    def counts_apart(self) -> dict[str, int]:
+        """Jobs by state (the metrics thread)."""
+        return {state: n for state, n in self._read_apart("SELECT state, count(*) FROM jobs GROUP BY state")}
+
+    def channel_counts_apart(self) -> dict[str, dict[str, int]]:
+        """Jobs by channel and state (the metrics thread)."""
+        out: dict[str, dict[str, int]] = {}
+        for channel, state, n in self._read_apart(
+                "SELECT channel, state, count(*) FROM jobs GROUP BY channel, state"):
+            out.setdefault(channel, {})[state] = int(n)
+        return out
 
     # -- administrator's queue tools (QueueAdmin) ------------------------------------------
     @staticmethod
@@ -165,16 +178,24 @@ class AdminSide(Store):
                                     "is submitted (its receipt is pending); not deleted")
             if self._in_flight(row, now):
                 return admin.Change(jid, "queued", None, self.IN_FLIGHT)
-            self._delete(db, [jid])
+            gone.update(self._delete(db, [jid]))
             return admin.Change(jid, row["state"], "deleted")
 
-        return self._change(job_ids, fn)
+        gone: set[str] = set()
+        changes = self._change(job_ids, fn)
+        self._drop_files(gone, 0)
+        return changes
 
     @staticmethod
-    def _delete(db: sqlite3.Connection, ids: list[int]) -> None:
+    def _delete(db: sqlite3.Connection, ids: list[int]) -> set[str]:
+        """Remove these jobs; the hashes of the files they named."""
         chunk = json.dumps(ids)
+        shas = {r[0] for r in db.execute(
+            "SELECT DISTINCT json_extract(f.value, '$[0]') FROM jobs, json_each(jobs.files) AS f"
+            " WHERE jobs.id IN (SELECT value FROM json_each(?)) AND jobs.files<>'[]'", (chunk,))}
         for table, col in (("parts", "job_id"), ("events", "job_id"), ("jobs", "id")):
             db.execute(f"DELETE FROM {table} WHERE {col} IN (SELECT value FROM json_each(?))", (chunk,))
+        return shas
 
     def purge(self, before: float, states: tuple[str, ...] = FINAL_STATES, limit: int = 5000,
               ) -> list[tuple[int, str]]:
@@ -192,10 +213,43 @@ class AdminSide(Store):
                 (*wanted, before, limit)).fetchall()
             out = [(r["id"], r["state"]) for r in rows]
             if out:
-                self._delete(db, [i for i, _ in out])
+                gone.update(self._delete(db, [i for i, _ in out]))
             return out
 
-        return self._run(fn)
+        gone: set[str] = set()
+        purged = self._run(fn)
+        self._drop_files(gone, 0)
+        return purged
+
+    # -- stored files (sqlite/files.py) -------------------------------------------------------
+    @property
+    def files_removed(self) -> FilesRemoved:
+        if not hasattr(self, "_files_removed"):
+            self._files_removed = FilesRemoved()
+        return self._files_removed
+
+    def _drop_files(self, shas: set[str] | None, grace: float) -> None:
+        """Remove stored files no job names (None: every stored file) once the transaction that
+        removed their jobs has committed, in a write transaction of its own that changes nothing:
+        a milter's commit naming one of them cannot run in between (it stores its files again
+        once it holds the lock)."""
+        if shas is not None and not shas:
+            return
+
+        def fn(db: sqlite3.Connection) -> None:
+            named = {r[0] for r in db.execute(
+                "SELECT DISTINCT json_extract(f.value, '$[0]') FROM jobs, json_each(jobs.files) AS f"
+                " WHERE jobs.files<>'[]'")}
+            candidates = stored_files.stored(self.path) if shas is None else shas
+            stored_files.remove(self.path, [s for s in candidates if s not in named], grace,
+                                self.files_removed)
+
+        self._run(fn)
+
+    def sweep_files(self, grace: float = FILE_GRACE) -> FilesRemoved:
+        before = FilesRemoved(self.files_removed.files, self.files_removed.bytes)
+        self._drop_files(None, grace)
+        return FilesRemoved(self.files_removed.files - before.files, self.files_removed.bytes - before.bytes)
 
     def detail(self, job_id: int) -> admin.JobDetail | None:
         job = self.get(job_id)

@@ -103,6 +103,8 @@ class CommitSide(LimitSide):
                         return False
                     return self._fail_all(batch, SpoolError(f"spool busy or unwritable: {e}"))
                 try:
+                    if files:  # again under the lock: a purge may have removed one in between
+                        store_files(self.path, files)
                     results = self._insert_batch(db, batch, isolate)
                     db.execute("COMMIT")
                     break
