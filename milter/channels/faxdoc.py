@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..policy.channelcheck import OFFICE_TYPES
 from ..policy.faxpages import DPI, FONT_SIZE, HEIGHT, LINE_HEIGHT, MARGIN, ROWS, WIDTH, text_lines
 from .tools import Attachment, ChannelError, run, tool
 
@@ -28,14 +29,6 @@ FONT_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
               "/usr/share/fonts/truetype/noto/NotoSansMono-Regular.ttf")
 GS_TIMEOUT = 120.0
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/gif", "image/tiff", "image/x-tiff"}
-OFFICE_TYPES = {
-    "application/msword": "Word", "application/rtf": "RTF", "text/rtf": "RTF",
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "Word",
-    "application/vnd.oasis.opendocument.text": "OpenDocument text",
-    "application/vnd.ms-excel": "Excel",
-    "application/vnd.oasis.opendocument.spreadsheet": "OpenDocument sheet",
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "Excel",
-}
 Image.MAX_IMAGE_PIXELS = 60_000_000  # larger pictures are refused (decompression bombs)
 
 

@@ -21,8 +21,8 @@ from email.parser import BytesParser
 from ..model import Account, FaxConfig, VoiceConfig
 from ..spool.files import JobFile
 from . import catalogue as replies
-from .charsets import decode_header, safe_text, unfold
-from .content import MessageText, _leaves, _param, _plain_text, _raw_header, _transfer_decode
+from .charsets import safe_text
+from .content import MessageText, _leaves, _param, _plain_text, _raw_header, _subject_and_id, _transfer_decode
 from .faxpages import fax_pages
 from .refusal import Refusal
 
@@ -66,12 +66,10 @@ def split_mail(raw: bytes) -> ChannelMail | Refusal:
 
 
 def _split(msg: Message) -> ChannelMail | Refusal:
-    subject_raw = _raw_header(msg, "subject")
-    subject = decode_header(unfold(subject_raw)) if subject_raw is not None else ""
-    if isinstance(subject, Refusal):
-        return subject
-    mid = _raw_header(msg, "message-id")
-    message_id = unfold(mid).strip() or None if mid is not None else None
+    head = _subject_and_id(msg)
+    if isinstance(head, Refusal):
+        return head
+    subject, message_id = head
     body: tuple[bytes, str | None] | None = None
     files: list[JobFile] = []
     for leaf in _leaves(msg):

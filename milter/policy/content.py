@@ -156,13 +156,21 @@ def _extract_full(raw: bytes) -> MessageText | Refusal:
         return replies.MIME_UNPARSABLE()
 
 
-def _extract(msg: Message) -> MessageText | Refusal:
+def _subject_and_id(msg: Message) -> tuple[str, str | None] | Refusal:
+    """The decoded Subject ("" when absent) and the Message-ID (None when absent or empty)."""
     subject_raw = _raw_header(msg, "subject")
     subject = decode_header(unfold(subject_raw)) if subject_raw is not None else ""
     if isinstance(subject, Refusal):
         return subject
     mid = _raw_header(msg, "message-id")
-    message_id = unfold(mid).strip() or None if mid is not None else None
+    return subject, unfold(mid).strip() or None if mid is not None else None
+
+
+def _extract(msg: Message) -> MessageText | Refusal:
+    head = _subject_and_id(msg)
+    if isinstance(head, Refusal):
+        return head
+    subject, message_id = head
     found = _the_part(msg, ("text/plain",), _SMS_TEXT)
     if isinstance(found, Refusal):
         return found
