@@ -221,6 +221,7 @@ FAX_TOO_MANY_PAGES = _R("552", "5.3.4", "eom",
 CHANNEL_EMPTY = _R("550", "5.6.0", "eom", "The message is empty: a {channel} needs {needs}.",
                    "voice/fax: no text (and no recording or document)",
                    {"channel": "fax", "needs": "text or a document (PDF, PNG, JPEG, TIFF)"})
+from .catalogue_text import ATTACHMENT_NOT_ITS_TYPE, TOO_MANY_ATTACHMENTS  # noqa: E402, F401, I001
 # -- end of message: the textsms@ Subject -----------------------------------------------------
 SUBJECT_MISSING = _R("550", "5.5.4", "eom",
                      "The Subject has no {label}= (or {short}=) keyword; textsms@ needs Userkey, Password "

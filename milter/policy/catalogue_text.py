@@ -1,4 +1,5 @@
-"""Catalogue entries for damaged or non-text SMS text (outside-probe hardening), kept here so
+"""Catalogue entries for damaged or non-text SMS text and hostile voice/fax attachments
+(outside-probe hardening), kept here so
 `catalogue.py` stays small. `catalogue` imports them: they are catalogue entries like any other
 (`catalogue.CONTROL_CHARACTER`), in README's tables at their place."""
 
@@ -25,3 +26,19 @@ NOT_TEXT = Reply(
     "C1 control codes (U+0080-U+009F): binary data in a text part, or text in another charset than "
     "declared",
     {"where": "text part", "code": 0x89, "line": 1})
+
+
+# voice/fax attachments: no reply echoes the sender's file name (it may hold control characters);
+# an attachment is named by its position and declared type.
+ATTACHMENT_NOT_ITS_TYPE = Reply(
+    "550", "5.6.1", "eom",
+    "Attachment {n} is declared {ctype} but is not a {kind} file{empty}; attach the document itself with "
+    "its right type.",
+    "voice/fax: an attachment whose bytes do not start as its declared type's do (a lying Content-Type, "
+    "an empty file)",
+    {"n": 1, "ctype": "application/pdf", "kind": "PDF", "empty": " (it is empty)"})
+TOO_MANY_ATTACHMENTS = Reply(
+    "552", "5.3.4", "eom",
+    "The message has more than {limit} attachments; a voice call or fax takes at most {limit}.",
+    "voice/fax: more MIME parts than a fax could carry (decided before decoding them)",
+    {"limit": 100})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.policy
 import math
+import unicodedata
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
@@ -40,6 +41,17 @@ OFFICE_TYPES = {
     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "Excel",
 }
 CHARS_PER_WORD = 6  # a word with its space, for text without spaces (e.g. Chinese)
+MAX_ATTACHMENTS = 100  # MIME leaves of a voice/fax mail: more is refused before any is decoded
+# How the bytes of a declared type start (its magic): a lying Content-Type or an empty file is
+# refused at SMTP instead of being spooled and failing in the dispatcher. PDF readers accept a
+# header within the first KB, so PDF is looked for there.
+_PNG, _JPEG, _GIF, _TIFF = (b"\x89PNG",), (b"\xff\xd8\xff",), (b"GIF87a", b"GIF89a"), (b"II*\0", b"MM\0*")
+MAGIC: dict[str, tuple[str, tuple[bytes, ...]]] = {
+    **dict.fromkeys(WAV_TYPES, ("WAV", (b"RIFF",))),
+    "audio/ogg": ("OGG", (b"OggS",)), "audio/vorbis": ("OGG", (b"OggS",)),
+    "image/png": ("PNG", _PNG), "image/jpeg": ("JPEG", _JPEG), "image/jpg": ("JPEG", _JPEG),
+    "image/gif": ("GIF", _GIF), "image/tiff": ("TIFF", _TIFF), "image/x-tiff": ("TIFF", _TIFF),
+}
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,11 @@ def _split(msg: Message) -> ChannelMail | Refusal:
     subject, message_id = head
     body: tuple[bytes, str | None] | None = None
     files: list[JobFile] = []
-    for leaf in _leaves(msg):
+    for n, leaf in enumerate(_leaves(msg)):
         if isinstance(leaf, Refusal):
             return leaf
+        if n >= MAX_ATTACHMENTS:  # the body and MAX_ATTACHMENTS attachments at most
+            return replies.TOO_MANY_ATTACHMENTS(limit=MAX_ATTACHMENTS)
         ctype = leaf.get_content_type()
         if ctype == "text/html":
             return replies.HTML_PART(what="the text")
@@ -82,7 +96,7 @@ def _split(msg: Message) -> ChannelMail | Refusal:
         if isinstance(data, Refusal):
             return data
         disposition = (_raw_header(leaf, "content-disposition") or "").strip().lower()
-        name = safe_text(_filename(leaf))[:200]
+        name = _printable(safe_text(_filename(leaf)))[:200]
         if ctype == "text/plain" and body is None and not name and not disposition.startswith("attachment"):
             body = (data, _param(leaf, "charset"))
         else:
@@ -93,11 +107,40 @@ def _split(msg: Message) -> ChannelMail | Refusal:
     return ChannelMail(text=text, attachments=tuple(files))
 
 
+def _printable(name: str) -> str:
+    """A file name as `queue show` may print it: control characters (ESC, CR, LF, ...) as U+FFFD."""
+    return "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in name)
+
+
 def _filename(part: Message) -> str:
     try:
         return part.get_filename() or ""
     except Exception:  # a malformed Content-Disposition: no usable file name
         return ""
+
+
+def _is_mp3(data: bytes) -> bool:
+    return data[:3] == b"ID3" or (len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+
+
+def not_its_type(files: tuple[JobFile, ...]) -> Refusal | None:
+    """The refusal for the first file whose bytes are not of its declared type (text/plain and
+    office documents are not looked at), None when every one starts as its type does."""
+    for n, f in enumerate(files, 1):
+        ctype, data = f.content_type.lower(), f.data or b""
+        if ctype == "application/pdf":
+            kind, ok = "PDF", b"%PDF" in data[:1024]
+        elif ctype in ("audio/mpeg", "audio/mp3"):
+            kind, ok = "MP3", _is_mp3(data)
+        elif ctype in MAGIC:
+            kind, magic = MAGIC[ctype]
+            ok = data.startswith(magic)
+        else:
+            continue
+        if not ok:
+            return replies.ATTACHMENT_NOT_ITS_TYPE(n=n, ctype=ctype, kind=kind,
+                                                   empty=" (it is empty)" if not data else "")
+    return None
 
 
 def speech_seconds(text: str, words_per_minute: int) -> int:
@@ -122,7 +165,7 @@ def check_voice(text: str, files: tuple[JobFile, ...], account: Account, cfg: Vo
             return replies.VOICE_ATTACHMENT(ctype=f.content_type, formats=_audio_names(caps))
         recording.append(f)
     if recording:
-        return tuple(recording)
+        return not_its_type(tuple(recording)) or tuple(recording)
     if not text.strip():
         return replies.CHANNEL_EMPTY(channel="voice call", needs="text to speak")
     seconds = speech_seconds(text, cfg.words_per_minute)
@@ -153,6 +196,9 @@ def check_fax(text: str, files: tuple[JobFile, ...], cfg: FaxConfig, caps: Capab
         return replies.FAX_TOO_BIG(size=size, limit=cfg.max_bytes)
     if not files and not text.strip():
         return replies.CHANNEL_EMPTY(channel="fax", needs="text or a document (PDF, PNG, JPEG, TIFF)")
+    wrong = not_its_type(files)
+    if wrong is not None:
+        return wrong
     count = fax_pages(text, ((f.content_type, f.data or b"") for f in files), cfg.max_pages)
     if count.pages > cfg.max_pages:
         return replies.FAX_TOO_MANY_PAGES(pages=str(count), limit=cfg.max_pages)
