@@ -18,7 +18,7 @@ TM = "tm.example.com"
 
 
 class ProbeBed:
-    def __init__(self, tmp: Path, voice: bool = True, fax: bool = True):
+    def __init__(self, tmp: Path, voice: bool = True, fax: bool = True, limits: dict | None = None):
         # spool_timeout 5: the default; a 1.8 MB mail of 10,000 parts takes the email package ~1 s
         # to parse on a loaded 2-core machine
         self.tmp = tmp
@@ -32,6 +32,8 @@ class ProbeBed:
         if fax:
             extra["fax"] = {"server": "127.0.0.1:1", "work_dir": str(tmp / "fax"), "max_bytes": 200000,
                             "max_pages": 20}
+        if limits:
+            extra["accounts"]["tmco"]["limits"] = limits
         self.spool_path = tmp / "spool.sqlite3"
         self.config = bed.write_config(tmp, self.milter_port, self.notify.port, spool_path=self.spool_path,
                                        extra=extra)
@@ -287,5 +289,29 @@ def test_a_voice_address_when_only_fax_is_configured(tmp_path_factory):
         a, e = num()
         assert clean(b, b.send(f"{a}@Fax.{TM}", mail("x", "hi")))[0] == 250
         assert "Traceback" not in b.log()
+    finally:
+        b.close()
+
+
+def test_limits_count_a_call_or_a_fax_as_one_part(tmp_path_factory):
+    if bed.on_postgres():
+        pytest.skip("one backend is enough")
+    limits = {"parts_per_minute": 3, "recipients_per_message": 2}
+    b = ProbeBed(tmp_path_factory.mktemp("limits"), limits=limits)
+    try:
+        (f1, e1), (m1, e2), (s1, _) = num(), num(), num()
+        r = b.send([f"{f1}@Fax.{TM}", f"{m1}@Mobile.{TM}", f"{s1}@{TM}"], mail("x", "short"))
+        codes = [c for c, _ in r["rcpt"].values()]
+        assert codes == [250, 250, 550], r
+        assert r["rcpt"][f"{s1}@{TM}"][1].startswith("5.5.3 Too many SMS recipients"), r
+        assert clean(b, r)[0] == 250 and len(b.jobs(e1) + b.jobs(e2)) == 2
+        a, e = num()  # 1,000 characters would be 7 SMS parts; a fax of them is one
+        assert clean(b, b.send(f"{a}@Fax.{TM}", mail("x", "word " * 200)))[0] == 250
+        assert [j["parts"] for j in b.jobs(e)] == [1]
+        a, e = num()  # the 4th part within the minute: a limit that frees up by itself is a 4xx
+        code, text = b.send(f"{a}@Mobile.{TM}", mail("x", "hi"))["data"]
+        assert "Traceback" not in b.log() and code == 451, text
+        assert text.startswith("4.7.1 Limit parts_per_minute"), text
+        assert b.jobs(e) == []
     finally:
         b.close()
