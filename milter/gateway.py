@@ -26,6 +26,10 @@ from .policy.limits import Hit
 from .policy.refusal import Refusal
 from .policy.styles import STYLES, aspsms, classify_recipient
 from .spool.base import AddResult, LimitPlan, MilterSpool, NewJob, OutMail, SpoolDataError, SpoolError
+from .spool.files import JobFile
+
+# voice/fax files checked per message: (channel, account, text) -> the job's files or the refusal
+Checked = dict[tuple[str, str, str], tuple[JobFile, ...] | Refusal]
 
 __all__ = ["Commit", "Gateway", "Message", "Outcome", "SmsRecipient", "split_message"]
 
@@ -185,10 +189,11 @@ class Gateway:
             text = sms_text if sms_text is not None else mail.text if mail is not None else None
             assert text is not None
             memo: dict[tuple[str, str, int, str], Prepared | Refusal] = {}
+            checked: Checked = {}
             seen: set[tuple[str, str]] = set()  # (number, device): a number@ RCPT and an R= are one SMS
             envelope = Envelope(sender=msg.sender, message_id=text.message_id or "", queue_id=msg.queue_id)
             for r in text_rcpts:
-                made = self._jobs_for(msg, r, text, envelope, memo, mail)
+                made = self._jobs_for(msg, r, text, envelope, memo, mail, checked)
                 if isinstance(made, Refusal):
                     return made
                 fresh = [j for j in made if (j.recipient, j.device) not in seen]
@@ -207,7 +212,9 @@ class Gateway:
 
     def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText, envelope: Envelope,
                   memo: dict[tuple[str, str, int, str], Prepared | Refusal],
-                  mail: channelcheck.ChannelMail | None = None) -> Refusal | list[NewJob]:
+                  mail: channelcheck.ChannelMail | None = None,
+                  checked: Checked | None = None
+                  ) -> Refusal | list[NewJob]:
         """The jobs of one SMS recipient (textsms@: of its Subject's R= values)."""
         if r.target.kind == "textsms":
             most = max([self.cfg.limits.recipients_per_message,
@@ -233,21 +240,27 @@ class Gateway:
         if channel == "sms":
             return build(ready, (r.target.number,), r.target.device, envelope)
         assert mail is not None
-        return self._call_jobs(r, ready, account, envelope, channel, mail)
+        return self._call_jobs(r, ready, account, envelope, channel, mail, {} if checked is None else checked)
 
     def _call_jobs(self, r: SmsRecipient, ready: Prepared, account: Account, envelope: Envelope, channel: str,
-                   mail: channelcheck.ChannelMail) -> Refusal | list[NewJob]:
-        """A voice or fax job: its files and language checked by policy/channelcheck.py."""
+                   mail: channelcheck.ChannelMail,
+                   checked: Checked) -> Refusal | list[NewJob]:
+        """A voice or fax job: its files and language checked by policy/channelcheck.py, once per
+        channel, account and text of a message (100 fax recipients do not scan a PDF 100 times)."""
         from .channels import capabilities  # the first voice/fax message looks up what the host decodes
 
         caps, language = capabilities.detect(), ""
+        key = (channel, account.name, ready.text)
+        files = checked.get(key)
         if channel == "voice":
             assert self.cfg.voice is not None
-            files = channelcheck.check_voice(ready.text, mail.attachments, account, self.cfg.voice, caps)
+            if files is None:
+                files = checked[key] = channelcheck.check_voice(ready.text, mail.attachments, account,
+                                                                self.cfg.voice, caps)
             language = channelcheck.voice_language(account, self.cfg.voice)
-        else:
+        elif files is None:
             assert self.cfg.fax is not None
-            files = channelcheck.check_fax(ready.text, mail.attachments, self.cfg.fax, caps)
+            files = checked[key] = channelcheck.check_fax(ready.text, mail.attachments, self.cfg.fax, caps)
         if isinstance(files, Refusal):
             return files
         assert r.target.number is not None
