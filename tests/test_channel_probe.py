@@ -15,6 +15,7 @@ import pytest
 
 SENDER = "ops@tm-client.example"
 TM = "tm.example.com"
+TRUNK_PASSWORD = "trunk-Pw-7c1e"
 
 
 class ProbeBed:
@@ -28,7 +29,8 @@ class ProbeBed:
         extra: dict = {"milter": {"max_message_bytes": 4_000_000, "spool_timeout": 5},
                        "accounts": {"tmco": {"voice_recordings": True, "max_parts": 50}}}
         if voice:
-            extra["voice"] = {"trunk": "127.0.0.1:5060", "work_dir": str(tmp / "voice"), "max_seconds": 30}
+            extra["voice"] = {"trunk": "127.0.0.1:5060", "work_dir": str(tmp / "voice"), "max_seconds": 30,
+                              "password": TRUNK_PASSWORD}
         if fax:
             extra["fax"] = {"server": "127.0.0.1:1", "work_dir": str(tmp / "fax"), "max_bytes": 3_000_000,
                             "max_pages": 20}
@@ -286,8 +288,11 @@ def test_device_labels_in_any_case(pb, device, want):
     assert [j["device"] for j in pb.jobs(e)] == [want]
 
 
-def test_the_sender_address_never_reaches_the_milter_log(pb):
-    assert pb.log().count("accepted") > 5 and SENDER not in pb.log()
+def test_secrets_and_the_sender_address_never_reach_the_milter_log(pb):
+    log = pb.log()
+    assert log.count("accepted") > 5 and log.count("refused") > 5
+    for secret in (SENDER, TRUNK_PASSWORD, "s3cret"):
+        assert secret not in log
 
 
 def test_a_voice_address_when_only_fax_is_configured(tmp_path_factory):
