@@ -153,8 +153,9 @@ def test_a_fax_document_that_is_not_its_declared_type_is_refused_at_smtp(pb, cty
     assert pb.jobs(e) == [] and len(pb.files()) == before
 
 
-@pytest.mark.parametrize("data,empty", [(b"not a wav at all " * 10, False), (b"", True)],
-                         ids=["text", "empty"])
+@pytest.mark.parametrize("data,empty", [(b"not a wav at all " * 10, False), (b"", True),
+                                        (b"RIFF\x24\0\0\0AVI LIST" + b"\0" * 64, False)],
+                         ids=["text", "empty", "avi"])
 def test_a_recording_that_is_not_a_wav_is_refused_at_smtp(pb, data, empty):
     a, e = num()
     r = pb.send(f"{a}@Mobile.{TM}", mail(f"{a}@Mobile.{TM}", "hi", attach=((data, "audio/wav", "r.wav"),)))

@@ -47,7 +47,6 @@ MAX_ATTACHMENTS = 100  # MIME leaves of a voice/fax mail: more is refused before
 # header within the first KB, so PDF is looked for there.
 _PNG, _JPEG, _GIF, _TIFF = (b"\x89PNG",), (b"\xff\xd8\xff",), (b"GIF87a", b"GIF89a"), (b"II*\0", b"MM\0*")
 MAGIC: dict[str, tuple[str, tuple[bytes, ...]]] = {
-    **dict.fromkeys(WAV_TYPES, ("WAV", (b"RIFF",))),
     "audio/ogg": ("OGG", (b"OggS",)), "audio/vorbis": ("OGG", (b"OggS",)),
     "image/png": ("PNG", _PNG), "image/jpeg": ("JPEG", _JPEG), "image/jpg": ("JPEG", _JPEG),
     "image/gif": ("GIF", _GIF), "image/tiff": ("TIFF", _TIFF), "image/x-tiff": ("TIFF", _TIFF),
@@ -132,6 +131,8 @@ def not_its_type(files: tuple[JobFile, ...]) -> Refusal | None:
             kind, ok = "PDF", b"%PDF" in data[:1024]
         elif ctype in ("audio/mpeg", "audio/mp3"):
             kind, ok = "MP3", _is_mp3(data)
+        elif ctype in WAV_TYPES:  # RIFF is also AVI, WebP, ...: the form type must be WAVE
+            kind, ok = "WAV", data[:4] == b"RIFF" and data[8:12] == b"WAVE"
         elif ctype in MAGIC:
             kind, magic = MAGIC[ctype]
             ok = data.startswith(magic)

@@ -65,7 +65,8 @@ def test_speech_seconds_by_words_or_characters():
 def test_voice_checks():
     cfg, acme = VoiceConfig(max_seconds=10, words_per_minute=120), Account(name="acme")
     rec = Account(name="rec", voice_recordings=True)
-    wav, pdf = JobFile.of("audio/wav", "r.wav", b"RIFF"), JobFile.of("application/pdf", "a.pdf", b"%PDF")
+    wav = JobFile.of("audio/wav", "r.wav", b"RIFF\x24\0\0\0WAVE")
+    pdf = JobFile.of("application/pdf", "a.pdf", b"%PDF")
     assert channelcheck.check_voice("Hello", (), acme, cfg, CAPS) == ()
     r = channelcheck.check_voice("word " * 21, (), acme, cfg, CAPS)
     assert r == catalogue.VOICE_TOO_LONG(chars=105, seconds=11, max_seconds="10", max_chars=120)
@@ -143,3 +144,19 @@ def test_without_the_sections_the_devices_stay_closed():
     for rcpt in ("41791234567@Mobile.tm.example.com", "41441234567@Fax.tm.example.com"):
         r = gw.rcpt(Message(sender=SENDER), f"<{rcpt}>".encode(), rcpt)
         assert isinstance(r, Refusal) and r.xcode == "5.3.3"
+
+
+@pytest.mark.parametrize("ctype,data,refused", [
+    ("audio/wav", b"RIFF\x24\0\0\0WAVEfmt ", False), ("audio/x-wav", b"RIFF\x24\0\0\0AVI LIST", True),
+    ("audio/wav", b"RIFF", True), ("audio/mpeg", b"ID3\x04", False), ("audio/mpeg", b"\xff\xfb\x90", False),
+    ("audio/mp3", b"<html>", True), ("audio/ogg", b"OggS\0", False),
+    ("application/pdf", b"junk\n%PDF-1.7", False), ("application/pdf", b"", True),
+    ("image/jpeg", b"\xff\xd8\xff\xe0", False), ("image/gif", b"GIF88a", True),
+    ("image/tiff", b"MM\0*\0\0\0\x08", False), ("text/plain", b"", False), ("application/msword", b"", False),
+])
+def test_not_its_type(ctype, data, refused):
+    r = channelcheck.not_its_type((JobFile.of("text/plain", "a.txt", b"x"), JobFile.of(ctype, "f", data)))
+    if refused:
+        assert r is not None and r.text.startswith(f"Attachment 2 is declared {ctype} but is not a ")
+    else:
+        assert r is None
