@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,8 @@ ID_COMMANDS = (("queue", "show"), ("queue", "hold"), ("queue", "release"), ("que
 
 def sms(*args: str, user: str | None = None) -> subprocess.CompletedProcess:
     cmd = [*milter_command(), *args]
-    if user is not None:
-        cmd = ["runuser", "-u", user, "--", *cmd]
+    if user is not None:  # root without the capabilities that let it read and write any file
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 
@@ -45,19 +44,22 @@ def sqlite_config(d: Path) -> Path:
 
 @pytest.fixture
 def shared_dir(tmp_path: Path):
-    """A directory another user can reach (pytest's tmp_path is under a 0700 directory); and
-    the user to run as: "nobody" when the suite runs as root (root reads every file)."""
+    """A directory, and how to lock a file in it away from the commands `sms(..., user=...)` runs:
+    as root (root reads every file) the file goes to `nobody` and the command runs as root without
+    CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH / CAP_FOWNER (setpriv), so the file's mode applies to it
+    as to any other user; the checkout and its venv stay reachable wherever the clone is."""
     if os.geteuid() != 0:
         yield tmp_path, None
         return
-    if not shutil.which("runuser"):
-        pytest.skip("running as root without runuser: cannot lock a file away")
-    d = Path(tempfile.mkdtemp(prefix="sms-milter-cli-"))
-    d.chmod(0o755)
-    try:
-        yield d, "nobody"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv (util-linux): cannot lock a file away")
+    yield tmp_path, "nobody"
+
+
+def lock_away(path: Path, user: str | None) -> None:
+    """`path` belongs to `user` (when the suite runs as root), so its mode bits decide."""
+    if user is not None:
+        shutil.chown(path, user)
 
 
 @pytest.fixture
@@ -86,6 +88,7 @@ def test_config_that_is_a_directory_or_unreadable_is_one_line_exit_2(tmp_path: P
     assert str(tmp_path) in line and "cannot read" in line
     d, user = shared_dir
     config = sqlite_config(d)
+    lock_away(config, user)
     config.chmod(0o644)
     assert sms("-c", str(config), "check-config", user=user).returncode == 0  # it can reach the file
     config.chmod(0o600 if user else 0)
@@ -193,6 +196,7 @@ def test_a_spool_the_user_may_not_open_is_named_as_such(shared_dir) -> None:
     config.chmod(0o644)
     spool = d / "spool.sqlite3"
     SqliteSpool(spool).close()
+    lock_away(spool, user)
     for mode in (0o600, 0o644):  # unreadable; readable but not writable (WAL readers write -shm)
         spool.chmod(mode if user else mode & 0o400)
         for args in (("queue", "list"), ("stats",), ("queue", "show", "1"), ("queue", "hold", "1")):
