@@ -25,6 +25,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1062,3 +1063,27 @@ def make_attachment(subject: str, text: str, data: bytes, ctype: str = "applicat
     maintype, subtype = ctype.split("/")
     msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
     return msg.as_bytes(policy=email.policy.SMTP)
+
+
+# ---- the raw milter protocol (tests that speak it to the milter themselves, without miltertest)
+
+def milter_packet(cmd: bytes, payload: bytes = b"") -> bytes:
+    """One milter protocol packet: 4-byte length, command letter, payload."""
+    return struct.pack("!I", len(cmd) + len(payload)) + cmd + payload
+
+
+def milter_replies(sock: socket.socket, n: int, timeout: float | None = None) -> list[bytes]:
+    """The next n reply packets (command letter + payload); fails if the milter hangs up.
+    `timeout` (seconds) is set on the socket first when given."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    buf, out = b"", []
+    while len(out) < n:
+        while len(buf) < 4 or len(buf) < 4 + struct.unpack("!I", buf[:4])[0]:
+            chunk = sock.recv(65536)
+            assert chunk, f"the milter hung up after {out}"
+            buf += chunk
+        size = struct.unpack("!I", buf[:4])[0]
+        out.append(buf[4:4 + size])
+        buf = buf[4 + size:]
+    return out

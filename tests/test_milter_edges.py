@@ -20,13 +20,10 @@ from pathlib import Path
 
 import bed
 import pytest
+from bed import milter_packet as pkt
 
 SENDER = b"<c4ca423@client.example>\0"
 PACKET_TIMEOUT = 2.0
-
-
-def pkt(cmd: bytes, payload: bytes = b"") -> bytes:
-    return struct.pack("!I", len(cmd) + len(payload)) + cmd + payload
 
 
 OPTNEG = pkt(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
@@ -34,18 +31,7 @@ CONNECT = pkt(b"C", b"client\x004" + struct.pack("!H", 4444) + b"127.0.0.1\0")
 
 
 def replies(sock: socket.socket, n: int, timeout: float = 10) -> list[bytes]:
-    """The next n reply packets (command letter + payload); fails if the milter hangs up."""
-    sock.settimeout(timeout)
-    buf, out = b"", []
-    while len(out) < n:
-        while len(buf) < 4 or len(buf) < 4 + struct.unpack("!I", buf[:4])[0]:
-            chunk = sock.recv(65536)
-            assert chunk, f"the milter hung up after {out}"
-            buf += chunk
-        size = struct.unpack("!I", buf[:4])[0]
-        out.append(buf[4:4 + size])
-        buf = buf[4 + size:]
-    return out
+    return bed.milter_replies(sock, n, timeout)
 
 
 def hung_up(sock: socket.socket, timeout: float = 10) -> bytes:

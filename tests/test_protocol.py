@@ -72,24 +72,6 @@ def test_rejected_message_gets_exactly_one_reply(gw):
     assert len(gw.jobs(recipient=e2)) == 1
 
 
-def _pkt(cmd: bytes, payload: bytes = b"") -> bytes:
-    return struct.pack("!I", len(cmd) + len(payload)) + cmd + payload
-
-
-def _replies(sock: socket.socket, n: int) -> list[bytes]:
-    """The next n reply packets (command letter + payload)."""
-    buf, out = b"", []
-    while len(out) < n:
-        while len(buf) < 4 or len(buf) < 4 + struct.unpack("!I", buf[:4])[0]:
-            chunk = sock.recv(65536)
-            assert chunk, f"the milter hung up after {out}"
-            buf += chunk
-        size = struct.unpack("!I", buf[:4])[0]
-        out.append(buf[4:4 + size])
-        buf = buf[4 + size:]
-    return out
-
-
 @pytest.mark.parametrize("spelling", ["inet:[::1]:{port}", "inet6:{port}@[::1]"])
 def test_ipv6_listener(tmp_path, spelling):
     """`inet:[::1]:PORT` (Postfix's spelling) and `inet6:PORT@[::1]` (Sendmail's) give a real IPv6
@@ -101,17 +83,17 @@ def test_ipv6_listener(tmp_path, spelling):
     ((n1, e1),) = numbers(1)
     try:
         with socket.create_connection(("::1", port), timeout=10) as c:
-            c.sendall(_pkt(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
-            assert _replies(c, 1)[0][:1] == b"O"
-            c.sendall(_pkt(b"C", b"client\x006" + struct.pack("!H", 4444) + b"::1\0")
-                      + _pkt(b"M", b"<c4ca423@client.example>\0")
-                      + _pkt(b"R", f"<{n1}@sms.example.com>\0".encode()))
-            assert _replies(c, 1) == [b"c"]
-            c.sendall(_pkt(b"L", b"Subject\0\0") + _pkt(b"N"))
-            assert _replies(c, 1) == [b"c"]
-            c.sendall(_pkt(b"B", f"over IPv6 {n1}\r\n".encode()) + _pkt(b"E"))
-            assert _replies(c, 1) == [b"d"]  # spooled; no recipient left: discarded
-            c.sendall(_pkt(b"Q"))
+            c.sendall(bed.milter_packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF)))
+            assert bed.milter_replies(c, 1)[0][:1] == b"O"
+            c.sendall(bed.milter_packet(b"C", b"client\x006" + struct.pack("!H", 4444) + b"::1\0")
+                      + bed.milter_packet(b"M", b"<c4ca423@client.example>\0")
+                      + bed.milter_packet(b"R", f"<{n1}@sms.example.com>\0".encode()))
+            assert bed.milter_replies(c, 1) == [b"c"]
+            c.sendall(bed.milter_packet(b"L", b"Subject\0\0") + bed.milter_packet(b"N"))
+            assert bed.milter_replies(c, 1) == [b"c"]
+            c.sendall(bed.milter_packet(b"B", f"over IPv6 {n1}\r\n".encode()) + bed.milter_packet(b"E"))
+            assert bed.milter_replies(c, 1) == [b"d"]  # spooled; no recipient left: discarded
+            c.sendall(bed.milter_packet(b"Q"))
         assert [(j["recipient"], j["text"]) for j in bed.queue_list(config)] == [(e1, f"over IPv6 {n1}")]
     finally:
         assert milter.stop() == 0
