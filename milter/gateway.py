@@ -212,9 +212,7 @@ class Gateway:
 
     def _jobs_for(self, msg: Message, r: SmsRecipient, mt: content.MessageText, envelope: Envelope,
                   memo: dict[tuple[str, str, int, str], Prepared | Refusal],
-                  mail: channelcheck.ChannelMail | None = None,
-                  checked: Checked | None = None
-                  ) -> Refusal | list[NewJob]:
+                  mail: channelcheck.ChannelMail | None, checked: Checked) -> Refusal | list[NewJob]:
         """The jobs of one SMS recipient (textsms@: of its Subject's R= values)."""
         if r.target.kind == "textsms":
             most = max([self.cfg.limits.recipients_per_message,
@@ -240,7 +238,7 @@ class Gateway:
         if channel == "sms":
             return build(ready, (r.target.number,), r.target.device, envelope)
         assert mail is not None
-        return self._call_jobs(r, ready, account, envelope, channel, mail, {} if checked is None else checked)
+        return self._call_jobs(r, ready, account, envelope, channel, mail, checked)
 
     def _call_jobs(self, r: SmsRecipient, ready: Prepared, account: Account, envelope: Envelope, channel: str,
                    mail: channelcheck.ChannelMail,
